@@ -1,0 +1,203 @@
+//! Records the kernel programs write to ring buffers, and the drop counters they keep.
+//!
+//! Every record starts with a `u32` kind tag (`KIND_*`). Userspace reads the tag as an
+//! integer, checks the length and copies the record out with `read_unaligned`
+//! ([`decode`], behind the `user` feature); it never transmutes bytes into an enum.
+
+use crate::flow::{FlowKey, FlowStats};
+
+/// A [`FlowRecord`]: a flow started, was sampled, or ended.
+pub const KIND_FLOW: u32 = 1;
+/// A [`PacketHeader`] followed by `cap_len` bytes of the packet, from the link layer on.
+pub const KIND_PACKET: u32 = 2;
+/// A [`SockRecord`]: a process of the command tree used a socket.
+pub const KIND_SOCK: u32 = 3;
+
+/// [`FlowRecord::reason`]: the first packet of a flow was seen.
+pub const FLOW_START: u32 = 1;
+/// [`FlowRecord::reason`]: a periodic snapshot of a live flow's counters.
+pub const FLOW_UPDATE: u32 = 2;
+/// [`FlowRecord::reason`]: both sides sent FIN.
+pub const FLOW_END_FIN: u32 = 3;
+/// [`FlowRecord::reason`]: a RST ended the flow.
+pub const FLOW_END_RST: u32 = 4;
+/// [`FlowRecord::reason`]: no packet for the protocol's idle timeout.
+pub const FLOW_END_IDLE: u32 = 5;
+
+/// A flow's key and counters at one moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowRecord {
+    /// Always [`KIND_FLOW`].
+    pub kind: u32,
+    /// One of `FLOW_*`.
+    pub reason: u32,
+    pub key: FlowKey,
+    pub stats: FlowStats,
+}
+const _: () = assert!(core::mem::size_of::<FlowRecord>() == 136);
+
+/// The fixed part of a captured packet; `cap_len` bytes of packet data follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PacketHeader {
+    /// Always [`KIND_PACKET`].
+    pub kind: u32,
+    /// `DIR_OUT` (sent by the command) or `DIR_IN`.
+    pub direction: u32,
+    /// The interface the packet was seen on.
+    pub ifindex: u32,
+    /// The packet's length on the wire.
+    pub orig_len: u32,
+    /// How many bytes of it follow this header (at most the snap length).
+    pub cap_len: u32,
+    pub _pad: u32,
+    /// Kernel monotonic clock (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<PacketHeader>() == 32);
+
+/// A process of the command tree connected or sent on a socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRecord {
+    /// Always [`KIND_SOCK`].
+    pub kind: u32,
+    /// Which hook saw it (program-defined, for diagnostics).
+    pub hook: u32,
+    /// Thread group id (the process id users see).
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// `bpf_get_socket_cookie`: joins this record with the packets of the socket.
+    pub cookie: u64,
+    /// What the hook knew of the flow (the local port may still be 0 before connect).
+    pub key: FlowKey,
+    /// `task->comm`, NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 88);
+
+/// Indexes into the kernel's drop-counter array map. Every loss is counted, never silent.
+pub const DROP_FLOW_RINGBUF: u32 = 0;
+pub const DROP_PACKET_RINGBUF: u32 = 1;
+pub const DROP_FLOW_MAP_FULL: u32 = 2;
+pub const DROP_SOCK_RINGBUF: u32 = 3;
+pub const DROP_PARSE: u32 = 4;
+/// Number of drop counters.
+pub const DROP_COUNTERS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use core::mem::size_of;
+
+    /// A ring-buffer record, decoded.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Record<'a> {
+        Flow(FlowRecord),
+        Packet { header: PacketHeader, data: &'a [u8] },
+        Sock(SockRecord),
+    }
+
+    /// Why a ring-buffer record could not be decoded.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum DecodeError {
+        /// The record is shorter than its kind's fixed size.
+        #[error("record of kind {kind} is {len} bytes, expected at least {want}")]
+        Short { kind: u32, len: usize, want: usize },
+        /// The kind tag is not one we know.
+        #[error("unknown record kind {0}")]
+        UnknownKind(u32),
+    }
+
+    fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+        if bytes.len() < size_of::<T>() {
+            return Err(DecodeError::Short { kind, len: bytes.len(), want: size_of::<T>() });
+        }
+        // SAFETY: the length is checked above, T is a #[repr(C)] plain-data type for which
+        // every bit pattern is valid, and read_unaligned imposes no alignment requirement.
+        Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+
+    /// Decodes one ring-buffer record. Pure: no allocation, no I/O.
+    pub fn decode(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
+        let kind: u32 = read(bytes, 0)?;
+        match kind {
+            KIND_FLOW => Ok(Record::Flow(read(bytes, kind)?)),
+            KIND_SOCK => Ok(Record::Sock(read(bytes, kind)?)),
+            KIND_PACKET => {
+                let header: PacketHeader = read(bytes, kind)?;
+                let start = size_of::<PacketHeader>();
+                let want = start + header.cap_len as usize;
+                if bytes.len() < want {
+                    return Err(DecodeError::Short { kind, len: bytes.len(), want });
+                }
+                Ok(Record::Packet { header, data: &bytes[start..want] })
+            }
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+
+    // SAFETY: plain #[repr(C)] data with explicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for FlowRecord {}
+    unsafe impl aya::Pod for SockRecord {}
+    unsafe impl aya::Pod for PacketHeader {}
+    unsafe impl aya::Pod for crate::flow::FlowKey {}
+    unsafe impl aya::Pod for crate::flow::FlowStats {}
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::flow::{DIR_IN, PROTO_UDP};
+        use std::vec::Vec;
+
+        fn bytes_of<T>(v: &T) -> Vec<u8> {
+            // SAFETY: reading the bytes of a plain #[repr(C)] value.
+            unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+                .to_vec()
+        }
+
+        #[test]
+        fn decodes_a_flow_record() {
+            let mut rec =
+                FlowRecord { kind: KIND_FLOW, reason: FLOW_END_FIN, ..Default::default() };
+            rec.key.proto = PROTO_UDP;
+            rec.stats.packets = [3, 4];
+            assert_eq!(decode(&bytes_of(&rec)), Ok(Record::Flow(rec)));
+        }
+
+        #[test]
+        fn decodes_a_packet_with_its_data_at_an_odd_offset() {
+            let header = PacketHeader {
+                kind: KIND_PACKET,
+                direction: DIR_IN as u32,
+                orig_len: 100,
+                cap_len: 3,
+                ..Default::default()
+            };
+            let mut buf = std::vec![0u8];
+            buf.extend(bytes_of(&header));
+            buf.extend([1, 2, 3, 9]);
+            let got = decode(&buf[1..]).unwrap();
+            assert_eq!(got, Record::Packet { header, data: &[1, 2, 3] });
+        }
+
+        #[test]
+        fn rejects_short_and_unknown_records() {
+            assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::Short { kind: 0, len: 3, want: 4 }));
+            assert_eq!(
+                decode(&[KIND_FLOW as u8, 0, 0, 0, 0]),
+                Err(DecodeError::Short { kind: KIND_FLOW, len: 5, want: 136 })
+            );
+            assert_eq!(decode(&[99, 0, 0, 0]), Err(DecodeError::UnknownKind(99)));
+            let header = PacketHeader { kind: KIND_PACKET, cap_len: 10, ..Default::default() };
+            assert!(matches!(decode(&bytes_of(&header)), Err(DecodeError::Short { .. })));
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{DecodeError, Record, decode};

@@ -1,0 +1,394 @@
+//! The flow key and per-flow counters, as kept in the kernel's flow map and by the rootless
+//! engine alike.
+//!
+//! A flow is always keyed from the command's point of view: `local` is the command tree's
+//! side, `remote` the peer. Direction index [`DIR_OUT`] counts what the command sent,
+//! [`DIR_IN`] what it received. Both backends fill [`FlowStats`] with the same rules, so the
+//! flow table downstream never knows which backend produced a record.
+
+/// IP protocol numbers we track (IANA "Assigned Internet Protocol Numbers").
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Address family tags used in [`FlowKey::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Index into the per-direction arrays: traffic sent by the command tree.
+pub const DIR_OUT: usize = 0;
+/// Index into the per-direction arrays: traffic received by the command tree.
+pub const DIR_IN: usize = 1;
+
+/// TCP header flag bits (RFC 9293 §3.1), as in the 13th byte of the header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
+pub const TCP_ECE: u8 = 0x40;
+pub const TCP_CWR: u8 = 0x80;
+
+/// ICMP message types that form request/reply pairs (RFC 792, RFC 4443).
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// The 5-tuple of a flow, oriented from the command tree's side.
+///
+/// For ICMP echo, `local_port` is the echo identifier and `remote_port` is
+/// `type << 8 | code` of the request, so a request and its reply share one key. For other
+/// ICMP messages `local_port` is 0 and `remote_port` is the message's own `type << 8 | code`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// The command's address, network byte order; IPv4 uses the first 4 bytes, rest zero.
+    pub local_addr: [u8; 16],
+    /// The peer's address, network byte order; IPv4 uses the first 4 bytes, rest zero.
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// IP protocol number (`PROTO_*`).
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The ICMP key fields for a message of `icmp_type`/`code` with echo identifier `id`,
+    /// as `(local_port, remote_port)`. Echo replies fold onto their request's key.
+    pub const fn icmp_ports(family: u8, icmp_type: u8, code: u8, id: u16) -> (u16, u16) {
+        let request = match (family, icmp_type) {
+            (FAMILY_V4, ICMP_ECHO_REQUEST) | (FAMILY_V4, ICMP_ECHO_REPLY) => ICMP_ECHO_REQUEST,
+            (FAMILY_V6, ICMPV6_ECHO_REQUEST) | (FAMILY_V6, ICMPV6_ECHO_REPLY) => {
+                ICMPV6_ECHO_REQUEST
+            }
+            _ => return (0, ((icmp_type as u16) << 8) | code as u16),
+        };
+        (id, (request as u16) << 8)
+    }
+}
+
+/// Zeek `history` letters we record, one bit each (Zeek's `conn.log` documentation).
+/// Upper case when the originator sent it, lower case for the responder.
+pub const HIST_SYN: u8 = 1 << 0; // S: SYN without ACK
+pub const HIST_SYNACK: u8 = 1 << 1; // H: SYN with ACK
+pub const HIST_ACK: u8 = 1 << 2; // A: a pure ACK
+pub const HIST_DATA: u8 = 1 << 3; // D: a packet with payload
+pub const HIST_FIN: u8 = 1 << 4; // F: FIN
+pub const HIST_RST: u8 = 1 << 5; // R: RST
+const HIST_LETTERS: [u8; 6] = *b"SHADFR";
+
+/// The history bits one packet contributes, from its TCP flags and payload length.
+/// For UDP and ICMP pass `flags = 0`; only `D` can apply.
+pub const fn history_bits(tcp_flags: u8, payload_len: u32) -> u8 {
+    let mut bits = 0;
+    let syn = tcp_flags & TCP_SYN != 0;
+    let ack = tcp_flags & TCP_ACK != 0;
+    if syn && !ack {
+        bits |= HIST_SYN;
+    }
+    if syn && ack {
+        bits |= HIST_SYNACK;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        bits |= HIST_FIN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        bits |= HIST_RST;
+    }
+    if payload_len > 0 {
+        bits |= HIST_DATA;
+    } else if ack && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        bits |= HIST_ACK;
+    }
+    bits
+}
+
+/// Per-flow counters, kept in the kernel flow map and by the rootless engine.
+///
+/// Byte counts are IP-layer bytes (IP header and everything after it, what `ip.len` sums to
+/// in a capture) and transport payload bytes (Zeek's `orig_bytes`/`resp_bytes`).
+/// Timestamps are in the backend's monotonic clock (kernel: `bpf_ktime_get_ns`, i.e.
+/// `CLOCK_MONOTONIC`); userspace converts them to wall-clock time once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub payload_bytes: [u64; 2],
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// OR of every TCP flag byte seen, per direction.
+    pub tcp_flags: [u8; 2],
+    /// `DIR_OUT as u8` when the command sent the first packet, else `DIR_IN as u8`.
+    pub initiator: u8,
+    /// Number of valid bytes in `history`.
+    pub history_len: u8,
+    /// Zeek-style history string (ASCII), in order of first appearance.
+    pub history: [u8; 16],
+    /// `HIST_*` bits already recorded, per direction.
+    pub history_seen: [u8; 2],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 88);
+
+impl FlowStats {
+    /// A fresh record for a flow whose first packet went in direction `dir` at `now_ns`.
+    pub const fn new(dir: usize, now_ns: u64) -> Self {
+        FlowStats {
+            packets: [0; 2],
+            bytes: [0; 2],
+            payload_bytes: [0; 2],
+            first_ns: now_ns,
+            last_ns: now_ns,
+            tcp_flags: [0; 2],
+            initiator: dir as u8,
+            history_len: 0,
+            history: [0; 16],
+            history_seen: [0; 2],
+            _pad: [0; 2],
+        }
+    }
+
+    /// Counts one packet. The kernel does the counter part with atomic adds instead (two
+    /// CPUs may see the same flow at once) and calls [`FlowStats::record_history`] itself.
+    #[inline(always)]
+    pub fn account(
+        &mut self,
+        dir: usize,
+        ip_len: u32,
+        payload_len: u32,
+        tcp_flags: u8,
+        now_ns: u64,
+    ) {
+        let d = dir & 1;
+        self.packets[d] += 1;
+        self.bytes[d] += ip_len as u64;
+        self.payload_bytes[d] += payload_len as u64;
+        self.tcp_flags[d] |= tcp_flags;
+        if now_ns > self.last_ns {
+            self.last_ns = now_ns;
+        }
+        self.record_history(dir, history_bits(tcp_flags, payload_len));
+    }
+
+    /// Appends the letters of `bits` not yet seen in direction `dir` to `history`.
+    /// Written as a fixed, bounded loop with masked indexes so the eBPF verifier accepts it.
+    #[inline(always)]
+    pub fn record_history(&mut self, dir: usize, bits: u8) {
+        let d = dir & 1;
+        let new = bits & !self.history_seen[d];
+        if new == 0 {
+            return;
+        }
+        self.history_seen[d] |= new;
+        let lower = if d as u8 == self.initiator { 0 } else { 0x20 };
+        let mut i = 0;
+        while i < HIST_LETTERS.len() {
+            if new & (1 << i) != 0 && (self.history_len as usize) < self.history.len() {
+                let at = (self.history_len as usize) & 15;
+                self.history[at] = HIST_LETTERS[i] | lower;
+                self.history_len += 1;
+            }
+            i += 1;
+        }
+    }
+
+    /// The history string as bytes (ASCII letters).
+    pub fn history(&self) -> &[u8] {
+        let len = (self.history_len as usize).min(self.history.len());
+        &self.history[..len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake_and_close() -> FlowStats {
+        let mut s = FlowStats::new(DIR_OUT, 1);
+        s.account(DIR_OUT, 60, 0, TCP_SYN, 1);
+        s.account(DIR_IN, 60, 0, TCP_SYN | TCP_ACK, 2);
+        s.account(DIR_OUT, 52, 0, TCP_ACK, 3);
+        s.account(DIR_OUT, 152, 100, TCP_ACK | TCP_PSH, 4);
+        s.account(DIR_IN, 1052, 1000, TCP_ACK | TCP_PSH, 5);
+        s.account(DIR_OUT, 52, 0, TCP_ACK | TCP_FIN, 6);
+        s.account(DIR_IN, 52, 0, TCP_ACK | TCP_FIN, 7);
+        s
+    }
+
+    #[test]
+    fn history_of_a_normal_connection_matches_zeek() {
+        let s = handshake_and_close();
+        assert_eq!(s.history(), b"ShADdFf");
+        assert_eq!(s.packets, [4, 3]);
+        assert_eq!(s.bytes, [316, 1164]);
+        assert_eq!(s.payload_bytes, [100, 1000]);
+        assert_eq!(s.last_ns, 7);
+    }
+
+    #[test]
+    fn responder_letters_are_lower_case_even_when_remote_initiates() {
+        let mut s = FlowStats::new(DIR_IN, 0);
+        s.account(DIR_IN, 60, 0, TCP_SYN, 0);
+        s.account(DIR_OUT, 40, 0, TCP_RST | TCP_ACK, 0);
+        assert_eq!(s.history(), b"Sr");
+    }
+
+    #[test]
+    fn history_never_overflows() {
+        let mut s = FlowStats::new(DIR_OUT, 0);
+        for flags in [TCP_SYN, TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN, TCP_RST] {
+            s.account(DIR_OUT, 40, 1, flags, 0);
+            s.account(DIR_IN, 40, 0, flags, 0);
+        }
+        assert!(s.history().len() <= 12);
+    }
+
+    #[test]
+    fn icmp_echo_reply_shares_the_request_key() {
+        let req = FlowKey::icmp_ports(FAMILY_V4, ICMP_ECHO_REQUEST, 0, 77);
+        let rep = FlowKey::icmp_ports(FAMILY_V4, ICMP_ECHO_REPLY, 0, 77);
+        assert_eq!(req, rep);
+        assert_eq!(req, (77, 8 << 8));
+        let v6 = FlowKey::icmp_ports(FAMILY_V6, ICMPV6_ECHO_REPLY, 0, 5);
+        assert_eq!(v6, (5, 128 << 8));
+        let unreach = FlowKey::icmp_ports(FAMILY_V4, 3, 3, 0);
+        assert_eq!(unreach, (0, 3 << 8 | 3));
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use core::fmt;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    fn ip(family: u8, bytes: &[u8; 16]) -> IpAddr {
+        if family == FAMILY_V4 {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(*bytes))
+        }
+    }
+
+    fn bytes(addr: IpAddr) -> [u8; 16] {
+        let mut out = [0; 16];
+        match addr {
+            IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => out = a.octets(),
+        }
+        out
+    }
+
+    impl FlowKey {
+        /// A key for `proto` between the command's `local` and the peer's `remote`
+        /// (both of one family; the family is taken from `local`).
+        pub fn new(proto: u8, local: SocketAddr, remote: SocketAddr) -> Self {
+            FlowKey {
+                local_addr: bytes(local.ip()),
+                remote_addr: bytes(remote.ip()),
+                local_port: local.port(),
+                remote_port: remote.port(),
+                proto,
+                family: if local.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+                _pad: [0; 2],
+            }
+        }
+
+        pub fn local_ip(&self) -> IpAddr {
+            ip(self.family, &self.local_addr)
+        }
+
+        pub fn remote_ip(&self) -> IpAddr {
+            ip(self.family, &self.remote_addr)
+        }
+
+        pub fn local(&self) -> SocketAddr {
+            SocketAddr::new(self.local_ip(), self.local_port)
+        }
+
+        pub fn remote(&self) -> SocketAddr {
+            SocketAddr::new(self.remote_ip(), self.remote_port)
+        }
+
+        pub fn is_icmp(&self) -> bool {
+            matches!(self.proto, PROTO_ICMP | PROTO_ICMPV6)
+        }
+
+        /// `tcp`, `udp`, `icmp`, `icmp6`, or the protocol number.
+        pub fn proto_name(&self) -> ProtoName {
+            ProtoName(self.proto)
+        }
+    }
+
+    /// Displays an IP protocol number the way flow logs name it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ProtoName(pub u8);
+
+    impl fmt::Display for ProtoName {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self.0 {
+                PROTO_TCP => f.write_str("tcp"),
+                PROTO_UDP => f.write_str("udp"),
+                PROTO_ICMP => f.write_str("icmp"),
+                PROTO_ICMPV6 => f.write_str("icmp6"),
+                n => write!(f, "{n}"),
+            }
+        }
+    }
+
+    /// `tcp 10.0.2.100:40000 -> 198.18.0.1:80`; ICMP shows `id`, `type/code`.
+    impl fmt::Display for FlowKey {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            if self.is_icmp() {
+                write!(
+                    f,
+                    "{} {} -> {} type {}/{} id {}",
+                    self.proto_name(),
+                    self.local_ip(),
+                    self.remote_ip(),
+                    self.remote_port >> 8,
+                    self.remote_port & 0xff,
+                    self.local_port
+                )
+            } else {
+                write!(f, "{} {} -> {}", self.proto_name(), self.local(), self.remote())
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::string::ToString;
+
+        #[test]
+        fn round_trips_socket_addresses_and_displays() {
+            let local: SocketAddr = "10.0.2.100:40000".parse().unwrap();
+            let remote: SocketAddr = "198.18.0.1:80".parse().unwrap();
+            let key = FlowKey::new(PROTO_TCP, local, remote);
+            assert_eq!(key.local(), local);
+            assert_eq!(key.remote(), remote);
+            assert_eq!(key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
+            let v6 = FlowKey::new(
+                PROTO_UDP,
+                "[2001:db8::2]:5353".parse().unwrap(),
+                "[2001:db8::1]:53".parse().unwrap(),
+            );
+            assert_eq!(v6.family, FAMILY_V6);
+            assert_eq!(v6.to_string(), "udp [2001:db8::2]:5353 -> [2001:db8::1]:53");
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::ProtoName;

@@ -1,0 +1,181 @@
+//! Loading childflow's kernel programs (built from `childflow-ebpf/` at build time) and
+//! reading what they collect.
+//!
+//! Every attachment is owned: dropping the returned value detaches the programs and frees the
+//! maps (the kernel does the same if the process dies, since nothing is pinned).
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+};
+use childflow_common::{
+    event::DROP_COUNTERS,
+    flow::{FlowKey, FlowStats},
+};
+
+/// The object built from `childflow-ebpf/` by `build.rs`; `None` in a rootless-only build.
+#[cfg(feature = "ebpf")]
+pub const OBJECT: Option<&[u8]> =
+    Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/childflow.bpf.o")));
+#[cfg(not(feature = "ebpf"))]
+pub const OBJECT: Option<&[u8]> = None;
+
+/// Why the kernel programs could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// This binary was built without the `ebpf` feature.
+    #[error(
+        "this childflow was built without its eBPF programs (rootless-only); rebuild with \
+         `cargo xtask setup && cargo build --release` to use --root"
+    )]
+    NotBuilt,
+    /// A kernel feature the programs need is missing.
+    #[error("the kernel lacks {what}: {fix}")]
+    MissingFeature { what: &'static str, fix: &'static str },
+    /// The object could not be parsed or its maps created.
+    #[error("failed to load childflow's eBPF object")]
+    Object(#[source] aya::EbpfError),
+    /// The verifier (or the kernel) rejected a program.
+    #[error("the kernel rejected eBPF program {program}{}", verifier_log(.source))]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching a program to an interface failed.
+    #[error("failed to attach eBPF program {program} to {iface}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map the object should contain is missing or has the wrong type.
+    #[error("eBPF map {name} is missing or malformed")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Option<aya::maps::MapError>,
+    },
+}
+
+fn verifier_log(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { verifier_log, .. } => format!("; verifier log:\n{verifier_log}"),
+        _ => String::new(),
+    }
+}
+
+/// Checks, before touching the host, that this kernel can run the TC programs.
+pub fn preflight() -> Result<(), EbpfError> {
+    if OBJECT.is_none() {
+        return Err(EbpfError::NotBuilt);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(EbpfError::MissingFeature {
+            what: "BTF (/sys/kernel/btf/vmlinux)",
+            fix: "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        });
+    }
+    use aya::util::KernelVersion;
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        return Err(EbpfError::MissingFeature {
+            what: "TCX links (Linux 6.6 or newer)",
+            fix: "upgrade the kernel to 6.6 or newer, or run without --root",
+        });
+    }
+    Ok(())
+}
+
+/// The per-flow accounting programs, attached to both directions of one interface.
+///
+/// The interface is meant to be the host end of the run's veth: what arrives on it (ingress)
+/// was sent by the command, what leaves it (egress) goes to the command.
+pub struct Accounting {
+    ebpf: Ebpf,
+}
+
+impl Accounting {
+    /// Loads the object and attaches `tc_ingress`/`tc_egress` to `iface` with TCX links.
+    pub fn attach(iface: &str) -> Result<Self, EbpfError> {
+        preflight()?;
+        let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
+        let mut ebpf = Ebpf::load(object).map_err(EbpfError::Object)?;
+        for (program, attach_type) in
+            [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)]
+        {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .ok_or(EbpfError::Map { name: program, source: None })?
+                .try_into()
+                .map_err(|source| EbpfError::Load { program, source })?;
+            prog.load().map_err(|source| EbpfError::Load { program, source })?;
+            prog.attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| EbpfError::Attach {
+                program,
+                iface: iface.to_owned(),
+                source,
+            })?;
+        }
+        Ok(Accounting { ebpf })
+    }
+
+    fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowStats>, EbpfError> {
+        let map = self.ebpf.map("FLOWS").ok_or(EbpfError::Map { name: "FLOWS", source: None })?;
+        HashMap::try_from(map).map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })
+    }
+
+    /// Every flow in the kernel map with its counters now.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, EbpfError> {
+        let map = self.flow_map()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            // An entry deleted while we iterate is simply skipped.
+            if let Ok(kv) = entry {
+                out.push(kv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a flow (ended or idle) from the kernel map.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), EbpfError> {
+        let map =
+            self.ebpf.map_mut("FLOWS").ok_or(EbpfError::Map { name: "FLOWS", source: None })?;
+        let mut map: HashMap<&mut MapData, FlowKey, FlowStats> = HashMap::try_from(map)
+            .map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })?;
+        map.remove(key).map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })
+    }
+
+    /// Takes the ring buffer of flow start/end records, for a reader to drain.
+    pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map("FLOW_EVENTS")
+            .ok_or(EbpfError::Map { name: "FLOW_EVENTS", source: None })?;
+        RingBuf::try_from(map).map_err(|e| EbpfError::Map { name: "FLOW_EVENTS", source: Some(e) })
+    }
+
+    /// The kernel's drop counters (`childflow_common::event::DROP_*`), summed over CPUs.
+    pub fn drops(&self) -> Result<[u64; DROP_COUNTERS as usize], EbpfError> {
+        let map = self.ebpf.map("DROPS").ok_or(EbpfError::Map { name: "DROPS", source: None })?;
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+            .map_err(|e| EbpfError::Map { name: "DROPS", source: Some(e) })?;
+        let mut out = [0; DROP_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = map
+                .get(&(i as u32), 0)
+                .map_err(|e| EbpfError::Map { name: "DROPS", source: Some(e) })?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}

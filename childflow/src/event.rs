@@ -1,0 +1,250 @@
+//! The one event model both backends emit, and the channel that carries it.
+//!
+//! The rootful backend (eBPF ring buffers and map samples) and the rootless engine (frames at
+//! its tap) both turn what they see into [`Event`]s and hand them to an [`Emitter`]. One
+//! collector drains the channel into the flow table, which feeds the flow logs, the pcapng
+//! writer and the dashboard. Nothing downstream knows which backend ran.
+//!
+//! Invariants every backend keeps:
+//! - Flow keys are oriented from the command's side ([`FlowKey`]: `local` is the command).
+//! - [`FlowUpdate::stats`] is cumulative (never a delta) and its `first_ns`/`last_ns` are
+//!   nanoseconds since the UNIX epoch (backends convert their monotonic clocks once).
+//! - Every timestamp in an event is nanoseconds since the UNIX epoch.
+//! - Emitting never blocks the backend: when the channel is full the event is dropped and
+//!   counted ([`Emitter::dropped`]), and the count is shown to the user.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+pub use childflow_common::flow::{FlowKey, FlowStats};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+/// Nanoseconds since the UNIX epoch.
+pub type UnixNanos = u64;
+
+/// The current wall-clock time as [`UnixNanos`].
+pub fn now_unix_nanos() -> UnixNanos {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Which way a packet went, relative to the command tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Sent by the command tree.
+    Out,
+    /// Received by the command tree.
+    In,
+}
+
+impl Direction {
+    /// The index used by [`FlowStats`]' per-direction arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Direction::Out => childflow_common::flow::DIR_OUT,
+            Direction::In => childflow_common::flow::DIR_IN,
+        }
+    }
+}
+
+/// Why a flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Both sides sent FIN.
+    Fin,
+    /// A RST ended it.
+    Rst,
+    /// No packet for the protocol's idle timeout.
+    IdleTimeout,
+    /// The command exited while the flow was still live.
+    CommandExit,
+    /// The flow table was full and dropped it (`--max-flows`).
+    Evicted,
+    /// The backend could not open or keep the flow (e.g. the upstream refused it).
+    Failed,
+}
+
+/// Where a flow is in its life, as a backend reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowPhase {
+    /// First sighting of the flow.
+    Start,
+    /// A periodic snapshot of a live flow.
+    Update,
+    /// The flow is over; no further events for this key until it starts again.
+    End(CloseReason),
+}
+
+/// A flow's cumulative counters at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowUpdate {
+    pub key: FlowKey,
+    /// Cumulative; `first_ns`/`last_ns` in [`UnixNanos`].
+    pub stats: FlowStats,
+    pub phase: FlowPhase,
+}
+
+/// One packet at the capture point (the host veth, or the rootless tap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketEvent {
+    pub ts: UnixNanos,
+    pub direction: Direction,
+    /// The packet's length on the wire; `data` may be shorter (snap length).
+    pub orig_len: u32,
+    /// The captured bytes, starting with the Ethernet header.
+    pub data: Vec<u8>,
+}
+
+/// DNS transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsTransport {
+    Udp,
+    Tcp,
+}
+
+/// The data of one answer record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsData {
+    /// A or AAAA.
+    Addr(IpAddr),
+    /// CNAME (and other records naming a host).
+    Name(String),
+    /// Anything else, in presentation format.
+    Other(String),
+}
+
+/// One answer record of a DNS response.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DnsAnswer {
+    /// The owner name, without the trailing dot.
+    pub name: String,
+    /// RR type number (1 = A, 28 = AAAA, 5 = CNAME, ...).
+    pub rtype: u16,
+    pub ttl: u32,
+    pub data: DnsData,
+}
+
+/// A DNS response the command received (through childflow's relay or any port-53 server).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    pub ts: UnixNanos,
+    /// The resolver that answered.
+    pub server: SocketAddr,
+    pub transport: DnsTransport,
+    pub id: u16,
+    /// The question name, without the trailing dot.
+    pub query: String,
+    /// The question's RR type number.
+    pub qtype: u16,
+    /// Response code (0 = NOERROR, 3 = NXDOMAIN, ...).
+    pub rcode: u16,
+    pub answers: Vec<DnsAnswer>,
+}
+
+/// A process of the command tree, as the backend saw it use a socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessInfo {
+    /// Process id (thread group id) in the host's pid namespace.
+    pub pid: u32,
+    pub uid: u32,
+    /// `task->comm`.
+    pub comm: String,
+    /// `/proc/PID/exe`, when the process was still alive to read it.
+    pub exe: Option<String>,
+    /// `/proc/PID/cmdline`, when the process was still alive to read it.
+    pub cmdline: Option<Vec<String>>,
+}
+
+/// The flow `key` was opened by `process`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessEvent {
+    pub key: FlowKey,
+    pub process: ProcessInfo,
+}
+
+/// Losses a backend counted, cumulative since the start of the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropReport {
+    /// What lost something, e.g. `"kernel flow ring buffer"`, `"flow map full"`.
+    pub source: &'static str,
+    pub count: u64,
+}
+
+/// Everything a backend reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Flow(FlowUpdate),
+    Packet(PacketEvent),
+    Dns(DnsEvent),
+    Process(ProcessEvent),
+    Drops(DropReport),
+}
+
+/// The sending side of the event channel. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Emitter {
+    tx: Sender<Event>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Emitter {
+    /// Hands `event` to the collector, or counts it as dropped if the channel is full.
+    /// Returns `false` once the collector is gone.
+    pub fn emit(&self, event: Event) -> bool {
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Events lost because the collector fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A bounded event channel: backends emit into the [`Emitter`], the collector reads the
+/// [`Receiver`].
+pub fn channel(capacity: usize) -> (Emitter, Receiver<Event>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    (Emitter { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drops(count: u64) -> Event {
+        Event::Drops(DropReport { source: "test", count })
+    }
+
+    #[test]
+    fn a_full_channel_counts_drops_instead_of_blocking() {
+        let (emitter, rx) = channel(2);
+        assert!(emitter.emit(drops(1)));
+        assert!(emitter.emit(drops(2)));
+        assert!(emitter.emit(drops(3)));
+        assert_eq!(emitter.dropped(), 1);
+        assert_eq!(rx.try_recv().unwrap(), drops(1));
+    }
+
+    #[test]
+    fn emit_reports_a_gone_collector() {
+        let (emitter, rx) = channel(1);
+        drop(rx);
+        assert!(!emitter.emit(drops(1)));
+    }
+}

@@ -1,0 +1,67 @@
+//! Running childflow: dispatch subcommands, or start a backend on the command and turn its
+//! events into the outputs the user asked for.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    backend,
+    cli::{Args, Backend, Command, Config},
+    exit,
+};
+
+/// Runs what `args` asks for and returns childflow's exit code.
+pub fn main(args: Args) -> Result<i32> {
+    match args.subcommand {
+        Some(Command::Report(_)) => bail!("`childflow report` is not implemented yet"),
+        Some(Command::Attach(_)) => bail!("`childflow attach` is not implemented yet"),
+        Some(Command::Ps) => bail!("`childflow ps` is not implemented yet"),
+        None => {
+            let config = args.run.into_config()?;
+            init_logging(config.verbose);
+            run(&config)
+        }
+    }
+}
+
+/// Runs the command of `config` under its backend; returns the command's exit code.
+pub fn run(config: &Config) -> Result<i32> {
+    reject_unimplemented(config)?;
+    let status = match config.backend {
+        Backend::Rootless => backend::rootless::run(config)?,
+        Backend::Rootful => bail!("--root is not implemented yet"),
+    };
+    tracing::debug!("command ended: {status}");
+    Ok(status.code())
+}
+
+/// Options that parse but whose feature has not landed yet fail loudly instead of being
+/// silently ignored.
+fn reject_unimplemented(config: &Config) -> Result<()> {
+    let missing = [
+        (config.flow_log.is_some(), "--flow-log"),
+        (config.summary.is_some(), "--summary"),
+        (config.capture.is_some(), "--capture"),
+        (config.tui, "--tui"),
+        (config.events.is_some(), "--events"),
+        (config.dns.is_some(), "--dns"),
+        (config.allow_host_loopback, "--allow-host-loopback"),
+    ];
+    if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {
+        bail!("{flag} is not implemented yet");
+    }
+    let _ = exit::FAILURE;
+    Ok(())
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHILDFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("childflow={level}")));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
