@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use crate::{
     backend,
     cli::{Args, Backend, Command, Config},
-    exit,
+    event,
 };
 
 /// Runs what `args` asks for and returns childflow's exit code.
@@ -23,14 +23,27 @@ pub fn main(args: Args) -> Result<i32> {
     }
 }
 
+/// How many events may wait for the collector before backends start dropping (and
+/// counting) them.
+const EVENT_QUEUE: usize = 65_536;
+
 /// Runs the command of `config` under its backend; returns the command's exit code.
+///
+/// The backend emits events into a bounded channel; the collector thread drains it.
 pub fn run(config: &Config) -> Result<i32> {
     reject_unimplemented(config)?;
+    let (emitter, events) = event::channel(EVENT_QUEUE);
+    // Placeholder collector: drains the channel so backends never see it full. The flow
+    // table, logs, capture and dashboard plug in here.
+    let collector = std::thread::Builder::new()
+        .name("collector".into())
+        .spawn(move || events.iter().count())?;
     let status = match config.backend {
-        Backend::Rootless => backend::rootless::run(config)?,
+        Backend::Rootless => backend::rootless::run(config, emitter)?,
         Backend::Rootful => bail!("--root is not implemented yet"),
     };
-    tracing::debug!("command ended: {status}");
+    let seen = collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
+    tracing::debug!("command ended: {status}; {seen} events");
     Ok(status.code())
 }
 
@@ -49,7 +62,6 @@ fn reject_unimplemented(config: &Config) -> Result<()> {
     if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {
         bail!("{flag} is not implemented yet");
     }
-    let _ = exit::FAILURE;
     Ok(())
 }
 

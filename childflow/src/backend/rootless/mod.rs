@@ -7,11 +7,15 @@ use anyhow::{Context, Result};
 
 use crate::{
     cli::Config,
+    event::Emitter,
     sandbox::{self, ExitStatus, Namespaces, Spec, userns},
 };
 
-/// Runs the command of `config` and returns how it ended.
-pub fn run(config: &Config) -> Result<ExitStatus> {
+/// Runs the command of `config`, reporting what it does on the network to `events`, and
+/// returns how it ended. Returns once the command has ended and every event is emitted
+/// (dropping `events`).
+pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
+    let _ = &events;
     let spec = Spec {
         namespaces: Namespaces { user: true },
         argv: config.command.clone(),
