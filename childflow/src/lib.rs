@@ -9,6 +9,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod event;
 pub mod exit;
+pub mod flow;
 pub mod run;
 pub mod sandbox;
 
