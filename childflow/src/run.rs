@@ -5,14 +5,19 @@ use anyhow::{Result, bail};
 
 use crate::{
     backend,
-    cli::{Args, Backend, Command, Config},
-    event,
+    cli::{Args, Backend, Command, Config, SummaryFormat},
+    collector::{Collector, FlowLogConsumer, RunEnd, RunInfo},
+    event::{self, now_unix_nanos},
+    exit,
+    flow::TableConfig,
+    report,
+    sink::{FlowLog, Target},
 };
 
 /// Runs what `args` asks for and returns childflow's exit code.
 pub fn main(args: Args) -> Result<i32> {
     match args.subcommand {
-        Some(Command::Report(_)) => bail!("`childflow report` is not implemented yet"),
+        Some(Command::Report(r)) => report::run(&r).map(|()| 0),
         Some(Command::Attach(_)) => bail!("`childflow attach` is not implemented yet"),
         Some(Command::Ps) => bail!("`childflow ps` is not implemented yet"),
         None => {
@@ -27,32 +32,77 @@ pub fn main(args: Args) -> Result<i32> {
 /// counting) them.
 const EVENT_QUEUE: usize = 65_536;
 
-/// Runs the command of `config` under its backend; returns the command's exit code.
+/// Runs the command of `config` under its backend; returns the command's exit code, or
+/// [`exit::FAILURE`] if an output (the flow log) failed while the command ran.
 ///
-/// The backend emits events into a bounded channel; the collector thread drains it.
+/// The backend emits events into a bounded channel; the collector thread drains it into the
+/// flow table and the outputs. Outputs are opened before the command starts, so a bad path
+/// fails the run before anything happens.
 pub fn run(config: &Config) -> Result<i32> {
     reject_unimplemented(config)?;
-    let (emitter, events) = event::channel(EVENT_QUEUE);
-    // Placeholder collector: drains the channel so backends never see it full. The flow
-    // table, logs, capture and dashboard plug in here.
-    let collector = std::thread::Builder::new()
-        .name("collector".into())
-        .spawn(move || events.iter().count())?;
-    let status = match config.backend {
-        Backend::Rootless => backend::rootless::run(config, emitter)?,
-        Backend::Rootful => bail!("--root is not implemented yet"),
+    let info = RunInfo {
+        command: config.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        backend: config.backend.to_string(),
+        start: now_unix_nanos(),
     };
-    let seen = collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
-    tracing::debug!("command ended: {status}; {seen} events");
+    let mut collector = Collector::new(table_config(config), info.clone());
+    if let Some(path) = &config.flow_log {
+        let log = FlowLog::create(Target::from_arg(path), config.flow_log_format)?;
+        collector.add(Box::new(FlowLogConsumer::new(log, &info)?));
+    }
+    let (emitter, events) = event::channel(EVENT_QUEUE);
+    collector.count_queue_drops(emitter.drop_counter());
+    let collector = std::thread::Builder::new().name("collector".into()).spawn(move || {
+        collector.drain(events);
+        collector
+    })?;
+    let result = match config.backend {
+        Backend::Rootless => backend::rootless::run(config, emitter),
+        Backend::Rootful => {
+            drop(emitter);
+            Err(anyhow::anyhow!("--root is not implemented yet"))
+        }
+    };
+    let end = now_unix_nanos();
+    let collector =
+        collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
+    tracing::debug!("{} events", collector.events());
+    let outcome = collector.finish(RunEnd {
+        end,
+        status: result.as_ref().ok().copied(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    });
+    match config.summary {
+        Some(SummaryFormat::Text) => eprint!("{}", outcome.summary.to_text()),
+        Some(SummaryFormat::Json) => eprint!("{}", outcome.summary.to_json()),
+        None => {}
+    }
+    let status = result?;
+    tracing::debug!("command ended: {status}");
+    if !outcome.errors.is_empty() {
+        eprintln!(
+            "childflow: error: {} output(s) failed during the run (see above); the command ended with {status}",
+            outcome.errors.len()
+        );
+        return Ok(exit::FAILURE);
+    }
     Ok(status.code())
+}
+
+/// The flow table's settings from the command line.
+fn table_config(config: &Config) -> TableConfig {
+    TableConfig {
+        max_flows: config.max_flows,
+        update_interval: Some(config.flow_update_interval),
+        community_id_seed: config.community_id_seed,
+        ..TableConfig::default()
+    }
 }
 
 /// Options that parse but whose feature has not landed yet fail loudly instead of being
 /// silently ignored.
 fn reject_unimplemented(config: &Config) -> Result<()> {
     let missing = [
-        (config.flow_log.is_some(), "--flow-log"),
-        (config.summary.is_some(), "--summary"),
         (config.capture.is_some(), "--capture"),
         (config.tui, "--tui"),
         (config.events.is_some(), "--events"),

@@ -18,6 +18,7 @@
 
 pub mod community_id;
 pub mod dns;
+pub mod packet;
 pub mod table;
 
 use std::{fmt, sync::Arc};
@@ -29,7 +30,7 @@ use childflow_common::flow::{
 
 pub use self::{
     dns::DnsAttribution,
-    table::{FlowTable, IdleTimeouts, Output, TableConfig},
+    table::{FlowTable, IdleTimeouts, Output, PacketFlow, TableConfig, TableSnapshot, TableStats},
 };
 pub use crate::event::{CloseReason, FlowKey, FlowStats, ProcessInfo, UnixNanos};
 

@@ -34,8 +34,8 @@ use childflow_common::flow::{PROTO_TCP, PROTO_UDP};
 
 use super::{Flow, community_id, dns::DnsNames, is_icmp};
 use crate::event::{
-    CloseReason, DnsEvent, Event, FlowKey, FlowPhase, FlowStats, FlowUpdate, ProcessEvent,
-    ProcessInfo, UnixNanos,
+    CloseReason, DnsEvent, Event, FlowKey, FlowPhase, FlowStats, FlowUpdate, PacketEvent,
+    ProcessEvent, ProcessInfo, UnixNanos,
 };
 
 /// How long a flow may be quiet before the table ends it.
@@ -142,6 +142,16 @@ struct Entry {
     logged_ns: UnixNanos,
     /// `stats.last_ns` at the last update record, to skip updates of idle flows.
     logged_last_ns: UnixNanos,
+    /// A packet of this flow has been looked up ([`FlowTable::packet`]).
+    packet_seen: bool,
+}
+
+/// A packet's flow, from [`FlowTable::packet`].
+#[derive(Clone, Copy, Debug)]
+pub struct PacketFlow<'a> {
+    pub flow: &'a Flow,
+    /// The first packet looked up for this flow.
+    pub first: bool,
 }
 
 /// Remembered per key once the table ended a flow the backend may still report.
@@ -202,8 +212,18 @@ impl FlowTable {
                 }
                 None
             }
-            Event::Packet(_) => None,
+            Event::Packet(p) => self.packet(p).map(|p| p.flow),
         }
+    }
+
+    /// The live flow a captured packet belongs to, and whether this is the first packet
+    /// looked up for that flow (the capture writer comments the first packet of a flow).
+    pub fn packet(&mut self, packet: &PacketEvent) -> Option<PacketFlow<'_>> {
+        let key = super::packet::key_of_frame(packet.direction, &packet.data)?;
+        let entry = self.flows.get_mut(&key)?;
+        let first = !entry.packet_seen;
+        entry.packet_seen = true;
+        Some(PacketFlow { flow: &entry.flow, first })
     }
 
     fn ingest_flow(&mut self, update: &FlowUpdate) -> Option<&Flow> {
@@ -264,6 +284,7 @@ impl FlowTable {
             backend_first_ns: update.stats.first_ns,
             logged_ns: stats.first_ns,
             logged_last_ns: stats.last_ns,
+            packet_seen: false,
         }
     }
 
@@ -721,6 +742,24 @@ mod tests {
             t.ingest(&Event::Drops(DropReport { source, count }));
         }
         assert_eq!(t.stats().drops, [("ring", 5), ("map", 1)]);
+    }
+
+    #[test]
+    fn a_packet_finds_its_flow_and_knows_if_it_is_the_first() {
+        use crate::event::{Direction, PacketEvent};
+        use crate::flow::packet::tests::ipv4_frame;
+        let mut t = table();
+        t.ingest(&established_flow());
+        let mut l4 = 80u16.to_be_bytes().to_vec();
+        l4.extend(40000u16.to_be_bytes());
+        l4.extend([0; 16]);
+        let data = ipv4_frame(6, [198, 18, 0, 1], [10, 0, 2, 100], &l4);
+        let packet = PacketEvent { ts: T0, direction: Direction::In, orig_len: 54, data };
+        let got = t.packet(&packet).expect("the flow of the packet");
+        assert!(got.first);
+        assert!(got.flow.community_id.starts_with("1:"));
+        assert!(!t.packet(&packet).expect("again").first);
+        assert_eq!(t.ingest(&Event::Packet(packet)).map(|f| f.uid), Some(1));
     }
 
     #[test]
