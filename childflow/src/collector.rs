@@ -314,3 +314,122 @@ impl Consumer for FlowLogConsumer {
         Ok(self.log.run(run)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::event::{CloseReason, Direction, FlowPhase, PacketEvent};
+    use crate::flow::{fixtures::*, packet::tests::ipv4_frame};
+
+    /// Records what it is given, in a log the test keeps a handle on.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        fail_on_flow: bool,
+    }
+
+    impl Consumer for Recorder {
+        fn name(&self) -> String {
+            "recorder".into()
+        }
+
+        fn event(&mut self, event: &Event, flow: Option<PacketFlow<'_>>) -> Result<()> {
+            if let Event::Packet(_) = event {
+                let f = flow.map(|f| format!("uid {} first {}", f.flow.uid, f.first));
+                self.log.lock().unwrap().push(format!("packet {f:?}"));
+            }
+            Ok(())
+        }
+
+        fn flow(&mut self, record: &FlowRecord) -> Result<()> {
+            if self.fail_on_flow {
+                anyhow::bail!("disk full");
+            }
+            let line = format!("{:?} {} {:?}", record.event, record.uid, record.close_reason);
+            self.log.lock().unwrap().push(line);
+            Ok(())
+        }
+
+        fn finish(&mut self, run: &RunRecord) -> Result<()> {
+            self.log.lock().unwrap().push(format!("run {:?} {}", run.exit_code, run.totals.flows));
+            Ok(())
+        }
+    }
+
+    fn collector() -> Collector {
+        let info = RunInfo { command: vec!["true".into()], backend: "rootless".into(), start: T0 };
+        Collector::new(TableConfig::default(), info)
+    }
+
+    fn end() -> RunEnd {
+        RunEnd { end: T0 + 1_000 * MS, status: Some(ExitStatus::Exited(0)), error: None }
+    }
+
+    #[test]
+    fn every_flow_ends_once_and_the_run_record_comes_last() {
+        let mut c = collector();
+        let rec = Recorder::default();
+        c.add(Box::new(rec.clone()));
+        c.handle(established_flow());
+        let udp = udp_key(5000, "198.18.0.7:7");
+        c.handle(flow_event(udp, udp_exchange_stats(T0), FlowPhase::End(CloseReason::IdleTimeout)));
+        let outcome = c.finish(end());
+        assert!(outcome.errors.is_empty());
+        assert_eq!(
+            *rec.log.lock().unwrap(),
+            ["End 2 Some(IdleTimeout)", "End 1 Some(CommandExit)", "run Some(0) 2"]
+        );
+        assert_eq!(outcome.summary.totals.flows, 2);
+        assert_eq!(outcome.run.drops.get(QUEUE_DROPS), Some(&0));
+    }
+
+    #[test]
+    fn packets_reach_consumers_with_their_flow() {
+        let mut c = collector();
+        let rec = Recorder::default();
+        c.add(Box::new(rec.clone()));
+        c.handle(established_flow());
+        let mut l4 = 40000u16.to_be_bytes().to_vec();
+        l4.extend(80u16.to_be_bytes());
+        l4.extend([0; 16]);
+        let data = ipv4_frame(6, [10, 0, 2, 100], [198, 18, 0, 1], &l4);
+        let p = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data };
+        c.handle(Event::Packet(p.clone()));
+        c.handle(Event::Packet(p));
+        assert_eq!(
+            *rec.log.lock().unwrap(),
+            [r#"packet Some("uid 1 first true")"#, r#"packet Some("uid 1 first false")"#]
+        );
+    }
+
+    #[test]
+    fn a_failing_consumer_is_dropped_and_reported_while_the_others_go_on() {
+        let mut c = collector();
+        let good = Recorder::default();
+        c.add(Box::new(Recorder { fail_on_flow: true, ..Recorder::default() }));
+        c.add(Box::new(good.clone()));
+        c.handle(established_flow());
+        let outcome = c.finish(end());
+        assert_eq!(outcome.errors.len(), 1);
+        assert_eq!(format!("{:#}", outcome.errors[0]), "recorder stopped: disk full");
+        assert_eq!(*good.log.lock().unwrap(), ["End 1 Some(CommandExit)", "run Some(0) 1"]);
+    }
+
+    #[test]
+    fn ticks_end_idle_flows_on_the_given_clock() {
+        let mut c = collector();
+        let rec = Recorder::default();
+        c.add(Box::new(rec.clone()));
+        c.handle(flow_event(
+            udp_key(5000, "198.18.0.7:7"),
+            udp_exchange_stats(T0),
+            FlowPhase::Start,
+        ));
+        c.tick(T0 + 30 * 1_000 * MS);
+        assert!(rec.log.lock().unwrap().is_empty());
+        c.tick(T0 + 61 * 1_000 * MS);
+        assert_eq!(*rec.log.lock().unwrap(), ["End 1 Some(IdleTimeout)"]);
+    }
+}
