@@ -56,11 +56,7 @@ pub fn childflow_as_test_user() -> Command {
         .current_dir("/")
         .env("HOME", "/")
         .env("USER", TEST_USER);
-    // SAFETY: setgroups is async-signal-safe; dropping root's supplementary groups keeps the
-    // child an ordinary user.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setgroups(&[]).map_err(std::io::Error::from));
-    }
+    // std drops root's supplementary groups itself when it switches uid from root.
     cmd
 }
 
