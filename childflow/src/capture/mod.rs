@@ -448,8 +448,12 @@ impl Capture {
             if chunk.is_empty() {
                 continue;
             }
-            file.write_all(chunk)
-                .map_err(|source| CaptureError::Write { path: self.path.clone(), source })?;
+            if let Err(source) = file.write_all(chunk) {
+                // Cut what part of the chunk got out, so the file ends on a whole block and
+                // stays readable up to here (a pipe cannot be cut; nothing to do then).
+                let _ = file.set_len(self.file_bytes);
+                return Err(CaptureError::Write { path: self.path.clone(), source });
+            }
             self.file_bytes += chunk.len() as u64;
             self.stats.bytes += chunk.len() as u64;
         }

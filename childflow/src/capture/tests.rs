@@ -100,7 +100,7 @@ fn tshark_fields(path: &Path, extra: &[&str], fields: &[&str]) -> Vec<String> {
 
 /// capinfos' report with runs of whitespace collapsed to one space.
 fn capinfos(path: &Path) -> String {
-    let out = tool("capinfos", &[path.to_str().expect("utf-8 path")]);
+    let out = tool("capinfos", &["-M", path.to_str().expect("utf-8 path")]);
     out.lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
@@ -144,7 +144,7 @@ fn tshark_reads_directions_comments_process_and_names() {
     let info = capinfos(&path);
     for want in [
         "Number of packets: 7",
-        "File encapsulation: Ethernet",
+        "File encapsulation: ether",
         "Time precision = nanoseconds (9)",
         "Name = tap0",
         "Capture application: childflow",
@@ -340,4 +340,127 @@ fn rotation_keeps_a_ring_of_self_contained_files() {
         );
         assert_eq!(types.last(), Some(&pcapng::BLOCK_ISB));
     }
+}
+
+/// Set in the environment of the test binary re-run as the writer that gets killed.
+const KILL_HELPER: &str = "CHILDFLOW_CAPTURE_KILL_HELPER";
+
+/// Not a test on its own: the writer process of
+/// `a_killed_writer_leaves_a_file_readable_up_to_its_last_flush`.
+#[test]
+fn kill_helper_writes_until_killed() {
+    let Some(path) = std::env::var_os(KILL_HELPER) else { return };
+    let path = PathBuf::from(path);
+    let dir = path.parent().expect("capture dir").to_path_buf();
+    let mut cap = open(&config(&path), &dir);
+    let proc_ = curl();
+    let traffic = mixed_traffic();
+    for i in 0u64.. {
+        let pkt = &traffic[(i % traffic.len() as u64) as usize];
+        let meta = PacketMeta { process: Some(&proc_), ..PacketMeta::default() };
+        cap.packet(pkt, &meta).expect("write packet");
+        if i % 100 == 99 {
+            cap.flush().expect("flush");
+            println!("flushed {}", i + 1);
+        }
+    }
+}
+
+#[test]
+fn a_killed_writer_leaves_a_file_readable_up_to_its_last_flush() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = tmp.path().join("killed.pcapng");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "capture::tests::kill_helper_writes_until_killed", "--nocapture"])
+        .env(KILL_HELPER, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the writer process");
+    let stdout = child.stdout.take().expect("writer stdout");
+    let mut flushed = 0u64;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read writer output");
+        if let Some(n) = line.strip_prefix("flushed ") {
+            flushed = n.parse().expect("flushed count");
+            if flushed >= 20_000 {
+                // SIGKILL: no destructor, no close; whatever was flushed is all there is.
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("kill the writer");
+                break;
+            }
+        }
+    }
+    let status = child.wait().expect("reap the writer");
+    assert!(!status.success(), "the writer was not killed: {status}");
+    assert!(flushed >= 20_000, "the writer stopped early at {flushed}");
+
+    let bytes = std::fs::read(&path).expect("read the capture");
+    let whole: usize = pcapng::blocks(&bytes).map(|b| b.body.len() + 12).sum();
+    let packets = pcapng::blocks(&bytes).filter(|b| b.block_type == pcapng::BLOCK_EPB).count();
+    assert!(packets as u64 >= flushed, "{packets} packets on disk, {flushed} were flushed");
+    if whole == bytes.len() {
+        // Killed between writes (the usual case): the file reads without a complaint.
+        let info = capinfos(&path);
+        assert!(info.contains(&format!("Number of packets: {packets}")), "{info}");
+    } else {
+        // Killed inside a write: everything before the cut block still reads.
+        std::fs::write(&path, &bytes[..whole]).expect("cut the partial block");
+        capinfos(&path);
+    }
+}
+
+/// A small tmpfs mounted over a directory, unmounted on drop.
+struct TmpfsGuard(PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_capture_with_a_clear_error_and_leaves_a_readable_file() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("small");
+    std::fs::create_dir(&dir).expect("mount point");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("size=128k"),
+    )
+    .expect("mount a 128k tmpfs");
+    let _guard = TmpfsGuard(dir.clone());
+    let path = dir.join("full.pcapng");
+    let mut cap = open(&config(&path), tmp.path());
+    let payload = [7u8; 1400];
+    let mut errors = Vec::new();
+    for i in 0..1000u64 {
+        let frame = frames::udp4("198.18.0.2", 5000, "198.19.0.9", 9, &payload);
+        if let Err(e) = cap.packet(&packet(frame, Direction::Out, i), &PacketMeta::default()) {
+            errors.push(chain(&e));
+        }
+        if i % 10 == 9
+            && let Err(e) = cap.flush()
+        {
+            errors.push(chain(&e));
+        }
+    }
+    assert_eq!(errors.len(), 1, "the error is reported once: {errors:?}");
+    assert!(errors[0].contains(&format!("failed to write capture file {}", path.display())));
+    assert!(errors[0].contains("No space left on device"), "{}", errors[0]);
+    let stats = cap.close(0).expect("close after the error is quiet");
+    assert!(stats.error.as_deref().is_some_and(|e| e.contains("No space left")), "{stats:?}");
+    assert_eq!(stats.received, 1000);
+    assert!(stats.lost_after_error > 900, "{stats:?}");
+    capinfos(&path);
 }
