@@ -139,7 +139,7 @@ fn tshark_reads_directions_comments_process_and_names() {
     }
     let stats = cap.close(3).expect("close capture");
     assert_eq!((stats.received, stats.written, stats.dropped), (7, 7, 3));
-    assert_eq!(stats.files, [path.clone()]);
+    assert_eq!(stats.files, std::slice::from_ref(&path));
 
     let info = capinfos(&path);
     for want in [
