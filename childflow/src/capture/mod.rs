@@ -391,17 +391,13 @@ impl Capture {
     }
 
     /// Finishes the capture: the last secrets, an ISB per interface with `dropped` (packets
-    /// the backend and the event queue lost) on the first, a final flush and sync.
+    /// the backend and the event queue lost) on the first, and a final flush. No fsync: the
+    /// file is complete for every reader once written (as with tcpdump and dumpcap), and
+    /// syncing gigabytes would hold up the command's exit.
     pub fn close(mut self, dropped: u64) -> Result<CaptureStats, CaptureError> {
         self.stats.dropped = dropped;
         if !self.failed {
-            let result = self.finish_file().and_then(|()| {
-                self.file.as_ref().map_or(Ok(()), |f| {
-                    // stdout may be a pipe, which cannot be synced; nothing to report then.
-                    if self.to_stdout { Ok(()) } else { f.sync_data() }
-                        .map_err(|source| CaptureError::Write { path: self.path.clone(), source })
-                })
-            });
+            let result = self.finish_file();
             self.check(result)?;
         }
         self.file = None;
