@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::{
     backend,
@@ -104,6 +104,9 @@ pub struct CollectorReport {
 /// At most this many events are handled between two flushes of the outputs.
 const BATCH: usize = 1024;
 
+/// The outputs are flushed at least this often, even when no event comes.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Drains `events` until every backend sender is gone, feeding the outputs; flushes them
 /// after each batch so a killed run leaves files valid up to the last batch.
 ///
@@ -120,7 +123,20 @@ pub fn collect(
     // After an error the capture only counts what it loses; the run goes on.
     let capture_stopped =
         |e: crate::capture::CaptureError| eprintln!("childflow: {:#}", anyhow::Error::from(e));
-    while let Ok(first) = events.recv() {
+    loop {
+        let first = match events.recv_timeout(FLUSH_EVERY) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => {
+                // Quiet: still write out what waited (e.g. packets held for TLS secrets).
+                if let Some(c) = capture.as_mut()
+                    && let Err(e) = c.flush()
+                {
+                    capture_stopped(e);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         for event in std::iter::once(first).chain(events.try_iter().take(BATCH - 1)) {
             report.events += 1;
             match &event {

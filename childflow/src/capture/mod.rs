@@ -29,7 +29,10 @@
 //!   bytes), so a file cut by a kill is valid up to the last flush.
 //! - The key log is read at every flush *before* the buffered packets are written, and new
 //!   lines go into a DSB ahead of them: a TLS library writes a secret before it sends the
-//!   packets that use it, so every buffered packet's secrets are in the file by then.
+//!   packets that use it, so every buffered packet's secrets are in the file by then. With a
+//!   key log, packets also wait [`KEYLOG_HOLD`] in the buffer, for the secrets of packets
+//!   the command received before it could log them (a TLS 1.3 server's first flight).
+//!   Without one, a flush writes everything.
 //! - Every file of a ring starts with the SHB, the IDBs, every name and every secret seen so
 //!   far, so each one decrypts and resolves names on its own.
 //! - A write error (e.g. a full disk) stops the capture and is returned once; later packets
@@ -58,6 +61,13 @@ use pcapng::{InterfaceInfo, InterfaceStats, PacketOptions, SectionInfo};
 
 /// The buffer is written out once it holds this much, even within a batch.
 pub const FLUSH_AT: usize = 1 << 20;
+
+/// With `--tls-keylog`, how long packets wait in the buffer for secrets that may still be
+/// logged for them (see `Capture::write_out_with`).
+pub const KEYLOG_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Held packets are written anyway once this many bytes wait.
+const HOLD_MAX: usize = 32 << 20;
 
 /// Errors of the capture. A write error ends the capture, never the run.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +198,10 @@ pub struct Capture {
     file_index: u32,
     files: VecDeque<PathBuf>,
     buf: Vec<u8>,
+    /// (when, buffer length then) at each flush, to know what has waited `keylog_hold`.
+    marks: VecDeque<(std::time::Instant, usize)>,
+    /// How long packets wait for their TLS secrets; zero in tests that check block order.
+    pub(crate) keylog_hold: std::time::Duration,
     /// `process …` comment of the last process seen, reused while it stays the same.
     process_comment: (u32, String),
     flow_comment: String,
@@ -255,6 +269,8 @@ impl Capture {
             file_index: 0,
             files: VecDeque::new(),
             buf: Vec::with_capacity(FLUSH_AT + 65_536),
+            marks: VecDeque::new(),
+            keylog_hold: KEYLOG_HOLD,
             process_comment: (0, String::new()),
             flow_comment: String::new(),
             stats: CaptureStats::default(),
@@ -352,7 +368,7 @@ impl Capture {
         self.counters[iface].written += 1;
         self.stats.written += 1;
         if self.buf.len() >= FLUSH_AT {
-            self.write_out()?;
+            self.write_out_with(false)?;
         }
         Ok(())
     }
@@ -386,7 +402,7 @@ impl Capture {
         if self.failed {
             return Ok(());
         }
-        let result = self.write_out();
+        let result = self.write_out_with(false);
         self.check(result)
     }
 
@@ -422,8 +438,15 @@ impl Capture {
         pcapng::blocks(&self.buf).filter(|b| b.block_type == pcapng::BLOCK_EPB).count() as u64
     }
 
-    /// Writes new key log lines (as a DSB), then the buffer.
-    fn write_out(&mut self) -> Result<(), CaptureError> {
+    /// Writes new key log lines (as a DSB), then the buffer: all of it if `all` or without a
+    /// key log, else only what has waited `keylog_hold`.
+    ///
+    /// Why the wait: in a TLS 1.3 handshake the server's first flight is already encrypted,
+    /// and the client can only log the handshake secrets after that flight arrived. Held
+    /// back a moment, those packets still go into the file after the DSB with their secrets,
+    /// which Wireshark needs in one pass (it gives up on a session whose handshake it could
+    /// not decrypt).
+    fn write_out_with(&mut self, all: bool) -> Result<(), CaptureError> {
         let fresh = match self.keylog.as_mut().map(|k| k.poll()) {
             Some(Ok(lines)) => lines,
             Some(Err(e)) => {
@@ -439,8 +462,26 @@ impl Capture {
             self.stats.secrets += fresh.iter().filter(|&&b| b == b'\n').count() as u64;
             self.secrets.extend_from_slice(&fresh);
         }
+        let now = std::time::Instant::now();
+        // New secrets do not release held packets: more lines of the same handshake may
+        // still be on their way (a TLS library logs them one at a time).
+        let cut = if all
+            || self.keylog.is_none()
+            || self.keylog_hold.is_zero()
+            || self.buf.len() > HOLD_MAX
+        {
+            self.buf.len()
+        } else {
+            // Marks record how much of the buffer existed at each earlier flush.
+            self.marks.push_back((now, self.buf.len()));
+            self.marks
+                .iter()
+                .take_while(|(at, _)| now.duration_since(*at) >= self.keylog_hold)
+                .last()
+                .map_or(0, |&(_, end)| end)
+        };
         let Some(file) = self.file.as_mut() else { return Ok(()) };
-        for chunk in [&head[..], &self.buf[..]] {
+        for chunk in [&head[..], &self.buf[..cut]] {
             if chunk.is_empty() {
                 continue;
             }
@@ -453,8 +494,17 @@ impl Capture {
             self.file_bytes += chunk.len() as u64;
             self.stats.bytes += chunk.len() as u64;
         }
-        self.buf.clear();
+        self.buf.drain(..cut);
+        self.marks.retain_mut(|(_, end)| {
+            *end = end.saturating_sub(cut);
+            *end > 0
+        });
         Ok(())
+    }
+
+    /// Writes out everything buffered.
+    fn write_out(&mut self) -> Result<(), CaptureError> {
+        self.write_out_with(true)
     }
 
     /// Closes the current file with its statistics.

@@ -1,6 +1,7 @@
 //! Captures of synthetic frames, read back with the real `tshark` and `capinfos`.
 
 use std::{
+    io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -265,6 +266,7 @@ fn key_log_lines_go_into_a_dsb_ahead_of_the_packets_buffered_with_them() {
     let mut cfg = config(&path);
     cfg.tls_keylog = true;
     let mut cap = open(&cfg, tmp.path());
+    cap.keylog_hold = std::time::Duration::ZERO;
     let keylog = cap.keylog_path().expect("a key log path").to_path_buf();
     let traffic = mixed_traffic();
     cap.packet(&traffic[0], &PacketMeta::default()).expect("write packet");
@@ -288,6 +290,46 @@ fn key_log_lines_go_into_a_dsb_ahead_of_the_packets_buffered_with_them() {
     assert_eq!(&blocks[3].1[8..8 + line.len()], line.as_bytes());
     capinfos(&path);
     assert_eq!(tshark_fields(&path, &[], &["frame.number"]).len(), 2);
+}
+
+#[test]
+fn with_a_key_log_packets_wait_for_secrets_logged_after_they_arrived() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = tmp.path().join("hold.pcapng");
+    let mut cfg = config(&path);
+    cfg.tls_keylog = true;
+    let mut cap = open(&cfg, tmp.path());
+    cap.keylog_hold = std::time::Duration::from_millis(300);
+    let keylog = cap.keylog_path().expect("a key log path").to_path_buf();
+    let traffic = mixed_traffic();
+    let types = |path: &Path| -> Vec<u32> {
+        let bytes = std::fs::read(path).expect("read capture");
+        pcapng::blocks(&bytes).map(|b| b.block_type).collect()
+    };
+    use pcapng::*;
+    // The server's encrypted first flight arrives; the client logs its secrets just after.
+    cap.packet(&traffic[1], &PacketMeta::default()).expect("write packet");
+    cap.flush().expect("flush");
+    assert_eq!(types(&path), [BLOCK_SHB, BLOCK_IDB], "the packet is held");
+    std::fs::write(&keylog, "SERVER_HANDSHAKE_TRAFFIC_SECRET 01 02\n").expect("write key log");
+    cap.flush().expect("flush");
+    assert_eq!(types(&path), [BLOCK_SHB, BLOCK_IDB, BLOCK_DSB], "secrets go out at once");
+    // More secrets of the same handshake a moment later still precede the held packet.
+    let mut log = std::fs::OpenOptions::new().append(true).open(&keylog).expect("key log");
+    log.write_all(b"CLIENT_HANDSHAKE_TRAFFIC_SECRET 01 03\n").expect("append to key log");
+    cap.flush().expect("flush");
+    assert_eq!(types(&path), [BLOCK_SHB, BLOCK_IDB, BLOCK_DSB, BLOCK_DSB]);
+    // Once it has waited the hold, the packet is written.
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    cap.flush().expect("flush");
+    assert_eq!(types(&path), [BLOCK_SHB, BLOCK_IDB, BLOCK_DSB, BLOCK_DSB, BLOCK_EPB]);
+    cap.packet(&traffic[0], &PacketMeta::default()).expect("write packet");
+    cap.flush().expect("flush");
+    assert_eq!(types(&path).len(), 5, "the next packet is held in turn");
+    let stats = cap.close(0).expect("close");
+    assert_eq!((stats.written, stats.secrets), (2, 2));
+    assert_eq!(types(&path)[5..], [BLOCK_EPB, BLOCK_ISB], "close writes what is held");
+    capinfos(&path);
 }
 
 #[test]
@@ -463,4 +505,198 @@ fn a_full_disk_stops_the_capture_with_a_clear_error_and_leaves_a_readable_file()
     assert_eq!(stats.received, 1000);
     assert!(stats.lost_after_error > 900, "{stats:?}");
     capinfos(&path);
+}
+
+/// Kills and reaps a child process on drop.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An `AF_PACKET` socket on `lo` of the calling thread's network namespace: a stand-in
+/// backend that yields the frames of loopback traffic.
+struct LoopbackTap(std::os::fd::OwnedFd);
+
+impl LoopbackTap {
+    fn open() -> LoopbackTap {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket/bind/setsockopt calls on a fresh fd with zeroed structs.
+        unsafe {
+            let fd =
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto.into());
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
+            let rc = libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, 0, "bind AF_PACKET to lo: {}", io::Error::last_os_error());
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            LoopbackTap(fd)
+        }
+    }
+
+    /// The next frame seen arriving on `lo` (each loopback packet also shows up once as
+    /// outgoing; those copies are skipped, as libpcap does), or `None` after 50 ms.
+    fn next(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            // SAFETY: recvfrom into buffers we own, with their true sizes.
+            let (n, pkttype) = unsafe {
+                let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                let n = libc::recvfrom(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &mut len,
+                );
+                (n, from.sll_pkttype)
+            };
+            if n < 0 {
+                return None;
+            }
+            if pkttype != libc::PACKET_OUTGOING {
+                buf.truncate(n as usize);
+                return Some(buf);
+            }
+        }
+    }
+}
+
+/// Runs `program` to completion, failing the test if it fails.
+fn run_ok(program: &str, args: &[&str]) {
+    let out =
+        Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn tshark_decrypts_tls_with_the_embedded_key_log() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: a private network namespace and AF_PACKET need root");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().to_path_buf();
+    // Everything runs on one thread that moved into a fresh network namespace (only this
+    // thread and the processes it starts are in it; it disappears with them).
+    std::thread::spawn(move || tls_in_private_netns(&dir))
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+fn tls_in_private_netns(dir: &Path) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a network namespace");
+    run_ok("ip", &["link", "set", "lo", "up"]);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+    run_ok(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=example.test",
+            "-days",
+            "1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+    );
+    let tap = LoopbackTap::open();
+    let _server = ChildGuard(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", "127.0.0.1:443", "-cert", cert])
+            .args(["-key", key])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start openssl s_server"),
+    );
+    let listening = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect("127.0.0.1:443").is_ok()
+    });
+    assert!(listening, "openssl s_server did not start");
+    while tap.next().is_some() {} // the probe connections are not part of the capture
+
+    let path = dir.join("tls.pcapng");
+    let mut cfg = config(&path);
+    cfg.tls_keylog = true;
+    let mut cap = open(&cfg, dir);
+    let keylog = cap.keylog_path().expect("key log").to_path_buf();
+    let mut client = ChildGuard(
+        Command::new("curl")
+            .args(["-sk", "--http1.1", "--max-time", "10", "-o", "/dev/null"])
+            .arg("https://127.0.0.1:443/childflow-secret-path")
+            .env("SSLKEYLOGFILE", &keylog)
+            .spawn()
+            .expect("start curl"),
+    );
+    // The collector's loop: take what arrived, then flush (which reads the key log first).
+    let mut quiet_after_exit = 0;
+    while quiet_after_exit < 3 {
+        let mut got = false;
+        while let Some(frame) = tap.next() {
+            got = true;
+            let to_server = frame.len() > 38 && frame[36..38] == 443u16.to_be_bytes();
+            let direction = if to_server { Direction::Out } else { Direction::In };
+            let event = PacketEvent {
+                ts: now_unix_nanos(),
+                direction,
+                orig_len: frame.len() as u32,
+                data: frame,
+            };
+            cap.packet(&event, &PacketMeta::default()).expect("write packet");
+            if event.ts.is_multiple_of(4) {
+                break; // vary batch boundaries
+            }
+        }
+        cap.flush().expect("flush");
+        let exited = client.0.try_wait().expect("poll curl").is_some();
+        if exited && !got {
+            quiet_after_exit += 1;
+        }
+    }
+    let status = client.0.wait().expect("reap curl");
+    assert!(status.success(), "curl failed: {status}");
+    let stats = cap.close(0).expect("close");
+    assert!(stats.secrets >= 2, "no TLS secrets were embedded: {stats:?}");
+
+    capinfos(&path);
+    let uris = tshark_fields(&path, &["-Y", "http.request"], &["http.request.uri"]);
+    assert_eq!(uris, ["/childflow-secret-path"], "tshark did not decrypt the request");
+    let no_keys = path.with_file_name("plain.pcapng");
+    run_ok(
+        "editcap",
+        &["--discard-all-secrets", path.to_str().unwrap(), no_keys.to_str().unwrap()],
+    );
+    let plain = tshark_fields(&no_keys, &["-Y", "http.request"], &["http.request.uri"]);
+    assert!(plain.is_empty(), "decrypted without the secrets? {plain:?}");
 }
