@@ -100,13 +100,13 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Loads the object and attaches `tc_ingress`/`tc_egress` to `iface` with TCX links.
+    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX links.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
         preflight()?;
         let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
         let mut ebpf = Ebpf::load(object).map_err(EbpfError::Object)?;
         for (program, attach_type) in
-            [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)]
+            [("cf_tc_ingress", TcAttachType::Ingress), ("cf_tc_egress", TcAttachType::Egress)]
         {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)
@@ -136,14 +136,8 @@ impl Accounting {
     /// Every flow in the kernel map with its counters now.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, EbpfError> {
         let map = self.flow_map()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            // An entry deleted while we iterate is simply skipped.
-            if let Ok(kv) = entry {
-                out.push(kv);
-            }
-        }
-        Ok(out)
+        // An entry deleted while we iterate is simply skipped.
+        Ok(map.iter().flatten().collect())
     }
 
     /// Removes a flow (ended or idle) from the kernel map.
