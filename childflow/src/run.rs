@@ -86,12 +86,19 @@ fn open_capture(config: &Config) -> Result<Option<Capture>> {
     let setup = CaptureSetup {
         interfaces: vec![interface],
         command: Some(command.join(" ")),
-        keylog_owner: None,
+        keylog_owner: sudo_user(),
         keylog_parent: None,
     };
     Capture::open(capture, setup)
         .map(Some)
         .with_context(|| format!("failed to start the capture to {}", capture.path.display()))
+}
+
+/// The invoking user when childflow was started through sudo (the command runs as them, so
+/// they must be able to write the TLS key log).
+fn sudo_user() -> Option<(u32, u32)> {
+    let id = |var| std::env::var(var).ok()?.parse::<u32>().ok();
+    Some((id("SUDO_UID")?, id("SUDO_GID")?))
 }
 
 /// What the collector saw, for the end of the run.
