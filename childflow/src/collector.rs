@@ -107,8 +107,11 @@ pub struct Outcome {
     pub errors: Vec<anyhow::Error>,
 }
 
-/// How often idle timeouts and update records are checked when events are scarce.
+/// How often idle timeouts and update records are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// Consumers are ticked (flushed) at least this often, even when no event comes: the
+/// capture holds packets for late TLS secrets and must write them out on a quiet link.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// At most this many events are handled between two consumer ticks (flushes).
 const BATCH: usize = 1024;
 
@@ -158,7 +161,7 @@ impl Collector {
     pub fn drain(&mut self, events: Receiver<Event>) {
         let mut next_tick = now_unix_nanos() + TICK.as_nanos() as u64;
         loop {
-            match events.recv_timeout(TICK) {
+            match events.recv_timeout(FLUSH_EVERY) {
                 Ok(first) => {
                     self.handle(first);
                     for event in events.try_iter().take(BATCH - 1) {

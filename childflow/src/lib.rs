@@ -5,6 +5,7 @@
 //! that to [`run::run`], which starts a backend, the collector and the sinks.
 
 pub mod backend;
+pub mod capture;
 pub mod cli;
 pub mod collector;
 pub mod ebpf;

@@ -19,7 +19,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let spec = Spec {
         namespaces: Namespaces { user: true },
         argv: config.command.clone(),
-        env: Vec::new(),
+        env: config.command_env.clone(),
         credentials: None,
     };
     let mut sandbox = sandbox::spawn(&spec, bring_up_loopback)?;
