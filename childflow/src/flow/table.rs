@@ -239,10 +239,10 @@ impl FlowTable {
                 None => update.stats,
             };
         } else {
+            let entry = self.new_entry(update)?;
             if self.flows.len() >= self.config.max_flows {
                 self.evict();
             }
-            let entry = self.new_entry(update);
             self.flows.insert(key, entry);
         }
         match update.phase {
@@ -254,17 +254,21 @@ impl FlowTable {
         }
     }
 
-    fn new_entry(&mut self, update: &FlowUpdate) -> Entry {
+    /// A new live flow for `update`; `None` when the update only repeats what a retired
+    /// incarnation of the key already logged (e.g. the backend's own FIN after the table
+    /// ended the flow): that would be a record of zero packets.
+    fn new_entry(&mut self, update: &FlowUpdate) -> Option<Entry> {
         let key = update.key;
-        let baseline = self
-            .retired
-            .remove(&key)
-            .filter(|r| r.first_ns == update.stats.first_ns)
-            .map(|r| r.stats);
+        let retired = self.retired.get(&key).filter(|r| r.first_ns == update.stats.first_ns);
+        let baseline = retired.map(|r| r.stats);
         let stats = match &baseline {
             Some(base) => subtract(&update.stats, base),
             None => update.stats,
         };
+        if baseline.is_some() && stats.packets == [0, 0] {
+            return None;
+        }
+        self.retired.remove(&key);
         let local_orig = stats.initiator as usize == childflow_common::flow::DIR_OUT;
         let process = self.pending_process.remove(&key).or_else(|| {
             let mut any_port = key;
@@ -283,14 +287,14 @@ impl FlowTable {
         };
         self.next_uid += 1;
         self.stats.flows += 1;
-        Entry {
+        Some(Entry {
             flow,
             baseline,
             backend_first_ns: update.stats.first_ns,
             logged_ns: stats.first_ns,
             logged_last_ns: stats.last_ns,
             packet_seen: false,
-        }
+        })
     }
 
     fn ingest_process(&mut self, event: &ProcessEvent) -> Option<&Flow> {
@@ -672,6 +676,19 @@ mod tests {
         // A new flow on the same key (a different first_ns) starts from zero.
         t.ingest(&flow_event(key, udp_exchange_stats(T0 + 100 * SEC), FlowPhase::Start));
         assert_eq!(t.lookup(&key).unwrap().stats.packets, [1, 1]);
+    }
+
+    #[test]
+    fn the_backends_own_end_after_the_table_ended_the_flow_adds_no_empty_record() {
+        let mut t = table();
+        let key = tcp_key(40001, "198.18.0.1:443");
+        t.ingest(&flow_event(key, closed_stats(T0), FlowPhase::Update));
+        t.tick(T0 + 2 * SEC);
+        assert_eq!(ends(&mut t).len(), 1);
+        let again = t.ingest(&flow_event(key, closed_stats(T0), FlowPhase::End(CloseReason::Fin)));
+        assert!(again.is_none());
+        assert!(t.is_empty());
+        assert!(ends(&mut t).is_empty(), "no zero-packet record");
     }
 
     #[test]
