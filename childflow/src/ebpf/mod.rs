@@ -136,14 +136,8 @@ impl Accounting {
     /// Every flow in the kernel map with its counters now.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, EbpfError> {
         let map = self.flow_map()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            // An entry deleted while we iterate is simply skipped.
-            if let Ok(kv) = entry {
-                out.push(kv);
-            }
-        }
-        Ok(out)
+        // An entry deleted while we iterate is simply skipped.
+        Ok(map.iter().flatten().collect())
     }
 
     /// Removes a flow (ended or idle) from the kernel map.
