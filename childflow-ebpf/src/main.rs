@@ -10,6 +10,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic adds on map values: see `tc::add`. Allowed by RUSTC_BOOTSTRAP in build.rs.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// Map keys and values are passed by reference on purpose: by value they would be copied onto
+// the 512-byte BPF stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod parse;

@@ -1,6 +1,6 @@
 //! TC (TCX) programs on the host end of the run's veth: per-flow accounting.
 //!
-//! `tc_ingress` sees what the command sends (host ingress = out of the child), `tc_egress`
+//! `cf_tc_ingress` sees what the command sends (host ingress = out of the child), `cf_tc_egress`
 //! what it receives. Each packet updates its flow's [`FlowStats`] in `FLOWS`: counters with
 //! atomic adds (two CPUs may handle one flow at once), history and flags with plain writes.
 //! A flow's first packet and its FIN/RST go to `FLOW_EVENTS`; userspace samples the map
@@ -30,6 +30,9 @@ use crate::parse::{NotParsed, Parsed, parse};
 /// Live flows of one run. Userspace removes ended and idle ones.
 pub const MAX_FLOWS: u32 = 65536;
 /// Wake the reader once this much data is pending; it also drains on a short timer.
+/// `-EEXIST` from `bpf_map_update_elem` with `BPF_NOEXIST`: the key is already there.
+const EEXIST: i32 = -17;
+
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[map]
@@ -53,13 +56,13 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0);
 
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+pub fn cf_tc_ingress(ctx: TcContext) -> i32 {
     account(&ctx, DIR_OUT);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
+pub fn cf_tc_egress(ctx: TcContext) -> i32 {
     account(&ctx, DIR_IN);
     TC_ACT_UNSPEC
 }
@@ -106,7 +109,7 @@ fn update(p: &Parsed, new: &mut FlowStats, dir: usize) {
             match FLOWS.insert(&p.key, &*new, BPF_NOEXIST as u64) {
                 Ok(()) => emit(&p.key, new, FLOW_START),
                 // Another CPU created the flow between our lookup and insert: add to it.
-                Err(e) if e == -17 => {
+                Err(EEXIST) => {
                     if let Some(existing) = FLOWS.get_ptr_mut(&p.key) {
                         // SAFETY: as above.
                         let existing = unsafe { &mut *existing };

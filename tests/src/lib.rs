@@ -1,1 +1,53 @@
+//! The hermetic test network and helpers every integration test uses.
+//!
+//! [`TestNet::new`] builds a small "internet" on this machine: an upstream network namespace
+//! joined to the host namespace by a veth pair, with addresses in 198.18.0.0/15 and
+//! 2001:db8::/32 and real servers inside it (HTTP, HTTPS with a test CA, DNS authoritative for
+//! `example.test`, UDP and TCP echo, a DNS address that never answers). The host reaches it over
+//! connected routes, so both the rootful NAT path and the rootless engine's host sockets do.
+//! No test ever sends traffic anywhere else.
+//!
+//! Everything is owned by RAII guards: dropping the `TestNet` stops the servers, deletes the
+//! namespace and the veth, and asserts that nothing of this net is left on the host.
+//!
+//! Tests that need what the machine lacks (root, a kernel feature) call [`skip`] with the
+//! reason, which prints `SKIPPED` and is counted by the harness output, never as a pass of
+//! the feature itself.
 
+pub mod bin;
+mod dns;
+mod http;
+pub mod net;
+
+pub use bin::{childflow, childflow_as_test_user, tool};
+pub use net::{TestNet, leftovers};
+
+/// The zone the test DNS server is authoritative for.
+pub const ZONE: &str = "example.test";
+
+/// Marks a test as skipped for `reason` (printed so the run shows it) when `cond` holds.
+/// Returns `cond`, for `if skip(...) { return; }`.
+pub fn skip(cond: bool, reason: &str) -> bool {
+    if cond {
+        eprintln!("SKIPPED: {reason}");
+    }
+    cond
+}
+
+/// Whether this process runs as root (most integration tests need it to build the net).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The deterministic content `/bytes/N` serves: byte `i` is `i % 251` (a prime, so no
+/// power-of-two chunking lines up with the pattern).
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Lowercase hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(data);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,1 +1,166 @@
-fn main() {}
+//! `cargo xtask`: the project's own set-up, test, run and bench commands.
+//!
+//! A newcomer types two commands (README.md): `cargo xtask run -- CMD...` and
+//! `cargo xtask test`. Each first makes sure the machine has what it needs (`setup`), so the
+//! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
+
+mod leftovers;
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup            install what building and testing need (Debian packages, bpf-linker,
+                   a test user, /dev/net/tun for users); idempotent, says what it changed
+  setup --check    only report what is missing
+  test             setup, then fmt --check, clippy -D warnings, every test (unit and
+                   integration, as root), then check that no host state of ours is left
+  run -- CMD...    setup, build childflow (release) and run it on CMD
+  leftovers        report netns/links/nft tables/cgroups/tc links/pins of ours left on the host
+  bench KIND       run a benchmark side by side with its peers (see docs/bench.md)
+";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprint!("{USAGE}");
+        return Ok(ExitCode::from(2));
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "setup" => {
+            let check_only = rest.iter().any(|a| a == "--check");
+            setup::run(check_only)?;
+        }
+        "test" => test(rest)?,
+        "run" => return run(rest),
+        "leftovers" => {
+            let found = leftovers::scan();
+            if !found.is_empty() {
+                bail!("host state of ours is left over:\n  {}", found.join("\n  "));
+            }
+            println!("no host state of ours is left over");
+        }
+        "bench" => bench(rest)?,
+        "-h" | "--help" | "help" => print!("{USAGE}"),
+        other => bail!("unknown xtask command `{other}`\n{USAGE}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// `cargo` as the user's toolchain sees it (not the Debian one used for eBPF).
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs `cmd`, failing with what it was if it does not exit 0.
+pub fn status(mut cmd: Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("failed to start {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+fn step(name: &str) {
+    println!("\n==> {name}");
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    let started = std::time::Instant::now();
+    step("setup");
+    setup::run(false)?;
+    let before = leftovers::scan();
+    if !before.is_empty() {
+        bail!(
+            "host state of ours is already left over from an earlier run; remove it first \
+             (the leftover check after the tests would blame this run):\n  {}",
+            before.join("\n  ")
+        );
+    }
+
+    step("cargo fmt --check");
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    status(fmt).context("code is not formatted: run `cargo fmt --all`")?;
+
+    step("cargo clippy -D warnings");
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    status(clippy)?;
+
+    // The integration tests run the real binary: build it first, and tell them where it is.
+    step("cargo build (the binary the integration tests run)");
+    let mut build = cargo();
+    build.args(["build", "--package", "childflow", "--bins"]);
+    status(build)?;
+
+    step("cargo test");
+    let mut t = cargo();
+    t.args(["test", "--workspace"]);
+    t.args(rest);
+    t.env("CHILDFLOW_BIN", root().join("target/debug/childflow"));
+    let tested = status(t);
+
+    step("leftover check");
+    let after = leftovers::scan();
+    tested?;
+    if !after.is_empty() {
+        bail!("the tests left host state behind:\n  {}", after.join("\n  "));
+    }
+    println!("no host state of ours is left over");
+    println!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn run(rest: &[String]) -> Result<ExitCode> {
+    let cmd_args = match rest.first().map(String::as_str) {
+        Some("--") => &rest[1..],
+        _ => rest,
+    };
+    setup::ensure_quietly()?;
+    let mut build = cargo();
+    build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);
+    status(build)?;
+    let bin = root().join("target/release/childflow");
+    let st = Command::new(&bin)
+        .args(cmd_args)
+        .status()
+        .with_context(|| format!("failed to start {}", bin.display()))?;
+    // Pass childflow's exit code through (it is the command's own code).
+    Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    let Some(kind) = rest.first() else {
+        bail!("usage: cargo xtask bench <kind>; no benchmarks exist yet");
+    };
+    bail!("unknown benchmark `{kind}`; no benchmarks exist yet")
+}

@@ -100,13 +100,13 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Loads the object and attaches `tc_ingress`/`tc_egress` to `iface` with TCX links.
+    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX links.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
         preflight()?;
         let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
         let mut ebpf = Ebpf::load(object).map_err(EbpfError::Object)?;
         for (program, attach_type) in
-            [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)]
+            [("cf_tc_ingress", TcAttachType::Ingress), ("cf_tc_egress", TcAttachType::Egress)]
         {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(program)

@@ -1,0 +1,74 @@
+//! Finding and running the real `childflow` binary, as root or as the non-root test user.
+
+use std::{
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+/// The non-root user `cargo xtask setup` creates for the rootless tests.
+pub const TEST_USER: &str = "childflow-test";
+
+/// The binary under test: `$CHILDFLOW_BIN` (set by `cargo xtask test`), else the debug
+/// binary next to this test executable.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHILDFLOW_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/debug/deps/<test>-<hash> → target/debug/childflow
+    let exe = std::env::current_exe().expect("current_exe");
+    let path = exe.parent().and_then(Path::parent).expect("test exe in target/debug/deps");
+    let bin = path.join("childflow");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo build -p childflow` (or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `Command` for the childflow binary, run as the current user.
+pub fn childflow() -> Command {
+    Command::new(binary())
+}
+
+/// A `Command` for the childflow binary run as the unprivileged test user.
+///
+/// The binary is copied once into a world-readable temporary directory, since the user may
+/// not be able to traverse the build tree.
+pub fn childflow_as_test_user() -> Command {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    let bin = COPY.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("childflow-bin").tempdir().unwrap().keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("childflow");
+        std::fs::copy(binary(), &copy).expect("copy childflow for the test user");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    });
+    let user = nix::unistd::User::from_name(TEST_USER)
+        .expect("look up test user")
+        .unwrap_or_else(|| panic!("user {TEST_USER} is missing: run `cargo xtask setup`"));
+    let mut cmd = Command::new(bin);
+    cmd.uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .current_dir("/")
+        .env("HOME", "/")
+        .env("USER", TEST_USER);
+    // SAFETY: setgroups is async-signal-safe; dropping root's supplementary groups keeps the
+    // child an ordinary user.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setgroups(&[]).map_err(std::io::Error::from));
+    }
+    cmd
+}
+
+/// A `Command` for a tool the tests need, failing clearly when setup has not installed it.
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).exists()))
+        .unwrap_or(false);
+    assert!(found, "{name} is not installed: run `cargo xtask setup`");
+    Command::new(name)
+}
