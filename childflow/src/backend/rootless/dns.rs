@@ -146,7 +146,11 @@ mod tests {
         let mut msg = Message::response(0x1234, OpCode::Query);
         let name = Name::from_ascii(name).unwrap();
         msg.queries.push(Query::query(name.clone(), RecordType::A));
-        msg.answers.push(Record::from_rdata(name, 300, RData::A(A::from(std::net::Ipv4Addr::from(addr)))));
+        msg.answers.push(Record::from_rdata(
+            name,
+            300,
+            RData::A(A::from(std::net::Ipv4Addr::from(addr))),
+        ));
         msg.to_vec().unwrap()
     }
 

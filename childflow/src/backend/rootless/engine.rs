@@ -919,3 +919,395 @@ impl Engine {
 fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(a) if a.is_broadcast())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::rootless::packet::tests::{CHILD_MAC, tcp_from_child, udp_from_child},
+        event::{self, Direction},
+    };
+    use childflow_common::flow::{PROTO_ICMP, TCP_FIN};
+    use crossbeam_channel::Receiver;
+    use smoltcp::{
+        iface::{Config as IfaceConfig, Interface, SocketSet},
+        wire::{IpAddress, Ipv4Address},
+    };
+
+    fn t(ms: i64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn engine_with(f: impl FnOnce(&mut EngineConfig)) -> (Engine, Receiver<Event>) {
+        let (emitter, rx) = event::channel(100_000);
+        let mut cfg = EngineConfig::new(1500, 1_000_000_000);
+        cfg.tcp_buffer = 64 * 1024;
+        f(&mut cfg);
+        (Engine::new(cfg, emitter, t(0)), rx)
+    }
+
+    fn engine() -> (Engine, Receiver<Event>) {
+        engine_with(|_| {})
+    }
+
+    fn outputs(e: &mut Engine) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| e.pop_out()).collect()
+    }
+
+    fn actions(e: &mut Engine) -> Vec<Action> {
+        std::iter::from_fn(|| e.pop_action()).collect()
+    }
+
+    fn flow_events(rx: &Receiver<Event>) -> Vec<FlowUpdate> {
+        rx.try_iter()
+            .filter_map(|e| match e {
+                Event::Flow(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect_id(actions: &[Action]) -> FlowId {
+        match actions {
+            [Action::TcpConnect { id, .. }] => *id,
+            other => panic!("expected one TcpConnect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_syn_is_answered_only_after_the_upstream_connect_succeeds() {
+        let (mut e, rx) = engine();
+        let mut child = Child::new();
+        let buf = || tcp::SocketBuffer::new(vec![0u8; 4096]);
+        let mut client = tcp::Socket::new(buf(), buf());
+        client.connect(child.iface.context(), (IpAddress::v4(198, 18, 0, 1), 80), 40_000).unwrap();
+        let c = child.sockets.add(client);
+        child.exchange(&mut e, t(0), |_| {});
+        assert_eq!(
+            actions(&mut e),
+            [Action::TcpConnect {
+                id: 1,
+                target: Target::Direct("198.18.0.1:80".parse().unwrap())
+            }]
+        );
+        assert_eq!(e.flow_state(1).as_deref(), Some("SYN-RECEIVED (connecting upstream)"));
+        // The command retransmits its SYN meanwhile; still no answer.
+        child.exchange(&mut e, t(1500), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::SynSent);
+        e.tcp_connected(1, t(1600));
+        child.exchange(&mut e, t(1600), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::Established);
+        assert_eq!(e.flow_state(1).as_deref(), Some("ESTABLISHED"));
+        let flows = flow_events(&rx);
+        assert_eq!(flows[0].phase, FlowPhase::Start);
+        assert_eq!(flows[0].key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
+    }
+
+    #[test]
+    fn a_refused_upstream_becomes_a_rst_and_a_failed_flow() {
+        let (mut e, rx) = engine();
+        e.ingest(tcp_from_child("10.0.2.100:40001", "198.18.0.1:81", 7, true, b""), t(0));
+        let id = connect_id(&actions(&mut e));
+        e.tcp_connect_failed(id, ConnectFailure::Refused, t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!(h.tcp_flags, TCP_RST | TCP_ACK);
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::Failed));
+        assert_eq!(end.stats.packets, [1, 1], "the SYN and the RST are counted");
+        assert_eq!(e.flow_count(), 0);
+        // The engine carries on: the same port again opens a new flow.
+        e.ingest(tcp_from_child("10.0.2.100:40001", "198.18.0.1:81", 9, true, b""), t(2));
+        assert_eq!(connect_id(&actions(&mut e)), id + 1);
+    }
+
+    #[test]
+    fn an_unreachable_upstream_becomes_icmp_host_unreachable() {
+        let (mut e, _rx) = engine();
+        e.ingest(tcp_from_child("[fd00:cf::100]:40002", "[2001:db8::9]:80", 7, true, b""), t(0));
+        let id = connect_id(&actions(&mut e));
+        e.tcp_connect_failed(id, ConnectFailure::Unreachable, t(1));
+        let h = packet::parse(&outputs(&mut e)[0]).unwrap();
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMPV6, 1, 3));
+        assert_eq!(h.src, IpAddr::V6(Addressing::default().gateway_v6));
+    }
+
+    #[test]
+    fn host_loopback_needs_the_flag() {
+        let (mut e, _rx) = engine();
+        e.ingest(tcp_from_child("10.0.2.100:40003", "10.0.2.2:22", 7, true, b""), t(0));
+        assert!(actions(&mut e).is_empty());
+        let h = packet::parse(&outputs(&mut e)[0]).unwrap();
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMP, 3, 10), "host prohibited");
+
+        let (mut e, _rx) = engine_with(|c| c.allow_host_loopback = true);
+        e.ingest(tcp_from_child("10.0.2.100:40003", "10.0.2.2:22", 7, true, b""), t(0));
+        assert_eq!(
+            actions(&mut e),
+            [Action::TcpConnect { id: 1, target: Target::Direct("127.0.0.1:22".parse().unwrap()) }]
+        );
+    }
+
+    #[test]
+    fn udp_sessions_relay_replies_and_end_when_idle() {
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"ping"), t(0));
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"ping2"), t(1));
+        let acts = actions(&mut e);
+        assert_eq!(
+            acts,
+            [
+                Action::UdpOpen { id: 1, target: Target::Direct("198.18.0.2:7".parse().unwrap()) },
+                Action::UdpSend { id: 1, payload: b"ping".to_vec() },
+                Action::UdpSend { id: 1, payload: b"ping2".to_vec() },
+            ]
+        );
+        e.udp_reply(1, b"pong", t(2));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!(h.src_addr(), "198.18.0.2:7".parse().unwrap());
+        assert_eq!(h.dst_addr(), "10.0.2.100:5000".parse().unwrap());
+        assert_eq!(h.payload(&out[0]), b"pong");
+        assert_eq!(&out[0][..6], &CHILD_MAC, "sent to the MAC the command used");
+
+        e.poll(t(59_000));
+        assert!(actions(&mut e).is_empty(), "not idle yet");
+        e.poll(t(62_100));
+        assert_eq!(actions(&mut e), [Action::Close { id: 1 }]);
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::IdleTimeout));
+        assert_eq!(end.stats.packets, [2, 1]);
+        assert_eq!(end.stats.payload_bytes, [9, 4]);
+        assert!(flows.iter().any(|f| f.phase == FlowPhase::Update), "a periodic update");
+    }
+
+    #[test]
+    fn udp_errors_become_icmp_port_unreachable() {
+        let (mut e, _rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5001", "198.18.0.2:9", &[1; 300]), t(0));
+        let _ = actions(&mut e);
+        e.udp_unreachable(1, Unreachable::Port, t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.icmp_code), (3, 3));
+        // The quote holds the original destination port.
+        let quote = h.payload(&out[0]);
+        assert_eq!(&quote[22..24], &9u16.to_be_bytes());
+    }
+
+    #[test]
+    fn dns_answers_through_the_relay_are_reported() {
+        use hickory_proto::{
+            op::{Message, OpCode, Query},
+            rr::{Name, RData, Record, RecordType, rdata::A},
+        };
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5353", "10.0.2.3:53", b"\x12\x34query"), t(0));
+        let acts = actions(&mut e);
+        assert_eq!(acts[0], Action::UdpOpen { id: 1, target: Target::DnsRelay });
+        let mut msg = Message::response(0x1234, OpCode::Query);
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        msg.queries.push(Query::query(name.clone(), RecordType::A));
+        msg.answers.push(Record::from_rdata(
+            name,
+            60,
+            RData::A(A::from(Ipv4Address::new(198, 18, 1, 2))),
+        ));
+        e.udp_reply(1, &msg.to_vec().unwrap(), t(3));
+        let dns: Vec<_> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Dns(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns.len(), 1);
+        assert_eq!(dns[0].query, "www.example.test");
+        assert_eq!(dns[0].server, "10.0.2.3:53".parse().unwrap());
+        assert_eq!(packet::parse(&outputs(&mut e)[0]).unwrap().src_port, 53);
+    }
+
+    #[test]
+    fn pings_become_actions_and_replies_keep_the_commands_identifier() {
+        let (mut e, _rx) = engine();
+        let mut req = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CHILD_MAC, Addressing::default().gateway_mac)
+            .ipv4([10, 0, 2, 100], [198, 18, 0, 2], 64)
+            .icmpv4_echo_request(0x77, 3)
+            .write(&mut req, b"abc")
+            .unwrap();
+        e.ingest(req, t(0));
+        assert_eq!(
+            actions(&mut e),
+            [Action::Ping {
+                id: 1,
+                remote: "198.18.0.2".parse().unwrap(),
+                seq: 3,
+                payload: b"abc".to_vec()
+            }]
+        );
+        e.icmp_echo_reply(1, 3, b"abc", t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.src_port, h.icmp_seq), (0, 0x77, 3));
+        assert_eq!(h.payload(&out[0]), b"abc");
+    }
+
+    #[test]
+    fn garbage_frames_do_not_disturb_the_engine() {
+        let (mut e, _rx) = engine();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..400 {
+            let frame: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            e.ingest(frame, t(len as i64));
+            e.poll(t(len as i64));
+        }
+        let mut frame = tcp_from_child("10.0.2.100:1", "198.18.0.1:80", 1, true, b"");
+        frame[14] = 0x4f; // IHL beyond the packet
+        e.ingest(frame, t(500));
+        e.poll(t(500));
+        e.ingest(tcp_from_child("10.0.2.100:2", "198.18.0.1:80", 1, true, b""), t(501));
+        assert_eq!(actions(&mut e).len(), 1, "a well-formed SYN still works");
+    }
+
+    /// The command's side, simulated with a second smoltcp interface wired to the engine
+    /// by in-memory frames: a deterministic, lossless link.
+    struct Child {
+        iface: Interface,
+        dev: Queues,
+        sockets: SocketSet<'static>,
+    }
+
+    impl Child {
+        fn new() -> Child {
+            let mut dev =
+                Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: 1500 };
+            let cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(CHILD_MAC)));
+            let mut iface = Interface::new(cfg, &mut dev, t(0));
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(IpAddress::v4(10, 0, 2, 100), 24));
+            });
+            iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(10, 0, 2, 2)).unwrap();
+            Child { iface, dev, sockets: SocketSet::new(Vec::new()) }
+        }
+
+        /// Moves frames both ways until nothing moves, running the engine's relay step
+        /// `relay` (standing in for the driver's upstream side) each round.
+        fn exchange(&mut self, e: &mut Engine, now: Instant, mut relay: impl FnMut(&mut Engine)) {
+            for _ in 0..1000 {
+                self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                let mut moved = false;
+                while let Some(f) = self.dev.tx.pop_front() {
+                    e.ingest(f, now);
+                    moved = true;
+                }
+                relay(e);
+                e.poll(now);
+                while let Some(f) = e.pop_out() {
+                    self.dev.rx.push_back(f);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the link never went quiet");
+        }
+    }
+
+    #[test]
+    fn a_connection_carries_data_both_ways_and_half_closes() {
+        let (mut e, rx) = engine();
+        let mut child = Child::new();
+        let buf = || tcp::SocketBuffer::new(vec![0u8; 256 * 1024]);
+        let mut client = tcp::Socket::new(buf(), buf());
+        client.connect(child.iface.context(), (IpAddress::v4(198, 18, 0, 1), 80), 40_000).unwrap();
+        let c = child.sockets.add(client);
+        child.exchange(&mut e, t(0), |_| {});
+        let id = connect_id(&actions(&mut e));
+        assert_eq!(
+            child.sockets.get::<tcp::Socket>(c).state(),
+            tcp::State::SynSent,
+            "no SYN-ACK while connecting"
+        );
+        e.tcp_connected(id, t(1));
+        child.exchange(&mut e, t(1), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::Established);
+
+        // 100 KB from the command, 200 KB to it (more than the engine's 64 KB buffers).
+        let upload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let download: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut sent_up, mut got_up, mut sent_down) = (0, Vec::new(), 0);
+        let mut got_down = Vec::new();
+        for round in 0..200 {
+            let s = child.sockets.get_mut::<tcp::Socket>(c);
+            if sent_up < upload.len() {
+                sent_up += s.send_slice(&upload[sent_up..]).unwrap();
+            } else if s.may_send() {
+                s.close(); // half-close from the command
+            }
+            while s.can_recv() {
+                let mut chunk = [0u8; 8192];
+                let n = s.recv_slice(&mut chunk).unwrap();
+                got_down.extend_from_slice(&chunk[..n]);
+            }
+            child.exchange(&mut e, t(2 + round), |e| {
+                let Some((sock, _)) = e.tcp_socket(id) else { return };
+                while sock.can_recv() {
+                    let mut chunk = [0u8; 8192];
+                    let n = sock.recv_slice(&mut chunk).unwrap();
+                    got_up.extend_from_slice(&chunk[..n]);
+                }
+                if sent_down < download.len() && sock.can_send() {
+                    sent_down += sock.send_slice(&download[sent_down..]).unwrap();
+                }
+            });
+            if got_down.len() == download.len() && got_up.len() == upload.len() {
+                break;
+            }
+        }
+        assert_eq!(got_up, upload, "the upload arrives intact");
+        assert_eq!(got_down, download, "the download arrives intact");
+        let (sock, _) = e.tcp_socket(id).unwrap();
+        assert!(
+            matches!(sock.recv_slice(&mut []), Err(tcp::RecvError::Finished)),
+            "the command's FIN reached the engine while the download went on"
+        );
+        sock.close();
+        e.tcp_relay_done(id, RelayEnd::Fin, t(300));
+        child.exchange(&mut e, t(300), |_| {});
+        assert_eq!(e.flow_count(), 0, "the flow ends once both sides closed");
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::Fin));
+        assert_eq!(end.stats.payload_bytes, [100_000, 200_000]);
+        assert_eq!(end.stats.tcp_flags[0] & TCP_FIN, TCP_FIN);
+        assert_eq!(end.stats.history(), b"ShADdaFf");
+        let packets = rx.try_iter().count();
+        assert_eq!(packets, 0, "events were drained above");
+    }
+
+    #[test]
+    fn every_frame_is_reported_as_a_packet_event() {
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"x"), t(0));
+        e.udp_reply(1, b"y", t(1));
+        let dirs: Vec<Direction> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Packet(p) => Some(p.direction),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dirs, [Direction::Out, Direction::In]);
+    }
+}
