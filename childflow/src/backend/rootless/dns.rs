@@ -62,6 +62,21 @@ pub fn parse_response(
     })
 }
 
+/// A SERVFAIL response (RFC 1035 §4.1.1, RCODE 2) to `query`, with its question: what a
+/// recursive resolver answers when it could not reach any upstream.
+pub fn servfail_for(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::error_msg(
+        q.metadata.id,
+        q.metadata.op_code,
+        hickory_proto::op::ResponseCode::ServFail,
+    );
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    r.queries = q.queries;
+    r.to_vec().ok()
+}
+
 /// The ID of a DNS message (its first two bytes), if it has one.
 pub fn message_id(bytes: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?))
@@ -180,6 +195,18 @@ mod tests {
         q.queries.push(Query::query(Name::from_ascii("a.test.").unwrap(), RecordType::A));
         assert!(parse_response(&q.to_vec().unwrap(), server, DnsTransport::Udp, 0).is_none());
         assert!(parse_response(b"\x00\x01garbage", server, DnsTransport::Udp, 0).is_none());
+    }
+
+    #[test]
+    fn servfail_keeps_the_id_and_question() {
+        let mut q = Message::query();
+        q.queries.push(Query::query(Name::from_ascii("a.test.").unwrap(), RecordType::AAAA));
+        let bytes = q.to_vec().unwrap();
+        let server: SocketAddr = "10.0.2.3:53".parse().unwrap();
+        let ev = parse_response(&servfail_for(&bytes).unwrap(), server, DnsTransport::Udp, 0)
+            .expect("a response");
+        assert_eq!((ev.id, ev.rcode, ev.qtype), (q.metadata.id, 2, 28));
+        assert_eq!(ev.query, "a.test");
     }
 
     #[test]

@@ -452,7 +452,7 @@ fn udp_send(ctx: &Rc<Ctx>, id: FlowId, payload: Vec<u8>) {
         }
         None => return,
     };
-    if let Err(e) = sock.try_send(&payload) {
+    if let Err(e) = send_now(&sock, &payload) {
         // WouldBlock: the host's send buffer is full; the datagram is lost as on a wire.
         if let Some(why) = udp_error(&e) {
             ctx.engine.borrow_mut().udp_unreachable(id, why, ctx.now());
@@ -504,6 +504,11 @@ async fn dns_query(ctx: Rc<Ctx>, id: FlowId, query: Vec<u8>) {
         return;
     }
     tracing::warn!("DNS relay: no resolver of {:?} answered", ctx.cfg.upstream_dns);
+    // Tell the command at once instead of letting it wait for its own timeouts.
+    if let Some(fail) = dns::servfail_for(&query) {
+        ctx.engine.borrow_mut().udp_reply(id, &fail, ctx.now());
+        ctx.poke();
+    }
 }
 
 async fn udp_exchange(
@@ -583,7 +588,14 @@ fn ping(ctx: &Rc<Ctx>, id: FlowId, remote: IpAddr, seq: u16, payload: &[u8]) {
     msg.extend_from_slice(&[0, 0, 0, 0, 0]);
     msg.extend_from_slice(&seq.to_be_bytes());
     msg.extend_from_slice(payload);
-    let _ = sock.try_send(&msg);
+    let _ = send_now(&sock, &msg);
+}
+
+/// Sends a datagram with one `send(2)`, without waiting. Not `try_send`: tokio only tries
+/// once the reactor has seen the socket writable, so a fresh socket's first datagram would
+/// be dropped.
+fn send_now(sock: &UdpSocket, data: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send(data)
 }
 
 fn open_ping_socket(remote: IpAddr) -> io::Result<UdpSocket> {

@@ -153,6 +153,12 @@ pub fn create(net: &Addressing, mtu: u32) -> Result<OwnedFd, String> {
     write_sysctl("/proc/sys/net/ipv6/conf/tap0/dad_transmits", "0");
     write_sysctl("/proc/sys/net/ipv6/conf/tap0/router_solicitations", "0");
 
+    // ICMP echo sockets are allowed per network namespace, and a new one allows no group:
+    // let the command's own group use them, so `ping` works without privileges (icmp(7)).
+    // SAFETY: getgid cannot fail.
+    let gid = unsafe { libc::getgid() };
+    write_sysctl("/proc/sys/net/ipv4/ping_group_range", &format!("{gid} {gid}"));
+
     let sock = Sock::new(libc::AF_INET)?;
     let mut req = ifreq(TAP_NAME);
     req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
