@@ -253,8 +253,6 @@ fn reject_unimplemented(config: &Config) -> Result<()> {
         (config.capture.is_some(), "--capture"),
         (config.tui, "--tui"),
         (config.events.is_some(), "--events"),
-        (config.dns.is_some(), "--dns"),
-        (config.allow_host_loopback, "--allow-host-loopback"),
     ];
     if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {
         bail!("{flag} is not implemented yet");
