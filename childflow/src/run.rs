@@ -18,6 +18,7 @@ use crate::{
     exit,
     flow::{FlowTable, PacketFlow, TableConfig},
     report,
+    sandbox::{ExitStatus, SpawnError},
     sink::{FlowLog, Target, schema::RunRecord},
 };
 
@@ -83,9 +84,16 @@ pub fn run(config: &Config) -> Result<i32> {
     let collector =
         collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
     tracing::debug!("{} events", collector.events());
+    // A command that could not be started still gets the shell's 126/127 in the run record.
+    let spawn_code = |e: &anyhow::Error| {
+        e.downcast_ref::<SpawnError>()
+            .map(SpawnError::exit_code)
+            .filter(|&c| c != exit::FAILURE)
+            .map(ExitStatus::Exited)
+    };
     let outcome = collector.finish(RunEnd {
         end,
-        status: result.as_ref().ok().copied(),
+        status: result.as_ref().map_or_else(spawn_code, |s| Some(*s)),
         error: result.as_ref().err().map(|e| format!("{e:#}")),
     });
     if let Some(stats) = capture_stats.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.as_ref() {
@@ -280,7 +288,6 @@ mod tests {
         capture::filter::tests::udp4,
         cli::CaptureConfig,
         event::{Direction, DropReport, FlowKey, FlowPhase, FlowStats, FlowUpdate, PacketEvent},
-        sandbox::ExitStatus,
     };
     use childflow_common::flow::{DIR_OUT, PROTO_UDP};
 

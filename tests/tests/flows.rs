@@ -105,6 +105,23 @@ fn the_log_is_complete_after_sigterm_to_childflow() {
 }
 
 #[test]
+fn a_command_that_cannot_start_gets_its_shell_exit_code_in_the_run_record() {
+    let dir = shared_tempdir();
+    let log = dir.path().join("flows.jsonl");
+    let out = childflow()
+        .arg("--flow-log")
+        .arg(&log)
+        .args(["--", "/nonexistent/command"])
+        .output()
+        .expect("run childflow");
+    assert_eq!(out.status.code(), Some(127));
+    let recs = records(&log);
+    let run = recs.last().expect("records");
+    assert_eq!(run["exit_code"], 127, "{run}");
+    assert_eq!(run["error"], "command not found: /nonexistent/command", "{run}");
+}
+
+#[test]
 fn an_unwritable_flow_log_fails_before_the_command_runs() {
     let dir = shared_tempdir();
     let marker = dir.path().join("ran");
