@@ -257,11 +257,7 @@ fn report_capture(stats: &CaptureStats) {
 /// Options that parse but whose feature has not landed yet fail loudly instead of being
 /// silently ignored.
 fn reject_unimplemented(config: &Config) -> Result<()> {
-    let missing = [
-        (config.capture.is_some(), "--capture"),
-        (config.tui, "--tui"),
-        (config.events.is_some(), "--events"),
-    ];
+    let missing = [(config.tui, "--tui"), (config.events.is_some(), "--events")];
     if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {
         bail!("{flag} is not implemented yet");
     }

@@ -169,6 +169,11 @@ pub struct FlowTable {
     flows: FastMap<FlowKey, Entry>,
     retired: Bounded<FlowKey, Retired>,
     pending_process: Bounded<FlowKey, Arc<ProcessInfo>>,
+    /// Flows whose packets arrived before the backend reported the flow (the rootless
+    /// engine reports a TCP flow once its upstream connect is done; the rootful ring
+    /// buffers are not ordered with each other). Their first packet still needs the
+    /// Community ID, which depends only on the key and who sent first.
+    early: Bounded<FlowKey, Flow>,
     processes: HashMap<u32, Arc<ProcessInfo>>,
     dns: DnsNames,
     output: Vec<Output>,
@@ -191,6 +196,7 @@ impl FlowTable {
             flows: FastMap::with_capacity_and_hasher(max.min(1 << 16), Default::default()),
             retired: Bounded::new(max),
             pending_process: Bounded::new(max.min(1 << 16)),
+            early: Bounded::new(max.min(1 << 12)),
             processes: HashMap::new(),
             dns: DnsNames::new(max.min(1 << 16)),
             output: Vec::new(),
@@ -225,10 +231,29 @@ impl FlowTable {
     /// looked up for that flow (the capture writer comments the first packet of a flow).
     pub fn packet(&mut self, packet: &PacketEvent) -> Option<PacketFlow<'_>> {
         let key = super::packet::key_of_frame(packet.direction, &packet.data)?;
-        let entry = self.flows.get_mut(&key)?;
-        let first = !entry.packet_seen;
-        entry.packet_seen = true;
-        Some(PacketFlow { flow: &entry.flow, first })
+        if self.flows.contains_key(&key) {
+            let entry = self.flows.get_mut(&key)?;
+            let first = !entry.packet_seen;
+            entry.packet_seen = true;
+            return Some(PacketFlow { flow: &entry.flow, first });
+        }
+        let first = self.early.get(&key).is_none();
+        if first {
+            // Whoever sends the first packet originates the flow.
+            let local_orig = packet.direction == crate::event::Direction::Out;
+            let flow = Flow {
+                uid: 0,
+                key,
+                community_id: community_id::of_key(&key, local_orig, self.config.community_id_seed),
+                stats: FlowStats::default(),
+                close_reason: None,
+                dns: self.dns.lookup(key.remote_ip()),
+                process: self.pending_process.get(&key).cloned(),
+                policy: None,
+            };
+            self.early.insert(key, flow);
+        }
+        Some(PacketFlow { flow: self.early.get(&key)?, first })
     }
 
     fn ingest_flow(&mut self, update: &FlowUpdate) -> Option<&Flow> {
@@ -293,7 +318,7 @@ impl FlowTable {
             backend_first_ns: update.stats.first_ns,
             logged_ns: stats.first_ns,
             logged_last_ns: stats.last_ns,
-            packet_seen: false,
+            packet_seen: self.early.remove(&key).is_some(),
         })
     }
 
@@ -783,6 +808,27 @@ mod tests {
         assert!(got.flow.community_id.starts_with("1:"));
         assert!(!t.packet(&packet).expect("again").first);
         assert_eq!(t.ingest(&Event::Packet(packet)).map(|f| f.uid), Some(1));
+    }
+
+    #[test]
+    fn a_packet_before_its_flow_is_reported_still_carries_the_community_id() {
+        use crate::event::{Direction, PacketEvent};
+        use crate::flow::packet::tests::ipv4_frame;
+        let mut t = table();
+        // The command's SYN, seen before the backend reports the flow.
+        let mut l4 = 40000u16.to_be_bytes().to_vec();
+        l4.extend(80u16.to_be_bytes());
+        l4.extend([0; 16]);
+        let data = ipv4_frame(6, [10, 0, 2, 100], [198, 18, 0, 1], &l4);
+        let syn = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data };
+        let got = t.packet(&syn).expect("a provisional flow");
+        assert!(got.first);
+        let early_id = got.flow.community_id.clone();
+        assert!(!t.packet(&syn).expect("again").first);
+        t.ingest(&established_flow());
+        let flow = t.packet(&syn).expect("the reported flow");
+        assert!(!flow.first, "the first packet was already commented");
+        assert_eq!(flow.flow.community_id, early_id, "same Community ID before and after");
     }
 
     #[test]
