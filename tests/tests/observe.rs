@@ -271,7 +271,7 @@ fn a_capture_filter_keeps_only_its_port() {
     let net = TestNet::new();
     let v4 = net.server_v4();
     let traffic = format!(
-        "curl -sS --fail -o /dev/null http://{v4}/bytes/50000 && \
+        "curl -sS --fail -o /dev/null http://{v4}/bytes/3000000 && \
          printf 'x' | socat -t1 - UDP4:{v4}:7 >/dev/null"
     );
     let run = observed_run(&net, &traffic, &["--capture-filter", "tcp port 80"]);
