@@ -40,7 +40,7 @@ pub fn run(config: &Config) -> Result<i32> {
         .spawn(move || events.iter().count())?;
     let status = match config.backend {
         Backend::Rootless => backend::rootless::run(config, emitter)?,
-        Backend::Rootful => bail!("--root is not implemented yet"),
+        Backend::Rootful => backend::rootful::run(config, emitter)?,
     };
     let seen = collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
     tracing::debug!("command ended: {status}; {seen} events");
@@ -56,7 +56,8 @@ fn reject_unimplemented(config: &Config) -> Result<()> {
         (config.capture.is_some(), "--capture"),
         (config.tui, "--tui"),
         (config.events.is_some(), "--events"),
-        (config.dns.is_some(), "--dns"),
+        // The rootful backend writes the command's resolv.conf; rootless has no DNS yet.
+        (config.dns.is_some() && config.backend == Backend::Rootless, "--dns"),
         (config.allow_host_loopback, "--allow-host-loopback"),
     ];
     if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {

@@ -4,15 +4,18 @@
 //! Every attachment is owned: dropping the returned value detaches the programs and frees the
 //! maps (the kernel does the same if the process dies, since nothing is pinned).
 
-use std::path::Path;
+use std::{os::fd::AsFd, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, tc::TcAttachOptions},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
+        SchedClassifier, TcAttachType, tc::TcAttachOptions,
+    },
 };
 use childflow_common::{
-    event::DROP_COUNTERS,
+    event::{CaptureConfig, DROP_COUNTERS},
     flow::{FlowKey, FlowStats},
 };
 
@@ -52,6 +55,20 @@ pub enum EbpfError {
         iface: String,
         #[source]
         source: ProgramError,
+    },
+    /// Attaching a program to the run's cgroup failed.
+    #[error("failed to attach eBPF program {program} to the run's cgroup")]
+    AttachCgroup {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Writing a map (the capture settings) failed.
+    #[error("failed to write eBPF map {name}")]
+    MapWrite {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
     },
     /// A map the object should contain is missing or has the wrong type.
     #[error("eBPF map {name} is missing or malformed")]
@@ -101,10 +118,54 @@ pub struct Accounting {
 
 impl Accounting {
     /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX links.
+    /// Capture is off (only DNS packets are copied); no cgroup programs.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
+        Self::attach_with(iface, None, CaptureConfig::default())
+    }
+
+    /// Like [`Accounting::attach`], with the capture settings `capture` and, if `cgroup` is
+    /// given (an open cgroup v2 directory), the attribution programs on that cgroup.
+    ///
+    /// The capture settings are written before the TC programs are attached, so the first
+    /// packet already sees them. Every link is owned by the returned value (and so by this
+    /// process's fds): nothing outlives it, not even a SIGKILL of the process.
+    pub fn attach_with(
+        iface: &str,
+        cgroup: Option<&std::fs::File>,
+        capture: CaptureConfig,
+    ) -> Result<Self, EbpfError> {
         preflight()?;
         let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
         let mut ebpf = Ebpf::load(object).map_err(EbpfError::Object)?;
+        {
+            let map =
+                ebpf.map_mut("CONFIG").ok_or(EbpfError::Map { name: "CONFIG", source: None })?;
+            let mut config: Array<&mut MapData, CaptureConfig> = Array::try_from(map)
+                .map_err(|e| EbpfError::Map { name: "CONFIG", source: Some(e) })?;
+            config
+                .set(0, capture, 0)
+                .map_err(|source| EbpfError::MapWrite { name: "CONFIG", source })?;
+        }
+        if let Some(cgroup) = cgroup {
+            let program = "cf_sock_create";
+            let prog: &mut CgroupSock = ebpf
+                .program_mut(program)
+                .ok_or(EbpfError::Map { name: program, source: None })?
+                .try_into()
+                .map_err(|source| EbpfError::Load { program, source })?;
+            prog.load().map_err(|source| EbpfError::Load { program, source })?;
+            prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::AttachCgroup { program, source })?;
+            let program = "cf_skb_egress";
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(program)
+                .ok_or(EbpfError::Map { name: program, source: None })?
+                .try_into()
+                .map_err(|source| EbpfError::Load { program, source })?;
+            prog.load().map_err(|source| EbpfError::Load { program, source })?;
+            prog.attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::AttachCgroup { program, source })?;
+        }
         for (program, attach_type) in
             [("cf_tc_ingress", TcAttachType::Ingress), ("cf_tc_egress", TcAttachType::Egress)]
         {
@@ -151,11 +212,22 @@ impl Accounting {
 
     /// Takes the ring buffer of flow start/end records, for a reader to drain.
     pub fn take_flow_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
-        let map = self
-            .ebpf
-            .take_map("FLOW_EVENTS")
-            .ok_or(EbpfError::Map { name: "FLOW_EVENTS", source: None })?;
-        RingBuf::try_from(map).map_err(|e| EbpfError::Map { name: "FLOW_EVENTS", source: Some(e) })
+        self.take_ring("FLOW_EVENTS")
+    }
+
+    /// Takes the ring buffer of captured packets (`PacketHeader` + data).
+    pub fn take_packets(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        self.take_ring("PACKETS")
+    }
+
+    /// Takes the ring buffer of socket records (`SockRecord`) from the cgroup programs.
+    pub fn take_sock_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        self.take_ring("SOCK_EVENTS")
+    }
+
+    fn take_ring(&mut self, name: &'static str) -> Result<RingBuf<MapData>, EbpfError> {
+        let map = self.ebpf.take_map(name).ok_or(EbpfError::Map { name, source: None })?;
+        RingBuf::try_from(map).map_err(|e| EbpfError::Map { name, source: Some(e) })
     }
 
     /// The kernel's drop counters (`childflow_common::event::DROP_*`), summed over CPUs.
