@@ -51,10 +51,10 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock(sock_create)]
 pub fn cf_sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: helpers valid in cgroup/sock_create, on the program's own context.
+    // SAFETY: a helper valid in cgroup/sock_create, on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
-    let uid_gid = unsafe { bpf_get_current_uid_gid() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
     let rec = SockRecord {
         kind: KIND_SOCK,
         hook: SOCK_CREATE,
