@@ -4,6 +4,7 @@
 //! `cargo xtask test`. Each first makes sure the machine has what it needs (`setup`), so the
 //! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
 
+mod bench_rootful;
 mod leftovers;
 mod setup;
 
@@ -159,8 +160,17 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench(rest: &[String]) -> Result<()> {
-    let Some(kind) = rest.first() else {
-        bail!("usage: cargo xtask bench <kind>; no benchmarks exist yet");
-    };
-    bail!("unknown benchmark `{kind}`; no benchmarks exist yet")
+    const KINDS: &str = "rootful";
+    match rest.first().map(String::as_str) {
+        Some("rootful") => {
+            setup::ensure_quietly()?;
+            let mut build = cargo();
+            build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);
+            status(build)?;
+            let bin = root().join("target/release/childflow");
+            bench_rootful::run(bin.to_str().context("binary path is not UTF-8")?)
+        }
+        Some(kind) => bail!("unknown benchmark `{kind}`; known: {KINDS}"),
+        None => bail!("usage: cargo xtask bench <kind>; known: {KINDS}"),
+    }
 }

@@ -137,6 +137,7 @@ impl Accounting {
         preflight()?;
         let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
         let mut ebpf = Ebpf::load(object).map_err(EbpfError::Object)?;
+        tracing::debug!("eBPF object loaded, maps created");
         {
             let map =
                 ebpf.map_mut("CONFIG").ok_or(EbpfError::Map { name: "CONFIG", source: None })?;
@@ -165,6 +166,7 @@ impl Accounting {
             prog.load().map_err(|source| EbpfError::Load { program, source })?;
             prog.attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
                 .map_err(|source| EbpfError::AttachCgroup { program, source })?;
+            tracing::debug!("cgroup programs attached");
         }
         for (program, attach_type) in
             [("cf_tc_ingress", TcAttachType::Ingress), ("cf_tc_egress", TcAttachType::Egress)]
@@ -175,6 +177,7 @@ impl Accounting {
                 .try_into()
                 .map_err(|source| EbpfError::Load { program, source })?;
             prog.load().map_err(|source| EbpfError::Load { program, source })?;
+            tracing::debug!("{program} loaded");
             prog.attach_with_options(
                 iface,
                 attach_type,

@@ -266,6 +266,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         None => None,
     };
 
+    tracing::debug!("preflight done");
     // Forks first, while as little as possible exists.
     let cgroup_root = cgroup::unified_root()?;
     let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
@@ -297,6 +298,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         net::enable_forwarding(&addressing.host_if)?;
         anyhow::Ok((host, addressing))
     })?;
+    tracing::debug!("veth and routes ready");
     let nat = nft::NatTable::create(&run_id, &addressing.host_if)?;
     tracing::debug!(
         "run {run_id}: {} {} / {}, nft table {}, cgroup {}",
@@ -312,6 +314,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     );
     let cgroup_dir = cg.open()?;
     let mut accounting = Accounting::attach_with(&addressing.host_if, Some(&cgroup_dir), capture)?;
+    tracing::debug!("eBPF programs attached");
     let clock = flows::Clock::now();
     let mut drain = Drain {
         emitter: events,
@@ -335,6 +338,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     })?;
 
     let released = sandbox.release();
+    tracing::debug!("command started");
     let _ = std::fs::remove_file(&resolv_path);
     released?;
     sandbox::signals::forward_to(sandbox.pid(), |_| {})
@@ -379,11 +383,15 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracing::warn!("{lost} events were dropped because the collector fell behind");
     }
 
+    tracing::debug!("command ended, events flushed");
     drop(rings);
     drop(accounting);
     drop(nat);
+    tracing::debug!("programs detached, nft table deleted");
     let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
+    tracing::debug!("veth deleted");
     drop(cg);
     reaper.finish();
+    tracing::debug!("cgroup removed");
     Ok(status)
 }
