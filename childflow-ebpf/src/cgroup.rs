@@ -33,11 +33,11 @@ use crate::{
 
 /// Sockets (by cookie) and who created them. LRU: sockets close without telling us.
 #[map]
-static OWNERS: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(16384, 0);
+static OWNERS: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(4096, 0);
 
 /// Flow keys already attributed, with the cookie of the socket they were attributed to.
 #[map]
-static ATTRIBUTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(65536, 0);
+static ATTRIBUTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

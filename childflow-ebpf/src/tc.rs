@@ -15,7 +15,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        TC_ACT_UNSPEC,
     },
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
@@ -42,8 +43,10 @@ const EEXIST: i32 = -17;
 /// Wake the reader once this much data is pending; it also drains on a short timer.
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
+/// Not preallocated (`BPF_F_NO_PREALLOC`): preallocating 64 Ki entries costs milliseconds
+/// at every start, and a run rarely has more than a few hundred flows.
 #[map]
-static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 #[map]
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
