@@ -284,6 +284,16 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
     cg.add(sandbox.pid().as_raw())?;
 
+    // The verifier and map creation take a while: run them while netlink sets up the veth.
+    let capture = config.capture.as_ref().map_or(
+        CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
+        |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
+    );
+    let loader = std::thread::Builder::new()
+        .name("ebpf-load".into())
+        .spawn(move || Accounting::load(capture))
+        .context("failed to start the eBPF loader thread")?;
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -308,12 +318,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         nat.name(),
         cg.path().display()
     );
-    let capture = config.capture.as_ref().map_or(
-        CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
-        |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
-    );
     let cgroup_dir = cg.open()?;
-    let mut accounting = Accounting::attach_with(&addressing.host_if, Some(&cgroup_dir), capture)?;
+    let mut accounting =
+        loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
+    tracing::debug!("eBPF programs loaded");
+    accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
     tracing::debug!("eBPF programs attached");
     let clock = flows::Clock::now();
     let mut drain = Drain {
@@ -384,12 +393,17 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     }
 
     tracing::debug!("command ended, events flushed");
-    drop(rings);
-    drop(accounting);
-    drop(nat);
-    tracing::debug!("programs detached, nft table deleted");
-    let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
-    tracing::debug!("veth deleted");
+    // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the
+    // waits overlap.
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            drop(rings);
+            accounting.detach();
+        });
+        s.spawn(move || drop(nat));
+        let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
+    });
+    tracing::debug!("programs detached, nft table and veth deleted");
     drop(cg);
     reaper.finish();
     tracing::debug!("cgroup removed");
