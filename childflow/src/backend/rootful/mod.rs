@@ -156,6 +156,15 @@ fn child_setup(resolv: &CStr) -> Result<(), String> {
     Ok(())
 }
 
+/// The kernel's drop counters and what each one counts, as the user reads it.
+const DROP_SOURCES: [(u32, &str); 5] = [
+    (DROP_FLOW_RINGBUF, "kernel flow ring buffer full"),
+    (DROP_PACKET_RINGBUF, "kernel packet ring buffer full"),
+    (DROP_FLOW_MAP_FULL, "kernel flow map full"),
+    (DROP_SOCK_RINGBUF, "kernel socket ring buffer full"),
+    (DROP_PARSE, "malformed packets"),
+];
+
 /// The rings the drain loop reads.
 struct Rings {
     flows: AsyncFd<RingBuf<MapData>>,
@@ -237,15 +246,20 @@ impl Drain {
         self.flush();
     }
 
+    /// Says on stderr what the kernel programs lost, whatever the outputs show.
+    fn warn_kernel_drops(&self) {
+        for (index, count) in self.drops_seen.iter().enumerate() {
+            if *count > 0 {
+                let source = DROP_SOURCES.iter().find(|(i, _)| *i as usize == index);
+                let source = source.map_or("kernel", |(_, s)| s);
+                tracing::warn!("lost to {source}: {count}");
+            }
+        }
+    }
+
     fn report_drops(&mut self, accounting: &Accounting) {
         let Ok(drops) = accounting.drops() else { return };
-        for (index, source) in [
-            (DROP_FLOW_RINGBUF, "kernel flow ring buffer full"),
-            (DROP_PACKET_RINGBUF, "kernel packet ring buffer full"),
-            (DROP_FLOW_MAP_FULL, "kernel flow map full"),
-            (DROP_SOCK_RINGBUF, "kernel socket ring buffer full"),
-            (DROP_PARSE, "malformed packets"),
-        ] {
+        for (index, source) in DROP_SOURCES {
             let (now, seen) = (drops[index as usize], &mut self.drops_seen[index as usize]);
             if now != *seen {
                 *seen = now;
@@ -391,6 +405,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     if lost > 0 {
         tracing::warn!("{lost} events were dropped because the collector fell behind");
     }
+    drain.warn_kernel_drops();
 
     tracing::debug!("command ended, events flushed");
     // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the

@@ -212,9 +212,12 @@ pub async fn create(
         a.host_if, a.child_if
     )))?;
 
+    let v6 = ipv6_enabled();
     let hidx = link_index(host, &a.host_if).await?;
     add_address(host, hidx, &a.host_if, a.host_v4.into(), 30).await?;
-    add_address(host, hidx, &a.host_if, a.host_v6.into(), 64).await?;
+    if v6 {
+        add_address(host, hidx, &a.host_if, a.host_v6.into(), 64).await?;
+    }
     host.link()
         .set(LinkUnspec::new_with_index(hidx).up().build())
         .execute()
@@ -230,7 +233,9 @@ pub async fn create(
         .map_err(nl("bring up lo in the command's namespace"))?;
     let cidx = link_index(child, &a.child_if).await?;
     add_address(child, cidx, &a.child_if, a.child_v4.into(), 30).await?;
-    add_address(child, cidx, &a.child_if, a.child_v6.into(), 64).await?;
+    if v6 {
+        add_address(child, cidx, &a.child_if, a.child_v6.into(), 64).await?;
+    }
     child
         .link()
         .set(LinkUnspec::new_with_index(cidx).up().build())
@@ -240,19 +245,37 @@ pub async fn create(
     let v4 =
         RouteMessageBuilder::<Ipv4Addr>::new().gateway(a.host_v4).output_interface(cidx).build();
     child.route().add(v4).execute().await.map_err(nl("add the command's IPv4 default route"))?;
-    let v6 =
-        RouteMessageBuilder::<Ipv6Addr>::new().gateway(a.host_v6).output_interface(cidx).build();
-    child.route().add(v6).execute().await.map_err(nl("add the command's IPv6 default route"))?;
+    if v6 {
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(a.host_v6)
+            .output_interface(cidx)
+            .build();
+        child
+            .route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(nl("add the command's IPv6 default route"))?;
+    }
     Ok(())
+}
+
+/// Whether the host has IPv6 at all (`ipv6.disable=1` removes `/proc/sys/net/ipv6`).
+/// Without it the command gets IPv4 only.
+pub fn ipv6_enabled() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6").exists()
 }
 
 /// Turns forwarding on for the run (see the module doc for what is global and why).
 pub fn enable_forwarding(host_if: &str) -> Result<(), NetError> {
-    for path in [
+    let mut paths = vec![
         format!("/proc/sys/net/ipv4/conf/{host_if}/forwarding"),
         "/proc/sys/net/ipv4/ip_forward".to_owned(),
-        "/proc/sys/net/ipv6/conf/all/forwarding".to_owned(),
-    ] {
+    ];
+    if ipv6_enabled() {
+        paths.push("/proc/sys/net/ipv6/conf/all/forwarding".to_owned());
+    }
+    for path in paths {
         let current = std::fs::read_to_string(&path)
             .map_err(|source| NetError::Sysctl { path: path.clone(), source })?;
         if current.trim() != "1" {
