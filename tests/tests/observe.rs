@@ -1,7 +1,8 @@
-//! What a user reads after a run, end to end through the rootless backend: the flow log
-//! (read back with jq and `childflow report`) and the pcapng capture (read back with tshark
-//! and capinfos), both checked against an independent capture that dumpcap takes on the
-//! command's own tap device (entered from the host with nsenter).
+//! What a user reads after a run, end to end through both backends: the flow log (read back
+//! with jq and `childflow report`) and the pcapng capture (read back with tshark and
+//! capinfos), both checked against an independent capture that dumpcap takes on the
+//! command's own interface (the rootless tap, the rootful veth end), entered from the host
+//! with nsenter.
 
 use std::{
     collections::BTreeMap,
@@ -13,8 +14,27 @@ use std::{
 
 use childflow_tests::{TestNet, childflow, is_root, skip, tool};
 
-/// The command's address on its tap device (the rootless backend's fixed plan).
-const CHILD_V4: &str = "10.0.2.100";
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Rootless,
+    Rootful,
+}
+
+const BOTH: [Backend; 2] = [Backend::Rootless, Backend::Rootful];
+
+/// Whether `backend` can run here; prints why not.
+fn can_run(backend: Backend) -> bool {
+    if skip(!is_root(), "needs root to build the test network") {
+        return false;
+    }
+    if backend == Backend::Rootful
+        && let Err(e) = childflow::ebpf::preflight()
+    {
+        skip(true, &format!("the rootful backend cannot run on this kernel: {e}"));
+        return false;
+    }
+    true
+}
 
 fn wait_for(path: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -22,6 +42,21 @@ fn wait_for(path: &Path, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The command's one interface besides `lo`, seen from inside the namespace of `pid`.
+fn child_interface(pid: u32) -> String {
+    let pid = pid.to_string();
+    // netlink, not /sys/class/net: sysfs shows the namespace of whoever mounted it.
+    let out = tool("nsenter").args(["-t", &pid, "-n", "ip", "-o", "link", "show"]).output();
+    let links = String::from_utf8(out.unwrap().stdout).unwrap();
+    links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap())
+        .find(|n| *n != "lo")
+        .expect("the command's interface")
+        .to_owned()
 }
 
 /// dumpcap on `iface` inside the network namespace of process `pid`.
@@ -78,7 +113,7 @@ fn tshark_fields(file: &Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>>
 /// bytes) sent and received by the command, counted from a capture of the tap.
 type Counts = BTreeMap<(String, String, String, String), [(u64, u64); 2]>;
 
-fn count_capture(file: &Path) -> Counts {
+fn count_capture(file: &Path, child_ip: &str) -> Counts {
     let mut counts = Counts::new();
     let rows = tshark_fields(
         file,
@@ -95,7 +130,7 @@ fn count_capture(file: &Path) -> Counts {
         ],
     );
     for r in rows {
-        let out = r[0] == CHILD_V4;
+        let out = r[0] == child_ip;
         let remote = if out { &r[1] } else { &r[0] };
         let (sport, dport) = if !r[4].is_empty() { (&r[4], &r[5]) } else { (&r[6], &r[7]) };
         let (port, local) = if out { (dport, sport) } else { (sport, dport) };
@@ -130,11 +165,13 @@ struct Run {
     capture: PathBuf,
     independent: PathBuf,
     status: std::process::ExitStatus,
+    /// The command's IPv4 address.
+    child_ip: String,
 }
 
-/// Runs `traffic` under childflow (rootless, as root) with a flow log and a capture, while
-/// dumpcap captures the command's tap independently.
-fn observed_run(net: &TestNet, traffic: &str, extra: &[&str]) -> Run {
+/// Runs `traffic` under childflow (as root) with a flow log and a capture, while dumpcap
+/// captures the command's interface independently.
+fn observed_run(net: &TestNet, backend: Backend, traffic: &str, extra: &[&str]) -> Run {
     let dir = tempfile::Builder::new().prefix("childflow-observe").tempdir().unwrap();
     let d = dir.path();
     let (flows, capture, independent) =
@@ -145,8 +182,13 @@ fn observed_run(net: &TestNet, traffic: &str, extra: &[&str]) -> Run {
          touch {d}/done; while [ ! -e {d}/end ]; do sleep 0.02; done",
         d = d.display()
     );
-    let mut cf = childflow()
-        .env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string())
+    let mut cf = childflow();
+    match backend {
+        // The engine's DNS relay forwards to the test server instead of the host's resolvers.
+        Backend::Rootless => cf.env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string()),
+        Backend::Rootful => cf.args(["--root", "--dns", &net.server_v4().to_string()]),
+    };
+    let mut cf = cf
         .arg("--flow-log")
         .arg(&flows)
         .arg("-c")
@@ -157,7 +199,8 @@ fn observed_run(net: &TestNet, traffic: &str, extra: &[&str]) -> Run {
         .spawn()
         .unwrap();
     wait_for(&d.join("ready"), "the command to start");
-    let dumpcap = independent_capture(pid_of(&marker), "tap0", &independent);
+    let pid = pid_of(&marker);
+    let dumpcap = independent_capture(pid, &child_interface(pid), &independent);
     std::fs::write(d.join("go"), "").unwrap();
     wait_for(&d.join("done"), "the traffic to finish");
     std::thread::sleep(Duration::from_millis(300));
@@ -170,14 +213,23 @@ fn observed_run(net: &TestNet, traffic: &str, extra: &[&str]) -> Run {
     dumpcap.wait().unwrap();
     std::fs::write(d.join("end"), "").unwrap();
     let status = cf.wait().unwrap();
-    Run { dir, flows, capture, independent, status }
+    // The command's address, as the flow log names it.
+    let origins = jq(&flows, r#"select(.record == "flow" and .local_orig) | .id.orig_h"#);
+    let child_ip = origins.iter().find_map(|o| o.as_str().filter(|a| a.contains('.')));
+    let child_ip = child_ip.unwrap_or_default().to_owned();
+    Run { dir, flows, capture, independent, status, child_ip }
 }
 
 #[test]
 fn flow_log_and_capture_match_an_independent_capture() {
-    if skip(!is_root(), "needs root to build the test network") {
-        return;
+    for backend in BOTH {
+        if can_run(backend) {
+            log_and_capture_match(backend);
+        }
     }
+}
+
+fn log_and_capture_match(backend: Backend) {
     let net = TestNet::new();
     let ca = net.ca_pem();
     let (v4, other) = (net.server_v4(), net.other_v4());
@@ -188,8 +240,8 @@ fn flow_log_and_capture_match_an_independent_capture() {
          ping -c 2 -W 2 {v4} >/dev/null",
         ca = ca.display()
     );
-    let run = observed_run(&net, &traffic, &["--tls-keylog"]);
-    assert!(run.status.success(), "childflow: {:?}", run.status);
+    let run = observed_run(&net, backend, &traffic, &["--tls-keylog"]);
+    assert!(run.status.success(), "{backend:?}: childflow: {:?}", run.status);
 
     // The flow log, read with jq: one end record per flow, names from the command's DNS.
     let ends = jq(&run.flows, r#"select(.record == "flow" and .event == "end")"#);
@@ -202,13 +254,22 @@ fn flow_log_and_capture_match_an_independent_capture() {
     let https = flow_to("tcp", &other.to_string(), 443);
     let names = |f: &serde_json::Value| f["dns"].to_string();
     assert!(names(http).contains("example.test"), "HTTP flow names: {}", names(http));
-    assert!(names(https).contains("other.example.test"), "HTTPS names: {}", names(https));
+    let dns_records = || jq(&run.flows, r#"select(.record == "dns")"#);
+    assert!(
+        names(https).contains("other.example.test"),
+        "{backend:?} HTTPS names: {}; DNS records: {:#?}",
+        names(https),
+        dns_records()
+    );
     assert_eq!(http["conn_state"], "SF");
     assert!(http["resp_bytes"].as_u64().unwrap() > 200_000);
 
     // Per-flow packets and IP bytes each way equal the independent capture's, exactly.
-    let independent = count_capture(&run.independent);
-    for f in &ends {
+    let independent = count_capture(&run.independent, &run.child_ip);
+    // The flows of the traffic (the child's kernel may also send e.g. an MLD report before
+    // dumpcap starts).
+    let net_prefix = format!("198.18.{}.", net.n);
+    for f in ends.iter().filter(|f| f["id"]["resp_h"].as_str().unwrap().starts_with(&net_prefix)) {
         let proto = f["proto"].as_str().unwrap();
         let (port, local) = if proto == "icmp" {
             Default::default()
@@ -223,7 +284,7 @@ fn flow_log_and_capture_match_an_independent_capture() {
             (f["orig_pkts"].as_u64().unwrap(), f["orig_ip_bytes"].as_u64().unwrap()),
             (f["resp_pkts"].as_u64().unwrap(), f["resp_ip_bytes"].as_u64().unwrap()),
         ];
-        assert_eq!(&got, want, "flow {key:?}: (packets, ip bytes) sent, received");
+        assert_eq!(&got, want, "{backend:?} flow {key:?}: (packets, ip bytes) sent, received");
     }
     let udp_echo = independent.keys().filter(|k| k.0 == "udp" && k.2 == "7").count();
     let dns = independent.keys().filter(|k| k.0 == "udp" && k.2 == "53").count();
@@ -232,12 +293,16 @@ fn flow_log_and_capture_match_an_independent_capture() {
 
     // The capture: the same packets as the independent one, with direction flags,
     // names, the Community ID on each flow's first packet, and TLS decrypted.
-    assert_eq!(count_capture(&run.capture), independent, "childflow's capture vs dumpcap's");
+    assert_eq!(
+        count_capture(&run.capture, &run.child_ip),
+        independent,
+        "{backend:?}: childflow's capture vs dumpcap's"
+    );
     let capinfos = tool("capinfos").arg(&run.capture).output().unwrap();
     assert!(capinfos.status.success() && capinfos.stderr.is_empty(), "{capinfos:?}");
     let dirs = tshark_fields(&run.capture, "ip", &["ip.src", "frame.packet_flags_direction"]);
     for d in &dirs {
-        let want = if d[0] == CHILD_V4 { "0x00000002" } else { "0x00000001" };
+        let want = if d[0] == run.child_ip { "0x00000002" } else { "0x00000001" };
         assert_eq!(d[1], want, "direction flag of a packet from {}", d[0]);
     }
     let comments = tshark_fields(&run.capture, "frame.comment", &["frame.comment"]);
@@ -265,17 +330,22 @@ fn flow_log_and_capture_match_an_independent_capture() {
 
 #[test]
 fn a_capture_filter_keeps_only_its_port() {
-    if skip(!is_root(), "needs root to build the test network") {
-        return;
+    for backend in BOTH {
+        if can_run(backend) {
+            filter_keeps_its_port(backend);
+        }
     }
+}
+
+fn filter_keeps_its_port(backend: Backend) {
     let net = TestNet::new();
     let v4 = net.server_v4();
     let traffic = format!(
         "curl -sS --fail -o /dev/null http://{v4}/bytes/3000000 && \
          printf 'x' | socat -t1 - UDP4:{v4}:7 >/dev/null"
     );
-    let run = observed_run(&net, &traffic, &["--capture-filter", "tcp port 80"]);
-    assert!(run.status.success());
+    let run = observed_run(&net, backend, &traffic, &["--capture-filter", "tcp port 80"]);
+    assert!(run.status.success(), "{backend:?}");
     let all = tshark_fields(&run.capture, "", &["tcp.port", "udp.port"]);
     assert!(all.len() > 10, "the HTTP transfer is captured: {} packets", all.len());
     assert!(all.iter().all(|p| p[0].contains("80") && p[1].is_empty()), "{all:?}");
@@ -291,7 +361,8 @@ fn rotation_keeps_a_ring_of_readable_files() {
     }
     let net = TestNet::new();
     let traffic = format!("curl -sS --fail -o /dev/null http://{}/bytes/2000000", net.server_v4());
-    let run = observed_run(&net, &traffic, &["--capture-max-size", "256K", "--capture-files", "3"]);
+    let rotate = ["--capture-max-size", "256K", "--capture-files", "3"];
+    let run = observed_run(&net, Backend::Rootless, &traffic, &rotate);
     assert!(run.status.success());
     let mut files: Vec<PathBuf> = std::fs::read_dir(run.dir.path())
         .unwrap()

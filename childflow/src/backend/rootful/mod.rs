@@ -35,7 +35,7 @@ pub mod nft;
 mod raw;
 
 use std::{
-    ffi::{CStr, CString, OsString},
+    ffi::{CStr, CString},
     os::unix::{ffi::OsStrExt, fs::PermissionsExt},
     path::Path,
     time::Duration,
@@ -195,22 +195,9 @@ impl Drain {
     }
 
     fn drain_rings(&mut self, rings: &mut Rings) {
-        while let Some(item) = rings.flows.get_mut().next() {
-            match decode(&item) {
-                Ok(Record::Flow(rec)) => self.tracker.on_record(&rec, &mut self.out),
-                other => tracing::debug!("unexpected flow ring record: {other:?}"),
-            }
-        }
-        while let Some(item) = rings.socks.get_mut().next() {
-            match decode(&item) {
-                Ok(Record::Sock(rec)) => self.processes.on_record(
-                    &rec,
-                    |r| flows::proc_info(r.tgid, r.uid, &r.comm),
-                    &mut self.out,
-                ),
-                other => tracing::debug!("unexpected socket ring record: {other:?}"),
-            }
-        }
+        // Packets (with the DNS answers that name flows) and socket records first, flow
+        // records last: each ring is ordered, but not with the others, and an answer or a
+        // connect always happens before the flow it leads to starts.
         while let Some(item) = rings.packets.get_mut().next() {
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
             let ts = self.clock.to_unix(header.ts_ns);
@@ -231,6 +218,22 @@ impl Drain {
                     orig_len: header.orig_len,
                     data: data.to_vec(),
                 }));
+            }
+        }
+        while let Some(item) = rings.socks.get_mut().next() {
+            match decode(&item) {
+                Ok(Record::Sock(rec)) => self.processes.on_record(
+                    &rec,
+                    |r| flows::proc_info(r.tgid, r.uid, &r.comm),
+                    &mut self.out,
+                ),
+                other => tracing::debug!("unexpected socket ring record: {other:?}"),
+            }
+        }
+        while let Some(item) = rings.flows.get_mut().next() {
+            match decode(&item) {
+                Ok(Record::Flow(rec)) => self.tracker.on_record(&rec, &mut self.out),
+                other => tracing::debug!("unexpected flow ring record: {other:?}"),
             }
         }
         self.flush();
@@ -292,7 +295,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let spec = Spec {
         namespaces: Namespaces { user: false },
         argv: config.command.clone(),
-        env: Vec::<(OsString, OsString)>::new(),
+        env: config.command_env.clone(),
         credentials: Some(credentials),
     };
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
