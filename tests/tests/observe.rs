@@ -412,3 +412,45 @@ fn a_killed_run_leaves_readable_logs() {
     let records = jq(&flows, ".record");
     assert_eq!(records[0], "header");
 }
+
+#[test]
+fn the_csv_log_loads_in_python_and_matches_the_transfer() {
+    for backend in BOTH {
+        if !can_run(backend) {
+            continue;
+        }
+        let net = TestNet::new();
+        let dir = tempfile::Builder::new().prefix("childflow-csv").tempdir().unwrap();
+        let log = dir.path().join("flows.csv");
+        let mut cf = childflow();
+        match backend {
+            Backend::Rootless => cf.env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string()),
+            Backend::Rootful => cf.args(["--root", "--dns", &net.server_v4().to_string()]),
+        };
+        let url = "http://example.test/bytes/123456";
+        let out = cf
+            .args(["--flow-log-format", "csv", "--flow-log"])
+            .arg(&log)
+            .args(["--", "curl", "-sS", "--fail", "-o", "/dev/null", url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
+        // Python's csv module, as a user's script would read it.
+        let script = format!(
+            "import csv\n\
+             rows = list(csv.DictReader(open({log:?})))\n\
+             web = [r for r in rows if r['proto'] == 'tcp' and r['id.resp_p'] == '80']\n\
+             assert len(web) == 1, rows\n\
+             print(web[0]['resp_bytes'], web[0]['conn_state'], web[0]['dns.query'])\n"
+        );
+        let py = tool("python3").args(["-c", &script]).output().unwrap();
+        assert!(py.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&py.stderr));
+        let fields: Vec<String> =
+            String::from_utf8(py.stdout).unwrap().split_whitespace().map(String::from).collect();
+        let body: u64 = fields[0].parse().unwrap();
+        // The response is the 123456-byte body plus its HTTP head.
+        assert!((123_456..124_000).contains(&body), "{backend:?}: resp_bytes {body}");
+        assert_eq!(fields[1], "SF", "{backend:?}");
+        assert_eq!(fields[2], "example.test", "{backend:?}");
+    }
+}
