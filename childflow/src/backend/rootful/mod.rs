@@ -35,7 +35,7 @@ pub mod nft;
 mod raw;
 
 use std::{
-    ffi::{CStr, CString, OsString},
+    ffi::{CStr, CString},
     os::unix::{ffi::OsStrExt, fs::PermissionsExt},
     path::Path,
     time::Duration,
@@ -292,7 +292,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let spec = Spec {
         namespaces: Namespaces { user: false },
         argv: config.command.clone(),
-        env: Vec::<(OsString, OsString)>::new(),
+        env: config.command_env.clone(),
         credentials: Some(credentials),
     };
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
