@@ -443,3 +443,55 @@ fn a_large_transfer_is_counted_whole() {
     // Every byte once, plus the response headers and any retransmissions (a few, at most).
     assert!(payload > SIZE && payload < SIZE + SIZE / 100, "payload {payload} for {SIZE}");
 }
+
+#[test]
+fn flow_log_and_capture_through_the_collector() {
+    if unsupported() {
+        return;
+    }
+    let net = TestNet::new();
+    let log = net.dir.path().join("flows.jsonl");
+    let pcap = net.dir.path().join("run.pcapng");
+    let raw = net.dir.path().join("raw.jsonl");
+    let mut c = childflow();
+    c.env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .env("CHILDFLOW_RAW_EVENTS", &raw)
+        .args(["--root", "--dns", &net.server_v4().to_string(), "--flow-log"])
+        .arg(&log)
+        .arg("--capture")
+        .arg(&pcap)
+        .args(["--", "curl", "-sS", "-4", "-o", "/dev/null", "http://example.test/bytes/200000"]);
+    ok(&run(c));
+    let records: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let http = records
+        .iter()
+        .find(|r| r["record"] == "flow" && r["event"] == "end" && r["id"]["resp_p"] == 80)
+        .unwrap_or_else(|| panic!("no HTTP flow in the flow log: {records:#?}"));
+    assert_eq!(http["id"]["resp_h"], net.server_v4().to_string());
+    assert_eq!(
+        http["dns"]["query"],
+        "example.test",
+        "{http}\nraw events: {}",
+        std::fs::read_to_string(&raw).unwrap()
+    );
+    assert_eq!(http["process"]["comm"], "curl", "{http}");
+    // The server's FIN may arrive after curl (and so the run) has ended: SF or S2.
+    assert!(http["history"].as_str().unwrap().starts_with("ShAD"), "{http}");
+    assert!(http["resp_bytes"].as_u64().unwrap() > 200_000, "{http}");
+    // The capture holds exactly the packets the flow log counted.
+    let port = http["id"]["orig_p"].as_u64().unwrap();
+    let out = tool("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args(["-n", "-Y", &format!("tcp.port == {port}"), "-T", "fields", "-e", "frame.number"])
+        .output()
+        .unwrap();
+    let captured = String::from_utf8_lossy(&out.stdout).lines().count() as u64;
+    let counted = http["orig_pkts"].as_u64().unwrap() + http["resp_pkts"].as_u64().unwrap();
+    assert_eq!(captured, counted, "packets in the capture vs the flow log");
+}

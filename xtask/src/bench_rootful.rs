@@ -12,7 +12,7 @@
 //! namespace and an nftables masquerade (made here with `ip`/`nft`, which a bench may use).
 //! Rows, each the median of A/B pairs run alternately (so drift hits both sides alike):
 //! - bulk TCP (iperf3, 3 s): baseline vs `childflow --root`, and baseline with
-//!   `tcpdump -w` on the baseline veth (the peer tool);
+//!   `tcpdump -w /dev/null` on the baseline veth (the peer tool);
 //! - 64-byte UDP packet rate (iperf3 -u -l 64 -b 0);
 //! - per-packet cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt,
 //!   read from `bpftool prog show` while childflow's programs are loaded);
@@ -140,11 +140,12 @@ fn with_childflow(bin: &str, udp: bool) -> Result<(f64, f64)> {
     parse_iperf(&sh(&a)?, udp)
 }
 
+/// The baseline with `tcpdump -w` on its veth. It writes to /dev/null: gigabytes of pcap
+/// on this disk would still be flushing during the next runs and slow them down (seen as a
+/// 40% slower baseline before this), so this row is the capture cost without the disk.
 fn with_tcpdump(udp: bool) -> Result<(f64, f64)> {
-    let file = std::env::temp_dir().join("childflow-bench-tcpdump.pcap");
     let mut dump = Command::new("tcpdump")
-        .args(["-i", "cfbbh", "-s", "0", "-B", "65536", "-w"])
-        .arg(&file)
+        .args(["-i", "cfbbh", "-s", "0", "-B", "65536", "-w", "/dev/null"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -153,7 +154,6 @@ fn with_tcpdump(udp: bool) -> Result<(f64, f64)> {
     let r = baseline(udp);
     let _ = Command::new("kill").args(["-INT", &dump.id().to_string()]).status();
     let _ = dump.wait();
-    let _ = std::fs::remove_file(&file);
     r
 }
 
@@ -213,9 +213,15 @@ pub fn run(bin: &str) -> Result<()> {
     println!("rootful bench: {PAIRS} A/B pairs of {SECONDS} s iperf3 runs (medians)\n");
     for (udp, what) in [(false, "bulk TCP"), (true, "64-byte UDP")] {
         let (mut base, mut cf, mut dump) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..PAIRS {
-            base.push(baseline(udp)?);
-            cf.push(with_childflow(bin, udp)?);
+        // ABBA order: drift during the run hits both sides alike.
+        for i in 0..PAIRS {
+            if i % 2 == 0 {
+                base.push(baseline(udp)?);
+                cf.push(with_childflow(bin, udp)?);
+            } else {
+                cf.push(with_childflow(bin, udp)?);
+                base.push(baseline(udp)?);
+            }
             dump.push(with_tcpdump(udp)?);
         }
         let pick =

@@ -161,7 +161,7 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 
 fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "flows (the flow table: events/s on one core, memory of 100,000 flows), \
-                         rootful (throughput, program cost and start-up of --root)";
+                         rootful (--root vs veth+NAT without eBPF and tcpdump -w)";
     let Some(kind) = rest.first() else {
         bail!("usage: cargo xtask bench <kind>; kinds: {KINDS}");
     };

@@ -211,9 +211,10 @@ impl Accounting {
         Ok(())
     }
 
-    /// Detaches every program, in parallel (each detach waits for the kernel), and frees
-    /// the maps. Dropping the value does the same, one link after the other.
-    pub fn detach(mut self) {
+    /// Detaches every program, in parallel (each detach waits for the kernel); the maps
+    /// stay readable, so a final read sees counters that no packet changes any more.
+    /// Dropping the value detaches too, one link after the other.
+    pub fn detach(&mut self) {
         let links = std::mem::take(&mut self.links);
         std::thread::scope(|s| {
             for link in links {

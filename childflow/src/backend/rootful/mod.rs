@@ -195,9 +195,18 @@ impl Drain {
     }
 
     fn drain_rings(&mut self, rings: &mut Rings) {
-        // Packets (with the DNS answers that name flows) and socket records first, flow
-        // records last: each ring is ordered, but not with the others, and an answer or a
-        // connect always happens before the flow it leads to starts.
+        // Causes before effects: a DNS answer (packet ring) and the socket's owner (socket
+        // ring) are written before the flow's first packet. So the flow ring is read first,
+        // then the other two (which by then hold everything those flows depend on), and the
+        // flow records are applied last: the flow table knows the name and the process
+        // when the flow starts.
+        let mut flow_records = Vec::new();
+        while let Some(item) = rings.flows.get_mut().next() {
+            match decode(&item) {
+                Ok(Record::Flow(rec)) => flow_records.push(rec),
+                other => tracing::debug!("unexpected flow ring record: {other:?}"),
+            }
+        }
         while let Some(item) = rings.packets.get_mut().next() {
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
             let ts = self.clock.to_unix(header.ts_ns);
@@ -230,11 +239,8 @@ impl Drain {
                 other => tracing::debug!("unexpected socket ring record: {other:?}"),
             }
         }
-        while let Some(item) = rings.flows.get_mut().next() {
-            match decode(&item) {
-                Ok(Record::Flow(rec)) => self.tracker.on_record(&rec, &mut self.out),
-                other => tracing::debug!("unexpected flow ring record: {other:?}"),
-            }
+        for rec in flow_records {
+            self.tracker.on_record(&rec, &mut self.out);
         }
         self.flush();
     }
@@ -388,7 +394,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
                 r = rings.socks.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
                 r = rings.packets.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
                 _ = drain_tick.tick() => {}
-                _ = sample_tick.tick() => drain.sample(&mut accounting),
+                _ = sample_tick.tick() => {
+                    // Records waiting in the rings come before what the sample adds.
+                    drain.drain_rings(&mut rings);
+                    drain.sample(&mut accounting);
+                }
             }
             drain.drain_rings(&mut rings);
         }
@@ -399,6 +409,9 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The command is gone: kill what is left of its tree, take the last records, end
     // every flow with its final counters.
     cg.kill();
+    // Stop observing first, so the last drain and the final counters agree with each
+    // other (and with a capture) to the packet.
+    accounting.detach();
     drain.drain_rings(&mut rings);
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
@@ -414,10 +427,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the
     // waits overlap.
     std::thread::scope(|s| {
-        s.spawn(move || {
-            drop(rings);
-            accounting.detach();
-        });
+        s.spawn(move || drop((rings, accounting)));
         s.spawn(move || drop(nat));
         let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
     });
