@@ -39,14 +39,7 @@ pub fn childflow() -> Command {
 /// not be able to traverse the build tree.
 pub fn childflow_as_test_user() -> Command {
     static COPY: OnceLock<PathBuf> = OnceLock::new();
-    let bin = COPY.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("childflow-bin").tempdir().unwrap().keep();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let copy = dir.join("childflow");
-        std::fs::copy(binary(), &copy).expect("copy childflow for the test user");
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-        copy
-    });
+    let bin = COPY.get_or_init(user_readable_copy);
     let user = nix::unistd::User::from_name(TEST_USER)
         .expect("look up test user")
         .unwrap_or_else(|| panic!("user {TEST_USER} is missing: run `cargo xtask setup`"));
@@ -60,6 +53,30 @@ pub fn childflow_as_test_user() -> Command {
         .env("USER", TEST_USER);
     // std drops root's supplementary groups itself when it switches uid from root.
     cmd
+}
+
+/// A copy of the binary the test user can run: one per build (named by size and mtime) in
+/// a fixed directory, replaced atomically, so repeated and parallel test runs share it
+/// instead of leaving a copy each.
+fn user_readable_copy() -> PathBuf {
+    let src = binary();
+    let meta = std::fs::metadata(&src).expect("stat childflow");
+    let mtime = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let dir = std::env::temp_dir().join("childflow-test-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join(format!("childflow-{}-{}", meta.len(), mtime.as_nanos()));
+    if !copy.exists() {
+        // Older builds' copies go; a test still running one keeps its open inode.
+        for old in std::fs::read_dir(&dir).unwrap().flatten() {
+            let _ = std::fs::remove_file(old.path());
+        }
+        let tmp = dir.join(format!(".partial-{}", std::process::id()));
+        std::fs::copy(&src, &tmp).expect("copy childflow for the test user");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &copy).unwrap();
+    }
+    copy
 }
 
 /// A `Command` for a tool the tests need, failing clearly when setup has not installed it.
