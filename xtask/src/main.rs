@@ -4,6 +4,7 @@
 //! `cargo xtask test`. Each first makes sure the machine has what it needs (`setup`), so the
 //! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
 
+mod bench;
 mod leftovers;
 mod setup;
 
@@ -159,8 +160,9 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench(rest: &[String]) -> Result<()> {
-    let Some(kind) = rest.first() else {
-        bail!("usage: cargo xtask bench <kind>; no benchmarks exist yet");
-    };
-    bail!("unknown benchmark `{kind}`; no benchmarks exist yet")
+    match rest.first().map(String::as_str) {
+        Some("rootless") => bench::rootless(&rest[1..]),
+        Some(kind) => bail!("unknown benchmark `{kind}`; known: rootless"),
+        None => bail!("usage: cargo xtask bench <kind>; known: rootless"),
+    }
 }
