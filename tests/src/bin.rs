@@ -55,12 +55,10 @@ pub fn childflow_as_test_user() -> Command {
         .gid(user.gid.as_raw())
         .current_dir("/")
         .env("HOME", "/")
+        // root's PATH may name directories the user cannot search (execvp then says EACCES).
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("USER", TEST_USER);
-    // SAFETY: setgroups is async-signal-safe; dropping root's supplementary groups keeps the
-    // child an ordinary user.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setgroups(&[]).map_err(std::io::Error::from));
-    }
+    // std drops root's supplementary groups itself when it switches uid from root.
     cmd
 }
 

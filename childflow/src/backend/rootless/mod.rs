@@ -60,7 +60,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let spec = Spec {
         namespaces: Namespaces { user: true },
         argv: config.command.clone(),
-        env: Vec::new(),
+        env: config.command_env.clone(),
         credentials: None,
     };
     let setup = move || -> Result<(), String> {
