@@ -414,7 +414,8 @@ fn rss_with_flows(who: Contender, o: &Options) -> Result<f64> {
         std::thread::sleep(Duration::from_millis(300));
         let own = match who {
             Contender::Childflow => "childflow",
-            Contender::Pasta => "pasta",
+            // Debian's pasta execs `passt.avx2` (or `passt`) under the name pasta.
+            Contender::Pasta => "passt",
             Contender::Slirp => "slirp4netns",
             Contender::Host => "",
         };
