@@ -141,9 +141,8 @@ async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, stop: oneshot::Receiver<()>) -> 
     // SAFETY: `tap` is an open descriptor the AsyncFd owns until it is dropped.
     let tap = unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
         .map_err(|e| io::Error::other(e.to_string()))?;
-    // Dropping the tap at the end costs an RCU grace period in the kernel (~20 ms here;
-    // `synchronize_net` in tun's detach), which is most of a `childflow -- true` run. A
-    // forked closer would hide it but leaves a zombie wherever pid 1 does not reap.
+    // The tap is persistent (see `tap::create`): dropping it at the end only detaches the
+    // queue, instead of unregistering the device under RCU waits (~20 ms).
     relay_frames(ctx, &tap, stop).await
 }
 
