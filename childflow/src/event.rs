@@ -23,7 +23,7 @@ use std::{
 };
 
 pub use childflow_common::flow::{FlowKey, FlowStats};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 /// Nanoseconds since the UNIX epoch.
 pub type UnixNanos = u64;
@@ -193,6 +193,7 @@ pub enum Event {
 #[derive(Clone)]
 pub struct Emitter {
     tx: Sender<Event>,
+    capacity: usize,
     dropped: Arc<AtomicU64>,
 }
 
@@ -200,14 +201,12 @@ impl Emitter {
     /// Hands `event` to the collector, or counts it as dropped if the channel is full.
     /// Returns `false` once the collector is gone.
     pub fn emit(&self, event: Event) -> bool {
-        match self.tx.try_send(event) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Disconnected(_)) => false,
+        if self.tx.len() >= self.capacity {
+            // Full (a gone collector is noticed at the next send that finds room).
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
+        self.tx.try_send(event).is_ok()
     }
 
     /// Events lost because the collector fell behind.
@@ -224,9 +223,13 @@ impl Emitter {
 
 /// A bounded event channel: backends emit into the [`Emitter`], the collector reads the
 /// [`Receiver`].
+///
+/// Bounded by a length check on an unbounded (linked-block) channel rather than by
+/// crossbeam's array channel, which allocates and writes every slot up front: at 65,536
+/// events of ~750 bytes that was 49 MB touched and a third of a `childflow -- true` run.
 pub fn channel(capacity: usize) -> (Emitter, Receiver<Event>) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
-    (Emitter { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (Emitter { tx, capacity, dropped: Arc::new(AtomicU64::new(0)) }, rx)
 }
 
 #[cfg(test)]

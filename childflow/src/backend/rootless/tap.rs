@@ -146,6 +146,12 @@ pub fn create(net: &Addressing, mtu: u32) -> Result<OwnedFd, String> {
     if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(format!("cannot create {TAP_NAME:?} (TUNSETIFF): {}", Errno::last()));
     }
+    // Persistent: closing the descriptor at the end then only detaches it, instead of
+    // unregistering the device there and then, which waits for RCU grace periods (~20 ms,
+    // most of a short run). The device goes with the namespace, which the kernel tears down
+    // in the background once the command's processes are gone. Best effort.
+    // SAFETY: TUNSETPERSIST takes an integer flag.
+    unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
 
     // IPv6 duplicate address detection would keep the address tentative (unusable) for
     // about a second; there is nobody else on this link.
