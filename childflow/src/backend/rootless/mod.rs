@@ -88,11 +88,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     engine_cfg.allow_host_loopback = config.allow_host_loopback;
     engine_cfg.flow_update_interval =
         smoltcp::time::Duration::from_micros(config.flow_update_interval.as_micros() as u64);
-    engine_cfg.snaplen = match &config.capture {
-        Some(c) => c.snaplen as usize,
-        // Without a capture, events carry the headers only (enough for the flow table).
-        None => 128,
-    };
+    // Only the capture consumes packet events; without one the engine emits none.
+    engine_cfg.snaplen = config.capture.as_ref().map(|c| c.snaplen as usize);
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let engine = std::thread::Builder::new()
