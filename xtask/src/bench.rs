@@ -9,8 +9,18 @@
 //! - `pasta`: `pasta --config-net -- iperf3 ...` (passt's tap path);
 //! - `slirp4netns`: iperf3 in `unshare -rn`, with slirp4netns attached to its namespace.
 //!
-//! Measured per contender: one TCP flow command→destination (`up`) and destination→command
-//! (`down`, iperf3 `-R`), and the median wall time of `CONTENDER -- true` (start-up cost).
+//! Measured per contender (each can be picked with `--tests`):
+//! - `up`, `down`: one TCP flow command→destination and destination→command (iperf3 `-R`);
+//! - `rr`: median request/response round trip (1 byte each way, one connection); the host
+//!   row is the plain veth the others are compared with;
+//! - `connect`: median TCP connect time;
+//! - `start`: median wall time of `CONTENDER -- true`;
+//! - `rss`: the resident memory of the contender's own process (childflow, pasta,
+//!   slirp4netns) while the command holds 1,000 open connections;
+//! - `many`: how many of 10,000 connects in flight at once succeed.
+//!
+//! The latency and connection rows use `xtask bench-probe` ([`crate::probe`]) as server
+//! (in the destination namespace) and client (under each contender).
 //! Needs root (the namespace and veth); everything is removed again on exit, also on error.
 
 use std::{
@@ -26,6 +36,7 @@ const HOST_IF: &str = "cfbh0";
 const PEER_IF: &str = "cfbu0";
 const HOST_ADDR: &str = "198.18.251.1";
 const SERVER: &str = "198.18.251.2";
+const ALL_TESTS: [&str; 7] = ["up", "down", "rr", "connect", "start", "rss", "many"];
 
 /// Options of the rootless benchmark.
 struct Options {
@@ -34,6 +45,13 @@ struct Options {
     bin: PathBuf,
     only: Option<String>,
     startup_runs: usize,
+    /// Which measurements to run (`up,down,rr,connect,start,rss,many`).
+    tests: Vec<String>,
+    /// Connections held for the `rss` row, and in flight for the `many` row.
+    flows: usize,
+    conns: usize,
+    /// The bench's own probe binary (a world-readable copy of xtask).
+    probe: PathBuf,
     /// uid and gid the rootless contenders run as (pasta refuses to run as root).
     user: Option<(u32, u32)>,
 }
@@ -57,6 +75,10 @@ fn parse(args: &[String]) -> Result<Options> {
         bin: crate::root().join("target/release/childflow"),
         only: None,
         startup_runs: 21,
+        tests: ALL_TESTS.iter().map(|t| t.to_string()).collect(),
+        flows: 1000,
+        conns: 10_000,
+        probe: PathBuf::new(),
         user: lookup_user(BENCH_USER),
     };
     let mut it = args.iter();
@@ -68,6 +90,9 @@ fn parse(args: &[String]) -> Result<Options> {
             "--bin" => o.bin = PathBuf::from(value()?),
             "--only" => o.only = Some(value()?.clone()),
             "--startup-runs" => o.startup_runs = value()?.parse().context("--startup-runs N")?,
+            "--tests" => o.tests = value()?.split(',').map(String::from).collect(),
+            "--flows" => o.flows = value()?.parse().context("--flows N")?,
+            "--conns" => o.conns = value()?.parse().context("--conns N")?,
             "--user" => {
                 let name = value()?;
                 o.user = Some(lookup_user(name).with_context(|| format!("no user {name}"))?);
@@ -76,7 +101,8 @@ fn parse(args: &[String]) -> Result<Options> {
                 println!(
                     "usage: cargo xtask bench rootless [--time SECONDS] [--mtu BYTES] \
                      [--bin PATH] [--only host|childflow|pasta|slirp4netns] [--startup-runs N] \
-                     [--user NAME (default childflow-test)]"
+                     [--user NAME (default childflow-test)] \
+                     [--tests up,down,rr,connect,start,rss,many] [--flows N] [--conns N]"
                 );
                 std::process::exit(0);
             }
@@ -97,13 +123,14 @@ fn sh(args: &[&str]) -> Result<()> {
 /// The destination namespace with its iperf3 server; removed on drop.
 struct Destination {
     server: Option<Child>,
+    probe: Option<Child>,
 }
 
 impl Destination {
-    fn new() -> Result<Destination> {
+    fn new(probe: &std::path::Path) -> Result<Destination> {
         let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
         let _ = Command::new("ip").args(["link", "del", HOST_IF]).output();
-        let mut d = Destination { server: None };
+        let mut d = Destination { server: None, probe: None };
         sh(&["ip", "netns", "add", NETNS])?;
         sh(&["ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF])?;
         sh(&["ip", "link", "set", PEER_IF, "netns", NETNS])?;
@@ -124,6 +151,14 @@ impl Destination {
             .spawn()
             .context("failed to start the iperf3 server")?;
         d.server = Some(server);
+        let probe = Command::new("ip")
+            .args(["netns", "exec", NETNS])
+            .arg(probe)
+            .args(["bench-probe", "server", SERVER])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("failed to start the probe server")?;
+        d.probe = Some(probe);
         std::thread::sleep(Duration::from_millis(300));
         Ok(d)
     }
@@ -131,7 +166,7 @@ impl Destination {
 
 impl Drop for Destination {
     fn drop(&mut self) {
-        if let Some(mut s) = self.server.take() {
+        for mut s in [self.server.take(), self.probe.take()].into_iter().flatten() {
             let _ = s.kill();
             let _ = s.wait();
         }
@@ -170,37 +205,72 @@ fn contender_cmd(o: &Options, program: &str) -> Command {
     cmd
 }
 
+/// A contender running a command: the command's process, and slirp4netns beside it.
+struct Running {
+    who: Contender,
+    main: Child,
+    helper: Option<Child>,
+}
+
+impl Running {
+    /// Waits for the command; returns its stdout, or fails with its stderr.
+    fn finish(mut self, inner: &[String]) -> Result<String> {
+        let out = self.main.wait_with_output();
+        if let Some(mut h) = self.helper.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        let out = out?;
+        if !out.status.success() {
+            bail!(
+                "{} {:?} failed ({}): {}",
+                self.who.name(),
+                inner,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Starts `inner` (argv) under `who`, with stdin, stdout and stderr piped.
+fn start(who: Contender, o: &Options, inner: &[String]) -> Result<Running> {
+    let piped = |mut cmd: Command| {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    };
+    let main = match who {
+        Contender::Host => {
+            let mut c = Command::new(&inner[0]);
+            c.args(&inner[1..]);
+            piped(c).spawn()?
+        }
+        Contender::Childflow => {
+            let mut c = contender_cmd(o, &o.bin.to_string_lossy());
+            c.args(["--mtu", &o.mtu.to_string(), "--"]).args(inner);
+            piped(c).spawn().with_context(|| format!("failed to run {}", o.bin.display()))?
+        }
+        Contender::Pasta => {
+            let mut c = contender_cmd(o, "pasta");
+            c.args(["--config-net", "-q", "--mtu", &o.mtu.to_string(), "--"]).args(inner);
+            piped(c).spawn().context("failed to run pasta (Debian package passt)")?
+        }
+        Contender::Slirp => return start_slirp(o, inner),
+    };
+    Ok(Running { who, main, helper: None })
+}
+
 /// Runs `inner` (argv) under `who`; returns its stdout.
 fn run_under(who: Contender, o: &Options, inner: &[String]) -> Result<String> {
-    let out = match who {
-        Contender::Host => Command::new(&inner[0]).args(&inner[1..]).output()?,
-        Contender::Childflow => contender_cmd(o, &o.bin.to_string_lossy())
-            .args(["--mtu", &o.mtu.to_string(), "--"])
-            .args(inner)
-            .output()
-            .with_context(|| format!("failed to run {}", o.bin.display()))?,
-        Contender::Pasta => contender_cmd(o, "pasta")
-            .args(["--config-net", "-q", "--mtu", &o.mtu.to_string(), "--"])
-            .args(inner)
-            .output()
-            .context("failed to run pasta (Debian package passt)")?,
-        Contender::Slirp => return run_under_slirp(o, inner),
-    };
-    if !out.status.success() {
-        bail!(
-            "{} {:?} failed ({}): {}",
-            who.name(),
-            inner,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut r = start(who, o, inner)?;
+    drop(r.main.stdin.take());
+    r.finish(inner)
 }
 
 /// slirp4netns needs a namespace to attach to: the command waits in `unshare -rn` until
 /// slirp4netns has configured tap0, then runs.
-fn run_under_slirp(o: &Options, inner: &[String]) -> Result<String> {
+fn start_slirp(o: &Options, inner: &[String]) -> Result<Running> {
     let quoted: Vec<String> = inner.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
         "while ! ip -4 addr show tap0 2>/dev/null | grep -q inet; do sleep 0.01; done; exec {}",
@@ -216,6 +286,7 @@ fn run_under_slirp(o: &Options, inner: &[String]) -> Result<String> {
     user(&mut unshare);
     let child = unshare
         .args(["--user", "--map-root-user", "--net", "sh", "-c", &script])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -229,7 +300,7 @@ fn run_under_slirp(o: &Options, inner: &[String]) -> Result<String> {
     }
     let mut slirp = Command::new("slirp4netns");
     user(&mut slirp);
-    let mut slirp = slirp
+    let slirp = slirp
         .args(["--configure", "--mtu", &o.mtu.min(65520).to_string()])
         .arg(child.id().to_string())
         .arg("tap0")
@@ -237,14 +308,7 @@ fn run_under_slirp(o: &Options, inner: &[String]) -> Result<String> {
         .stderr(Stdio::null())
         .spawn()
         .context("failed to run slirp4netns (Debian package slirp4netns)")?;
-    let out = child.wait_with_output();
-    let _ = slirp.kill();
-    let _ = slirp.wait();
-    let out = out?;
-    if !out.status.success() {
-        bail!("slirp4netns {:?} failed: {}", inner, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(Running { who: Contender::Slirp, main: child, helper: Some(slirp) })
 }
 
 /// Gbit/s of one iperf3 TCP flow (`reverse`: destination → command).
@@ -275,6 +339,100 @@ fn startup(who: Contender, o: &Options) -> Result<Duration> {
     Ok(times[times.len() / 2])
 }
 
+/// The probe's argv for `kind` with `n`.
+fn probe_argv(o: &Options, kind: &str, n: usize) -> Vec<String> {
+    vec![
+        o.probe.to_string_lossy().into_owned(),
+        "bench-probe".into(),
+        kind.into(),
+        SERVER.into(),
+        n.to_string(),
+    ]
+}
+
+/// A number the probe printed (a median in µs, or `ok K`).
+fn probe_number(who: Contender, o: &Options, kind: &str, n: usize) -> Result<f64> {
+    let argv = probe_argv(o, kind, n);
+    let out = run_under(who, o, &argv)?;
+    let word = out.split_whitespace().last().unwrap_or("");
+    word.parse().with_context(|| format!("probe {kind} under {} printed {out:?}", who.name()))
+}
+
+/// Every descendant of `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return all };
+    let entries: Vec<(u32, u32)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // The field after the `(comm)` that may hold spaces: state, then ppid.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(p, pp) in &entries {
+            if pp == parent {
+                all.push(p);
+                frontier.push(p);
+            }
+        }
+    }
+    all
+}
+
+/// Resident set size of `pid` in MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
+}
+
+/// MiB resident in the contender's own process while the command holds `o.flows`
+/// connections.
+fn rss_with_flows(who: Contender, o: &Options) -> Result<f64> {
+    use std::io::{BufRead, BufReader};
+    let argv = probe_argv(o, "hold", o.flows);
+    let mut r = start(who, o, &argv)?;
+    let mut stdout = BufReader::new(r.main.stdout.take().context("no stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let rss = if line.trim() == "ready" {
+        // Let the engine settle (flow updates, buffers) before reading.
+        std::thread::sleep(Duration::from_millis(300));
+        let own = match who {
+            Contender::Childflow => "childflow",
+            Contender::Pasta => "pasta",
+            Contender::Slirp => "slirp4netns",
+            Contender::Host => "",
+        };
+        let mut pids = children_of(r.main.id());
+        if let Some(h) = &r.helper {
+            pids.push(h.id());
+        }
+        pids.into_iter().filter(|&p| comm(p).starts_with(own)).filter_map(rss_mib).reduce(f64::max)
+    } else {
+        None
+    };
+    drop(r.main.stdin.take());
+    let out = r.finish(&argv);
+    match rss {
+        Some(v) => Ok(v),
+        None => {
+            bail!("no RSS measured under {} (probe said {line:?}; {:?})", who.name(), out.err())
+        }
+    }
+}
+
 /// `cargo xtask bench rootless [OPTIONS]`.
 pub fn rootless(args: &[String]) -> Result<()> {
     let o = parse(args)?;
@@ -288,65 +446,133 @@ pub fn rootless(args: &[String]) -> Result<()> {
             o.bin.display()
         );
     }
-    // The bench user may not be able to reach the build tree: run a world-readable copy.
+    // The bench user may not be able to reach the build tree: run world-readable copies.
     let copy = tempfile_dir()?;
     let bin = copy.join("childflow");
     std::fs::copy(&o.bin, &bin).context("failed to copy childflow for the bench user")?;
-    let o = Options { bin, ..o };
-    let _dest = Destination::new()?;
+    let probe = copy.join("cfprobe");
+    std::fs::copy(std::env::current_exe()?, &probe).context("failed to copy the probe")?;
+    let o = Options { bin, probe, ..o };
+    let result = bench_all(&o);
+    let _ = std::fs::remove_dir_all(&copy);
+    result
+}
+
+type Measured<T> = Option<Result<T>>;
+
+struct Row {
+    who: Contender,
+    up: Measured<f64>,
+    down: Measured<f64>,
+    rr: Measured<f64>,
+    connect: Measured<f64>,
+    start: Measured<Duration>,
+    rss: Measured<f64>,
+    many: Measured<f64>,
+}
+
+fn bench_all(o: &Options) -> Result<()> {
+    let _dest = Destination::new(&o.probe)?;
     let all = [Contender::Host, Contender::Childflow, Contender::Pasta, Contender::Slirp];
     let chosen: Vec<Contender> = all
         .into_iter()
         .filter(|c| o.only.as_deref().is_none_or(|n| n == c.name() || *c == Contender::Host))
         .collect();
     println!(
-        "one TCP flow to {SERVER} for {} s per direction, MTU {} (host: no MTU change)",
-        o.seconds, o.mtu
+        "one TCP flow to {SERVER} for {} s per direction, MTU {} (host: no MTU change); \
+         rss with {} connections held, many: {} connects at once",
+        o.seconds, o.mtu, o.flows, o.conns
     );
+    let want = |t: &str| o.tests.iter().any(|x| x == t);
     let mut rows = Vec::new();
     for &c in &chosen {
         eprintln!("bench: {} ...", c.name());
-        let up = throughput(c, &o, false);
-        let down = throughput(c, &o, true);
-        let start = if c == Contender::Host { Ok(Duration::ZERO) } else { startup(c, &o) };
-        for (what, r) in [("up", &up), ("down", &down)] {
-            if let Err(e) = r {
-                eprintln!("{} {what}: {e:#}", c.name());
+        let measure = |t: &str, f: &dyn Fn() -> Result<f64>| -> Measured<f64> {
+            if !want(t) {
+                return None;
             }
-        }
-        if let Err(e) = &start {
-            eprintln!("{} start-up: {e:#}", c.name());
-        }
-        rows.push((c, up.ok(), down.ok(), start.ok()));
+            let r = f();
+            if let Err(e) = &r {
+                eprintln!("{} {t}: {e:#}", c.name());
+            }
+            Some(r)
+        };
+        let host = c == Contender::Host;
+        let row = Row {
+            who: c,
+            up: measure("up", &|| throughput(c, o, false)),
+            down: measure("down", &|| throughput(c, o, true)),
+            rr: measure("rr", &|| probe_number(c, o, "rr", 2000)),
+            connect: measure("connect", &|| probe_number(c, o, "connect", 500)),
+            start: if want("start") && !host {
+                let r = startup(c, o);
+                if let Err(e) = &r {
+                    eprintln!("{} start: {e:#}", c.name());
+                }
+                Some(r)
+            } else {
+                None
+            },
+            rss: if host { None } else { measure("rss", &|| rss_with_flows(c, o)) },
+            many: measure("many", &|| probe_number(c, o, "many", o.conns)),
+        };
+        rows.push(row);
     }
-    let (host_up, host_down) = (rows[0].1, rows[0].2);
-    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+    print_table(&rows, o);
+    Ok(())
+}
+
+fn print_table(rows: &[Row], o: &Options) {
+    let val = |m: &Measured<f64>| m.as_ref().and_then(|r| r.as_ref().ok()).copied();
+    let cell = |m: &Measured<f64>, fmt: &dyn Fn(f64) -> String| match m {
+        None => "-".to_string(),
+        Some(Err(_)) => "failed".to_string(),
+        Some(Ok(v)) => fmt(*v),
+    };
+    let host = &rows[0];
+    let ratio = |m: &Measured<f64>, base: &Measured<f64>| match (val(m), val(base)) {
         (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
         _ => "-".into(),
     };
-    let gbit = |v: Option<f64>| v.map_or("failed".into(), |v| format!("{v:.2}"));
+    let delta = |m: &Measured<f64>, base: &Measured<f64>| match (val(m), val(base)) {
+        (Some(v), Some(b)) => format!("{:+.0}", v - b),
+        _ => "-".into(),
+    };
     println!(
-        "\n{:<12} {:>12} {:>8} {:>12} {:>8} {:>12}",
-        "", "up Gbit/s", "ratio", "down Gbit/s", "ratio", "`-- true`"
+        "\n{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11}",
+        "",
+        "up Gb/s",
+        "ratio",
+        "down Gb/s",
+        "ratio",
+        "rr µs",
+        "Δveth",
+        "conn µs",
+        "-- true",
+        "RSS MiB",
+        format!("{}k conns", o.conns / 1000),
     );
-    for (c, up, down, start) in rows {
-        let start = match (c, start) {
-            (Contender::Host, _) => "-".to_string(),
-            (_, Some(d)) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
-            (_, None) => "failed".into(),
+    for r in rows {
+        let start = match &r.start {
+            None => "-".to_string(),
+            Some(Err(_)) => "failed".into(),
+            Some(Ok(d)) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
         };
         println!(
-            "{:<12} {:>12} {:>8} {:>12} {:>8} {:>12}",
-            c.name(),
-            gbit(up),
-            ratio(up, host_up),
-            gbit(down),
-            ratio(down, host_down),
-            start
+            "{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11}",
+            r.who.name(),
+            cell(&r.up, &|v| format!("{v:.2}")),
+            ratio(&r.up, &host.up),
+            cell(&r.down, &|v| format!("{v:.2}")),
+            ratio(&r.down, &host.down),
+            cell(&r.rr, &|v| format!("{v:.0}")),
+            delta(&r.rr, &host.rr),
+            cell(&r.connect, &|v| format!("{v:.0}")),
+            start,
+            cell(&r.rss, &|v| format!("{v:.1}")),
+            cell(&r.many, &|v| format!("{v:.0}/{}", o.conns)),
         );
     }
-    let _ = std::fs::remove_dir_all(&copy);
-    Ok(())
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

@@ -6,6 +6,7 @@
 
 mod bench;
 mod leftovers;
+mod probe;
 mod setup;
 
 use std::{
@@ -62,6 +63,8 @@ fn real_main() -> Result<ExitCode> {
             println!("no host state of ours is left over");
         }
         "bench" => bench(rest)?,
+        // The bench's own server and clients (not for people to run).
+        "bench-probe" => probe::run(rest)?,
         "-h" | "--help" | "help" => print!("{USAGE}"),
         other => bail!("unknown xtask command `{other}`\n{USAGE}"),
     }

@@ -366,8 +366,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, events: Emitter, now: Instant) -> Engine {
-        let mut dev =
-            Queues {
+        let mut dev = Queues {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
             pool: Vec::new(),
