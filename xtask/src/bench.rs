@@ -339,20 +339,23 @@ fn startup(who: Contender, o: &Options) -> Result<Duration> {
     Ok(times[times.len() / 2])
 }
 
-/// The probe's argv for `kind` with `n`.
-fn probe_argv(o: &Options, kind: &str, n: usize) -> Vec<String> {
+/// The probe's argv for `kind` with `n`, for contender `who` (each has a hold port of its
+/// own; see [`crate::probe::HOLD_PORTS`]).
+fn probe_argv(who: Contender, o: &Options, kind: &str, n: usize) -> Vec<String> {
+    let port = crate::probe::HOLD_PORT + who as u16;
     vec![
         o.probe.to_string_lossy().into_owned(),
         "bench-probe".into(),
         kind.into(),
         SERVER.into(),
         n.to_string(),
+        port.to_string(),
     ]
 }
 
 /// A number the probe printed (a median in µs, or `ok K`).
 fn probe_number(who: Contender, o: &Options, kind: &str, n: usize) -> Result<f64> {
-    let argv = probe_argv(o, kind, n);
+    let argv = probe_argv(who, o, kind, n);
     let out = run_under(who, o, &argv)?;
     let word = out.split_whitespace().last().unwrap_or("");
     word.parse().with_context(|| format!("probe {kind} under {} printed {out:?}", who.name()))
@@ -401,7 +404,7 @@ fn comm(pid: u32) -> String {
 /// connections.
 fn rss_with_flows(who: Contender, o: &Options) -> Result<f64> {
     use std::io::{BufRead, BufReader};
-    let argv = probe_argv(o, "hold", o.flows);
+    let argv = probe_argv(who, o, "hold", o.flows);
     let mut r = start(who, o, &argv)?;
     let mut stdout = BufReader::new(r.main.stdout.take().context("no stdout")?);
     let mut line = String::new();

@@ -12,6 +12,8 @@
 //!   them until its stdin closes (the bench reads the contender's RSS meanwhile).
 //! - `many ADDR N`: N connects in flight at once; prints `ok K` with K the number that
 //!   succeeded within 60 s.
+//!
+//! The clients take the hold port as an optional last argument (default [`HOLD_PORT`]).
 
 use std::{
     io::{BufRead, Read, Write},
@@ -24,6 +26,10 @@ use anyhow::{Context, Result, bail};
 
 pub const ECHO_PORT: u16 = 7001;
 pub const HOLD_PORT: u16 = 7002;
+/// The hold server listens on this many ports from [`HOLD_PORT`]: each contender connects to
+/// a port of its own, so the TIME-WAIT connections one leaves on the host (same 4-tuples)
+/// do not slow down the kernel's port search for the next.
+pub const HOLD_PORTS: u16 = 8;
 
 /// Raises the soft open-files limit to the hard one (10,000 sockets need more than 1,024).
 fn raise_nofile() {
@@ -50,9 +56,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let n: usize = args.get(2).map(|s| s.parse()).transpose().context("N")?.unwrap_or(1000);
     raise_nofile();
     let echo = SocketAddr::new(ip, ECHO_PORT);
-    let hold = SocketAddr::new(ip, HOLD_PORT);
+    let port: u16 =
+        args.get(3).map(|s| s.parse()).transpose().context("PORT")?.unwrap_or(HOLD_PORT);
+    let hold = SocketAddr::new(ip, port);
     match cmd.as_str() {
-        "server" => server(echo, hold),
+        "server" => server(echo, ip),
         "rr" => {
             let mut s = TcpStream::connect(echo).context("connect to the echo port")?;
             s.set_nodelay(true)?;
@@ -183,9 +191,8 @@ mod socket_fd {
     }
 }
 
-fn server(echo: SocketAddr, hold: SocketAddr) -> Result<()> {
+fn server(echo: SocketAddr, ip: std::net::IpAddr) -> Result<()> {
     let echo = TcpListener::bind(echo).context("bind the echo port")?;
-    let hold = listen_backlog(hold, 16384)?;
     std::thread::spawn(move || {
         for s in echo.incoming().flatten() {
             std::thread::spawn(move || {
@@ -200,37 +207,49 @@ fn server(echo: SocketAddr, hold: SocketAddr) -> Result<()> {
             });
         }
     });
-    // One poll loop holds every connection of the hold port until its peer closes it.
-    hold.set_nonblocking(true)?;
-    let mut held: Vec<TcpStream> = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let mut fds = vec![libc::pollfd { fd: hold.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-        fds.extend(held.iter().map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        // SAFETY: poll(2) on a vector of pollfds we own.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-        let mut closed = Vec::new();
-        for (i, fd) in fds.iter().enumerate().skip(1) {
-            if fd.revents != 0 {
-                let s = &mut held[i - 1];
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => closed.push(i - 1),
-                    Ok(_) => {}
+    // Accepting never waits for anything else; a reaper drops connections their peers
+    // closed, once a second (a poll over every held socket is too slow per accept).
+    let held: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
+    let reaped = held.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let mut held = reaped.lock().expect("held sockets");
+            let mut fds: Vec<libc::pollfd> = held
+                .iter()
+                .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: poll(2) on a vector of pollfds we own; no waiting.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+            let mut keep = fds.iter().map(|fd| fd.revents == 0).collect::<Vec<_>>();
+            for (i, k) in keep.iter_mut().enumerate() {
+                if !*k {
+                    *k = match held[i].read(&mut buf) {
+                        Ok(n) => n > 0,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    };
                 }
             }
+            let mut it = keep.into_iter();
+            held.retain(|_| it.next().unwrap_or(true));
         }
-        for i in closed.into_iter().rev() {
-            held.swap_remove(i);
-        }
-        while let Ok((s, _)) = hold.accept() {
-            let _ = s.set_nonblocking(true);
-            held.push(s);
-        }
+    });
+    let mut accepters = Vec::new();
+    for port in HOLD_PORT..HOLD_PORT + HOLD_PORTS {
+        let hold = listen_backlog(SocketAddr::new(ip, port), 16384)?;
+        let held = held.clone();
+        accepters.push(std::thread::spawn(move || {
+            for s in hold.incoming().flatten() {
+                let _ = s.set_nonblocking(true);
+                held.lock().expect("held sockets").push(s);
+            }
+        }));
     }
+    for a in accepters {
+        let _ = a.join();
+    }
+    Ok(())
 }
 
 fn listen_backlog(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {

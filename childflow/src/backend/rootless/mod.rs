@@ -91,6 +91,9 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // Only the capture consumes packet events; without one the engine emits none.
     engine_cfg.snaplen = config.capture.as_ref().map(|c| c.snaplen as usize);
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
+    // Every connection of the command is a host socket here. Raised only now, after the
+    // command was forked: its own limits stay what the user set.
+    raise_open_files_limit();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let engine = std::thread::Builder::new()
         .name("engine".into())
@@ -107,6 +110,18 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         Err(_) => tracing::warn!("the network engine panicked"),
     }
     Ok(status)
+}
+
+/// Raises the soft limit on open files to the hard one (commonly 1,024 → 524,288), so the
+/// engine can hold as many host sockets as the command opens connections.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!("cannot raise the open files limit from {soft} to {hard}: {e}");
+    }
 }
 
 /// Checks what the rootless backend needs before anything is created, so a missing piece
