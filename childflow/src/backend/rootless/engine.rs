@@ -253,6 +253,16 @@ struct Queues {
 const POOL_MAX: usize = 256;
 
 impl Queues {
+    fn new(mtu: usize) -> Queues {
+        Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            pool: Vec::new(),
+            spent: Vec::new(),
+            mtu,
+        }
+    }
+
     fn take(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_else(|| Vec::with_capacity(self.mtu + ETH_HEADER_LEN))
     }
@@ -366,13 +376,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, events: Emitter, now: Instant) -> Engine {
-        let mut dev = Queues {
-            rx: VecDeque::new(),
-            tx: VecDeque::new(),
-            pool: Vec::new(),
-            spent: Vec::new(),
-            mtu: cfg.mtu,
-        };
+        let mut dev = Queues::new(cfg.mtu);
         let mut iface_cfg =
             IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(cfg.net.gateway_mac)));
         iface_cfg.random_seed = cfg.unix_base_ns ^ 0x9e37_79b9_7f4a_7c15;
@@ -1210,8 +1214,7 @@ mod tests {
 
     impl Child {
         fn new() -> Child {
-            let mut dev =
-                Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: 1500 };
+            let mut dev = Queues::new(1500);
             let cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(CHILD_MAC)));
             let mut iface = Interface::new(cfg, &mut dev, t(0));
             iface.update_ip_addrs(|a| {
