@@ -4,7 +4,9 @@
 //! `cargo xtask test`. Each first makes sure the machine has what it needs (`setup`), so the
 //! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
 
+mod bench;
 mod leftovers;
+mod probe;
 mod setup;
 
 use std::{
@@ -61,6 +63,8 @@ fn real_main() -> Result<ExitCode> {
             println!("no host state of ours is left over");
         }
         "bench" => bench(rest)?,
+        // The bench's own server and clients (not for people to run).
+        "bench-probe" => probe::run(rest)?,
         "-h" | "--help" | "help" => print!("{USAGE}"),
         other => bail!("unknown xtask command `{other}`\n{USAGE}"),
     }
@@ -159,11 +163,13 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench(rest: &[String]) -> Result<()> {
-    const KINDS: &str = "flows (the flow table: events/s on one core, memory of 100,000 flows)";
+    const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
+                         flows (the flow table: events/s on one core, memory of 100,000 flows)";
     let Some(kind) = rest.first() else {
         bail!("usage: cargo xtask bench <kind>; kinds: {KINDS}");
     };
     match kind.as_str() {
+        "rootless" => bench::rootless(&rest[1..]),
         "flows" => {
             // A criterion micro-benchmark; it prints the memory figure before the timings.
             let mut cmd = cargo();

@@ -136,11 +136,22 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, mut stop: oneshot::Receiver<()>) -> io::Result<()> {
+async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, stop: oneshot::Receiver<()>) -> io::Result<()> {
     set_nonblocking(&tap)?;
     // SAFETY: `tap` is an open descriptor the AsyncFd owns until it is dropped.
     let tap = unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
         .map_err(|e| io::Error::other(e.to_string()))?;
+    // Dropping the tap at the end costs an RCU grace period in the kernel (~20 ms here;
+    // `synchronize_net` in tun's detach), which is most of a `childflow -- true` run. A
+    // forked closer would hide it but leaves a zombie wherever pid 1 does not reap.
+    relay_frames(ctx, &tap, stop).await
+}
+
+async fn relay_frames(
+    ctx: &Rc<Ctx>,
+    tap: &AsyncFd<OwnedFd>,
+    mut stop: oneshot::Receiver<()>,
+) -> io::Result<()> {
     let fd = tap.as_raw_fd();
     loop {
         let deadline = {

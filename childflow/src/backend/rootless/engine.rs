@@ -122,8 +122,10 @@ pub struct EngineConfig {
     /// The tap's MTU (IP packet size; frames are 14 bytes longer).
     pub mtu: usize,
     pub allow_host_loopback: bool,
-    /// How many bytes of each frame a [`PacketEvent`] carries (0: none).
-    pub snaplen: usize,
+    /// How many bytes of each frame a [`PacketEvent`] carries; `None`: no packet events at
+    /// all (nothing consumes them, and a channel send per frame is a large share of the
+    /// engine's time at full speed).
+    pub snaplen: Option<usize>,
     pub flow_update_interval: Duration,
     /// Size of each TCP socket's receive and send buffers.
     pub tcp_buffer: usize,
@@ -141,7 +143,7 @@ impl EngineConfig {
             net: Addressing::default(),
             mtu,
             allow_host_loopback: false,
-            snaplen: 128,
+            snaplen: Some(128),
             flow_update_interval: Duration::from_secs(5),
             tcp_buffer: 4 << 20,
             udp_idle: Duration::from_secs(60),
@@ -242,6 +244,8 @@ struct Queues {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
     pool: Vec<Vec<u8>>,
+    /// Frames smoltcp has consumed, on their way back to `pool`.
+    spent: Vec<Vec<u8>>,
     mtu: usize,
 }
 
@@ -249,6 +253,16 @@ struct Queues {
 const POOL_MAX: usize = 256;
 
 impl Queues {
+    fn new(mtu: usize) -> Queues {
+        Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            pool: Vec::new(),
+            spent: Vec::new(),
+            mtu,
+        }
+    }
+
     fn take(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_else(|| Vec::with_capacity(self.mtu + ETH_HEADER_LEN))
     }
@@ -259,33 +273,42 @@ impl Queues {
             self.pool.push(buf);
         }
     }
+
+    /// Returns the frames smoltcp consumed to the pool.
+    fn reclaim(&mut self) {
+        while let Some(buf) = self.spent.pop() {
+            self.recycle(buf);
+        }
+    }
 }
 
+/// Returns its frame to `spent` (not straight to the pool, which the transmit token of the
+/// same pair borrows); [`Queues::reclaim`] moves them over after each poll.
 struct RxToken<'a> {
     frame: Vec<u8>,
-    pool: &'a mut Vec<Vec<u8>>,
+    spent: &'a mut Vec<Vec<u8>>,
 }
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         let r = f(&self.frame);
-        if self.pool.len() < POOL_MAX {
-            let mut frame = self.frame;
-            frame.clear();
-            self.pool.push(frame);
-        }
+        self.spent.push(self.frame);
         r
     }
 }
 
+/// Takes its buffer from the pool only when smoltcp really sends: smoltcp asks for a
+/// transmit token with every received frame but uses few of them, and a pooled buffer
+/// dropped with an unused token would be freed and allocated again (page faults at 64 KiB).
 struct TxToken<'a> {
     tx: &'a mut VecDeque<Vec<u8>>,
-    buf: Vec<u8>,
+    pool: &'a mut Vec<Vec<u8>>,
+    capacity: usize,
 }
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = self.buf;
+        let mut buf = self.pool.pop().unwrap_or_else(|| Vec::with_capacity(self.capacity));
         // `resize` only zeroes bytes beyond the old length; pooled buffers are cleared,
         // so this writes `len` bytes once, which smoltcp then overwrites.
         buf.resize(len, 0);
@@ -301,13 +324,14 @@ impl phy::Device for Queues {
 
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let frame = self.rx.pop_front()?;
-        let buf = self.pool.pop().unwrap_or_default();
-        Some((RxToken { frame, pool: &mut self.pool }, TxToken { tx: &mut self.tx, buf }))
+        let capacity = self.mtu + ETH_HEADER_LEN;
+        let rx = RxToken { frame, spent: &mut self.spent };
+        Some((rx, TxToken { tx: &mut self.tx, pool: &mut self.pool, capacity }))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        let buf = self.pool.pop().unwrap_or_default();
-        Some(TxToken { tx: &mut self.tx, buf })
+        let capacity = self.mtu + ETH_HEADER_LEN;
+        Some(TxToken { tx: &mut self.tx, pool: &mut self.pool, capacity })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -352,8 +376,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, events: Emitter, now: Instant) -> Engine {
-        let mut dev =
-            Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: cfg.mtu };
+        let mut dev = Queues::new(cfg.mtu);
         let mut iface_cfg =
             IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(cfg.net.gateway_mac)));
         iface_cfg.random_seed = cfg.unix_base_ns ^ 0x9e37_79b9_7f4a_7c15;
@@ -438,7 +461,8 @@ impl Engine {
     }
 
     fn emit_packet(&self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
-        let snap = frame.len().min(self.cfg.snaplen);
+        let Some(snaplen) = self.cfg.snaplen else { return };
+        let snap = frame.len().min(snaplen);
         self.events.emit(Event::Packet(PacketEvent {
             ts: self.unix(now),
             direction: dir,
@@ -842,6 +866,7 @@ impl Engine {
 
     /// Moves smoltcp's frames to the output queue, counting each to its flow.
     fn collect_tx(&mut self, now: Instant) {
+        self.dev.reclaim();
         while let Some(frame) = self.dev.tx.pop_front() {
             self.send_frame(frame, None, now);
         }
@@ -1189,8 +1214,7 @@ mod tests {
 
     impl Child {
         fn new() -> Child {
-            let mut dev =
-                Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: 1500 };
+            let mut dev = Queues::new(1500);
             let cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(CHILD_MAC)));
             let mut iface = Interface::new(cfg, &mut dev, t(0));
             iface.update_ip_addrs(|a| {

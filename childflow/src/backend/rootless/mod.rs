@@ -88,12 +88,12 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     engine_cfg.allow_host_loopback = config.allow_host_loopback;
     engine_cfg.flow_update_interval =
         smoltcp::time::Duration::from_micros(config.flow_update_interval.as_micros() as u64);
-    engine_cfg.snaplen = match &config.capture {
-        Some(c) => c.snaplen as usize,
-        // Without a capture, events carry the headers only (enough for the flow table).
-        None => 128,
-    };
+    // Only the capture consumes packet events; without one the engine emits none.
+    engine_cfg.snaplen = config.capture.as_ref().map(|c| c.snaplen as usize);
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
+    // Every connection of the command is a host socket here. Raised only now, after the
+    // command was forked: its own limits stay what the user set.
+    raise_open_files_limit();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let engine = std::thread::Builder::new()
         .name("engine".into())
@@ -110,6 +110,18 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         Err(_) => tracing::warn!("the network engine panicked"),
     }
     Ok(status)
+}
+
+/// Raises the soft limit on open files to the hard one (commonly 1,024 → 524,288), so the
+/// engine can hold as many host sockets as the command opens connections.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!("cannot raise the open files limit from {soft} to {hard}: {e}");
+    }
 }
 
 /// Checks what the rootless backend needs before anything is created, so a missing piece

@@ -1,0 +1,260 @@
+//! `xtask bench-probe`: the small server and clients behind the latency, connect and
+//! concurrency rows of `cargo xtask bench rootless`. The bench runs the server in its
+//! destination namespace and each client under every contender (host, childflow, pasta,
+//! slirp4netns), so all of them measure the same thing the same way.
+//!
+//! - `server ADDR`: echo on port [`ECHO_PORT`]; on [`HOLD_PORT`] accepts and keeps each
+//!   connection until its peer closes it.
+//! - `rr ADDR N`: N one-byte request/response round trips on one connection; prints the
+//!   median in microseconds.
+//! - `connect ADDR N`: N sequential TCP connects; prints the median connect time in µs.
+//! - `hold ADDR N`: opens N connections, sends a few bytes on each, prints `ready`, and holds
+//!   them until its stdin closes (the bench reads the contender's RSS meanwhile).
+//! - `many ADDR N`: N connects in flight at once; prints `ok K` with K the number that
+//!   succeeded within 60 s.
+//!
+//! The clients take the hold port as an optional last argument (default [`HOLD_PORT`]).
+
+use std::{
+    io::{BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+pub const ECHO_PORT: u16 = 7001;
+pub const HOLD_PORT: u16 = 7002;
+/// The hold server listens on this many ports from [`HOLD_PORT`]: each contender connects to
+/// a port of its own, so the TIME-WAIT connections one leaves on the host (same 4-tuples)
+/// do not slow down the kernel's port search for the next.
+pub const HOLD_PORTS: u16 = 8;
+
+/// Raises the soft open-files limit to the hard one (10,000 sockets need more than 1,024).
+fn raise_nofile() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (Some(cmd), Some(addr)) = (args.first(), args.get(1)) else {
+        bail!("usage: xtask bench-probe server|rr|connect|hold|many ADDR [N]");
+    };
+    let ip: std::net::IpAddr = addr.parse().context("ADDR")?;
+    let n: usize = args.get(2).map(|s| s.parse()).transpose().context("N")?.unwrap_or(1000);
+    raise_nofile();
+    let echo = SocketAddr::new(ip, ECHO_PORT);
+    let port: u16 =
+        args.get(3).map(|s| s.parse()).transpose().context("PORT")?.unwrap_or(HOLD_PORT);
+    let hold = SocketAddr::new(ip, port);
+    match cmd.as_str() {
+        "server" => server(echo, ip),
+        "rr" => {
+            let mut s = TcpStream::connect(echo).context("connect to the echo port")?;
+            s.set_nodelay(true)?;
+            let mut times = Vec::with_capacity(n);
+            let mut b = [0u8; 1];
+            for i in 0..n + 100 {
+                let t = Instant::now();
+                s.write_all(b"x")?;
+                s.read_exact(&mut b)?;
+                if i >= 100 {
+                    times.push(t.elapsed());
+                }
+            }
+            println!("{}", median(times).as_secs_f64() * 1e6);
+            Ok(())
+        }
+        "connect" => {
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let s = TcpStream::connect(hold).context("connect to the hold port")?;
+                times.push(t.elapsed());
+                drop(s);
+            }
+            println!("{}", median(times).as_secs_f64() * 1e6);
+            Ok(())
+        }
+        "hold" => {
+            let mut held = Vec::with_capacity(n);
+            for i in 0..n {
+                let mut s = TcpStream::connect(hold)
+                    .with_context(|| format!("connection {i} of {n} failed"))?;
+                s.write_all(&[0u8; 100])?;
+                held.push(s);
+            }
+            println!("ready");
+            std::io::stdout().flush()?;
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            Ok(())
+        }
+        "many" => many(hold, n),
+        other => bail!("unknown probe {other}"),
+    }
+}
+
+/// Starts `n` non-blocking connects at once and waits for all of them.
+fn many(to: SocketAddr, n: usize) -> Result<()> {
+    use socket_fd::{nonblocking_connect, so_error};
+    let mut socks = Vec::with_capacity(n);
+    for _ in 0..n {
+        socks.push(nonblocking_connect(to)?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut pending: Vec<usize> = (0..n).collect();
+    let mut ok = 0;
+    while !pending.is_empty() && Instant::now() < deadline {
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|&i| libc::pollfd { fd: socks[i].as_raw_fd(), events: libc::POLLOUT, revents: 0 })
+            .collect();
+        // SAFETY: poll(2) on a slice of pollfds we own.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if r < 0 {
+            bail!("poll: {}", std::io::Error::last_os_error());
+        }
+        let mut still = Vec::new();
+        for (fd, &i) in fds.iter().zip(&pending) {
+            if fd.revents == 0 {
+                still.push(i);
+            } else if so_error(&socks[i]) == 0 {
+                ok += 1;
+            }
+        }
+        pending = still;
+    }
+    println!("ok {ok}");
+    Ok(())
+}
+
+mod socket_fd {
+    use std::{
+        net::SocketAddr,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    };
+
+    pub fn nonblocking_connect(to: SocketAddr) -> anyhow::Result<OwnedFd> {
+        let SocketAddr::V4(v4) = to else { anyhow::bail!("IPv4 only") };
+        // SAFETY: socket(2)/connect(2) with a sockaddr_in built here.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                anyhow::bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            let r = libc::connect(
+                fd.as_raw_fd(),
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+                anyhow::bail!("connect: {}", std::io::Error::last_os_error());
+            }
+            Ok(fd)
+        }
+    }
+
+    pub fn so_error(fd: &OwnedFd) -> i32 {
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) into a local int.
+        unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            );
+        }
+        err
+    }
+}
+
+fn server(echo: SocketAddr, ip: std::net::IpAddr) -> Result<()> {
+    let echo = TcpListener::bind(echo).context("bind the echo port")?;
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    // Accepting never waits for anything else; a reaper drops connections their peers
+    // closed, once a second (a poll over every held socket is too slow per accept).
+    let held: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
+    let reaped = held.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let mut held = reaped.lock().expect("held sockets");
+            let mut fds: Vec<libc::pollfd> = held
+                .iter()
+                .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+                .collect();
+            // SAFETY: poll(2) on a vector of pollfds we own; no waiting.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+            let mut keep = fds.iter().map(|fd| fd.revents == 0).collect::<Vec<_>>();
+            for (i, k) in keep.iter_mut().enumerate() {
+                if !*k {
+                    *k = match held[i].read(&mut buf) {
+                        Ok(n) => n > 0,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    };
+                }
+            }
+            let mut it = keep.into_iter();
+            held.retain(|_| it.next().unwrap_or(true));
+        }
+    });
+    let mut accepters = Vec::new();
+    for port in HOLD_PORT..HOLD_PORT + HOLD_PORTS {
+        let hold = listen_backlog(SocketAddr::new(ip, port), 16384)?;
+        let held = held.clone();
+        accepters.push(std::thread::spawn(move || {
+            for s in hold.incoming().flatten() {
+                let _ = s.set_nonblocking(true);
+                held.lock().expect("held sockets").push(s);
+            }
+        }));
+    }
+    for a in accepters {
+        let _ = a.join();
+    }
+    Ok(())
+}
+
+fn listen_backlog(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
+    let l = TcpListener::bind(addr).context("bind the hold port")?;
+    // SAFETY: listen(2) again on a bound listening socket only changes its backlog.
+    unsafe { libc::listen(l.as_raw_fd(), backlog) };
+    Ok(l)
+}
