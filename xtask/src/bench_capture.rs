@@ -8,14 +8,19 @@
 //! - `childflow`: no capture (the baseline the others are compared with);
 //! - `childflow -c`: childflow writes every frame at the tap to a pcapng file;
 //! - `tcpdump -w`: no childflow capture; `tcpdump -w` runs in the command's namespace
-//!   (`nsenter --net`) on the same tap device, so it sees exactly the frames `-c` writes.
-//!   The one-second sleep lets it attach before iperf3 starts.
+//!   (`nsenter --net`) on the same tap device, so it sees the frames `-c` sees, plus those
+//!   the kernel drops at the tap when the engine reads too slowly (the kernel hands frames
+//!   to packet sockets before the tap's queue). The one-second sleep lets it attach before
+//!   iperf3 starts.
 //!
 //! Two workloads: one bulk TCP flow (iperf3 default, MTU 65520 unless `--mtu`), and many
 //! small UDP datagrams (`iperf3 -u -l 64 -b 0`, the packets/s stress). Reported per run:
 //! iperf3's throughput, its cost against the baseline, packets written (counted in the file
 //! by `capinfos`), packets/s written, and drops (childflow's `--summary-format json`
-//! drop counters; tcpdump's "dropped by kernel"). Files are deleted after counting.
+//! drop counters; tcpdump's "dropped by kernel"), and the tap's own drops (frames the
+//! kernel dropped because the engine read too slowly: lost before any capture point). Files
+//! are deleted after counting. The rows alternate for `--rounds` rounds and each shows its
+//! median run, since one run on a shared machine says little.
 //! Needs root (the namespace, veth and nsenter); everything is removed on exit.
 
 use std::{
@@ -52,6 +57,11 @@ struct Options {
     keep: bool,
     /// `tcp` or `udp` only.
     only: Option<String>,
+    /// Runs of each row, interleaved; the row shown is the median one.
+    rounds: usize,
+    /// Where the capture files go (default: a temporary directory); e.g. a tmpfs to take
+    /// the disk out of the measurement.
+    dir: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -63,6 +73,8 @@ fn parse(args: &[String]) -> Result<Options> {
         user: lookup_user(crate::bench::BENCH_USER),
         keep: false,
         only: None,
+        rounds: 3,
+        dir: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -77,12 +89,15 @@ fn parse(args: &[String]) -> Result<Options> {
                 o.user = Some(lookup_user(name).with_context(|| format!("no user {name}"))?);
             }
             "--keep" => o.keep = true,
+            "--dir" => o.dir = Some(PathBuf::from(value()?)),
             "--only" => o.only = Some(value()?.clone()),
+            "--rounds" => o.rounds = value()?.parse::<usize>().context("--rounds N")?.max(1),
             "-h" | "--help" => {
                 println!(
                     "usage: cargo xtask bench capture [--time SECONDS (3)] [--mtu BYTES (65520)] \
                      [--udp-len BYTES (64)] [--bin PATH] [--user NAME (default childflow-test)] \
-                     [--keep (leave the capture files)] [--only tcp|udp]"
+                     [--keep (leave the capture files)] [--only tcp|udp] [--rounds N (3)] \
+                     [--dir PATH (for the capture files)]"
                 );
                 std::process::exit(0);
             }
@@ -369,7 +384,7 @@ pub fn capture(args: &[String]) -> Result<()> {
     let copy = tempfile_dir()?;
     let bin = copy.join("childflow");
     std::fs::copy(&o.bin, &bin).context("failed to copy childflow for the bench user")?;
-    let files = copy.join("captures");
+    let files = o.dir.as_deref().unwrap_or(&copy).join("childflow-bench-captures");
     std::fs::create_dir_all(&files)?;
     if let Some((uid, gid)) = o.user {
         std::os::unix::fs::chown(&files, Some(uid), Some(gid))
@@ -380,6 +395,10 @@ pub fn capture(args: &[String]) -> Result<()> {
     if o.keep {
         println!("capture files kept in {}", files.display());
     } else {
+        let _ = std::fs::remove_dir_all(&files);
+    }
+    // Kept files without --dir live in the temporary directory: keep that too.
+    if !(o.keep && o.dir.is_none()) {
         let _ = std::fs::remove_dir_all(&copy);
     }
     result
@@ -388,28 +407,50 @@ pub fn capture(args: &[String]) -> Result<()> {
 fn bench_all(o: &Options, dir: &Path) -> Result<()> {
     let _dest = Destination::new(&NET, None)?;
     println!(
-        "rootless backend, iperf3 to {} for {} s per run, MTU {}; UDP datagrams of {} bytes",
-        NET.server, o.seconds, o.mtu, o.udp_len
+        "rootless backend, iperf3 to {} for {} s per run, MTU {}; UDP datagrams of {} bytes; \
+         median of {} rounds",
+        NET.server, o.seconds, o.mtu, o.udp_len, o.rounds
     );
+    // On a shared machine one run says little: the rows alternate, round after round, and
+    // each row shows its median run.
     let mut results = Vec::new();
     for workload in [Workload::Tcp, Workload::Udp] {
         let tag = if workload == Workload::Tcp { "tcp" } else { "udp" };
         if o.only.as_deref().is_some_and(|only| only != tag) {
             continue;
         }
-        for capture in [Capture::None, Capture::Childflow, Capture::Tcpdump] {
-            let what = if workload == Workload::Tcp { "bulk TCP" } else { "small UDP" };
-            eprintln!("bench: {what}, {} ...", capture.name());
-            let r = run(o, dir, workload, capture);
-            if let Err(e) = &r {
-                eprintln!("{what}, {}: {e:#}", capture.name());
+        let mut runs: [Vec<Measured>; 3] = Default::default();
+        let mut errors: [Option<anyhow::Error>; 3] = Default::default();
+        for round in 1..=o.rounds {
+            for (i, capture) in CAPTURES.into_iter().enumerate() {
+                let what = if workload == Workload::Tcp { "bulk TCP" } else { "small UDP" };
+                eprintln!("bench: {what}, {} (round {round}/{}) ...", capture.name(), o.rounds);
+                match run(o, dir, workload, capture) {
+                    Ok(m) => runs[i].push(m),
+                    Err(e) => {
+                        eprintln!("{what}, {}: {e:#}", capture.name());
+                        errors[i] = Some(e);
+                    }
+                }
             }
+        }
+        for ((capture, mut ms), err) in CAPTURES.into_iter().zip(runs).zip(errors) {
+            let primary = |m: &Measured| match workload {
+                Workload::Tcp => m.gbit,
+                Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
+            };
+            ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
+            let n = ms.len();
+            let median = (n > 0).then(|| ms.swap_remove(n / 2));
+            let r = median.ok_or_else(|| err.unwrap_or_else(|| anyhow::anyhow!("no run")));
             results.push((workload, capture, r));
         }
     }
     print_tables(&results);
     Ok(())
 }
+
+const CAPTURES: [Capture; 3] = [Capture::None, Capture::Childflow, Capture::Tcpdump];
 
 type Results = [(Workload, Capture, Result<Measured>)];
 
