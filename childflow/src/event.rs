@@ -98,7 +98,9 @@ pub struct PacketEvent {
     pub direction: Direction,
     /// The packet's length on the wire; `data` may be shorter (snap length).
     pub orig_len: u32,
-    /// The captured bytes, starting with the Ethernet header.
+    /// The captured bytes, starting with the Ethernet header. Empty (with `orig_len > 0`)
+    /// when the backend's capture filter rejected the frame: the capture counts it as
+    /// filtered out without the backend copying it.
     pub data: Vec<u8>,
 }
 

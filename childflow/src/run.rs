@@ -331,7 +331,7 @@ mod tests {
         drop(emitter);
         collector.drain(events);
         assert_eq!(collector.events(), 7);
-        let community_id = collector.table().iter().next().expect("live flow").community_id.clone();
+        let community_id = collector.table().iter().next().expect("live flow").community_id;
         let outcome =
             collector.finish(RunEnd { end: 1, status: Some(ExitStatus::Exited(0)), error: None });
         assert!(outcome.errors.is_empty());

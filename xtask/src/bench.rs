@@ -31,11 +31,24 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const NETNS: &str = "cfbench";
-const HOST_IF: &str = "cfbh0";
-const PEER_IF: &str = "cfbu0";
-const HOST_ADDR: &str = "198.18.251.1";
-const SERVER: &str = "198.18.251.2";
+/// A destination network for a benchmark: a namespace joined to the host by a veth pair.
+pub(crate) struct BenchNet {
+    pub netns: &'static str,
+    pub host_if: &'static str,
+    pub peer_if: &'static str,
+    pub host_addr: &'static str,
+    /// The iperf3 (and probe) server's address, in `netns`.
+    pub server: &'static str,
+}
+
+const NET: BenchNet = BenchNet {
+    netns: "cfbench",
+    host_if: "cfbh0",
+    peer_if: "cfbu0",
+    host_addr: "198.18.251.1",
+    server: "198.18.251.2",
+};
+const SERVER: &str = NET.server;
 const ALL_TESTS: [&str; 7] = ["up", "down", "rr", "connect", "start", "rss", "many"];
 
 /// Options of the rootless benchmark.
@@ -57,9 +70,9 @@ struct Options {
 }
 
 /// The unprivileged user of `cargo xtask setup`, which the rootless contenders run as.
-const BENCH_USER: &str = "childflow-test";
+pub(crate) const BENCH_USER: &str = "childflow-test";
 
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
+pub(crate) fn lookup_user(name: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -112,7 +125,7 @@ fn parse(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-fn sh(args: &[&str]) -> Result<()> {
+pub(crate) fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
     if !out.status.success() {
         bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -120,45 +133,50 @@ fn sh(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The destination namespace with its iperf3 server; removed on drop.
-struct Destination {
+/// The destination namespace with its iperf3 server (and the probe server, if given);
+/// removed on drop.
+pub(crate) struct Destination {
+    net: &'static BenchNet,
     server: Option<Child>,
     probe: Option<Child>,
 }
 
 impl Destination {
-    fn new(probe: &std::path::Path) -> Result<Destination> {
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
-        let _ = Command::new("ip").args(["link", "del", HOST_IF]).output();
-        let mut d = Destination { server: None, probe: None };
-        sh(&["ip", "netns", "add", NETNS])?;
-        sh(&["ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF])?;
-        sh(&["ip", "link", "set", PEER_IF, "netns", NETNS])?;
-        sh(&["ip", "addr", "add", &format!("{HOST_ADDR}/24"), "dev", HOST_IF])?;
-        sh(&["ip", "link", "set", HOST_IF, "up"])?;
+    pub(crate) fn new(net: &'static BenchNet, probe: Option<&std::path::Path>) -> Result<Self> {
+        let BenchNet { netns, host_if, peer_if, host_addr, server } = *net;
+        let _ = Command::new("ip").args(["netns", "del", netns]).output();
+        let _ = Command::new("ip").args(["link", "del", host_if]).output();
+        let mut d = Destination { net, server: None, probe: None };
+        sh(&["ip", "netns", "add", netns])?;
+        sh(&["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if])?;
+        sh(&["ip", "link", "set", peer_if, "netns", netns])?;
+        sh(&["ip", "addr", "add", &format!("{host_addr}/24"), "dev", host_if])?;
+        sh(&["ip", "link", "set", host_if, "up"])?;
         let ns = |rest: &[&str]| {
-            let mut v = vec!["ip", "-n", NETNS];
+            let mut v = vec!["ip", "-n", netns];
             v.extend_from_slice(rest);
             sh(&v)
         };
         ns(&["link", "set", "lo", "up"])?;
-        ns(&["addr", "add", &format!("{SERVER}/24"), "dev", PEER_IF])?;
-        ns(&["link", "set", PEER_IF, "up"])?;
-        let server = Command::new("ip")
-            .args(["netns", "exec", NETNS, "iperf3", "-s", "-B", SERVER])
+        ns(&["addr", "add", &format!("{server}/24"), "dev", peer_if])?;
+        ns(&["link", "set", peer_if, "up"])?;
+        let iperf = Command::new("ip")
+            .args(["netns", "exec", netns, "iperf3", "-s", "-B", server])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("failed to start the iperf3 server")?;
-        d.server = Some(server);
-        let probe = Command::new("ip")
-            .args(["netns", "exec", NETNS])
-            .arg(probe)
-            .args(["bench-probe", "server", SERVER])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("failed to start the probe server")?;
-        d.probe = Some(probe);
+        d.server = Some(iperf);
+        if let Some(probe) = probe {
+            let probe = Command::new("ip")
+                .args(["netns", "exec", netns])
+                .arg(probe)
+                .args(["bench-probe", "server", server])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("failed to start the probe server")?;
+            d.probe = Some(probe);
+        }
         std::thread::sleep(Duration::from_millis(300));
         Ok(d)
     }
@@ -170,8 +188,8 @@ impl Drop for Destination {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).output();
-        let _ = Command::new("ip").args(["link", "del", HOST_IF]).output();
+        let _ = Command::new("ip").args(["netns", "del", self.net.netns]).output();
+        let _ = Command::new("ip").args(["link", "del", self.net.host_if]).output();
     }
 }
 
@@ -362,7 +380,7 @@ fn probe_number(who: Contender, o: &Options, kind: &str, n: usize) -> Result<f64
 }
 
 /// Every descendant of `pid`, from /proc.
-fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let mut all = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return all };
     let entries: Vec<(u32, u32)> = dir
@@ -396,7 +414,7 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn comm(pid: u32) -> String {
+pub(crate) fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
 }
 
@@ -476,7 +494,7 @@ struct Row {
 }
 
 fn bench_all(o: &Options) -> Result<()> {
-    let _dest = Destination::new(&o.probe)?;
+    let _dest = Destination::new(&NET, Some(&o.probe))?;
     let all = [Contender::Host, Contender::Childflow, Contender::Pasta, Contender::Slirp];
     let chosen: Vec<Contender> = all
         .into_iter()
@@ -579,7 +597,7 @@ fn print_table(rows: &[Row], o: &Options) {
     }
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("childflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

@@ -5,6 +5,7 @@
 //! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
 
 mod bench;
+mod bench_capture;
 mod bench_rootful;
 mod leftovers;
 mod probe;
@@ -166,12 +167,14 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w), \
+                         capture (childflow -c against tcpdump -w on the same traffic), \
                          flows (the flow table: events/s on one core, memory of 100,000 flows)";
     let Some(kind) = rest.first() else {
         bail!("usage: cargo xtask bench <kind>; kinds: {KINDS}");
     };
     match kind.as_str() {
         "rootless" => bench::rootless(&rest[1..]),
+        "capture" => bench_capture::capture(&rest[1..]),
         "flows" => {
             // A criterion micro-benchmark; it prints the memory figure before the timings.
             let mut cmd = cargo();

@@ -302,8 +302,12 @@ impl Capture {
             self.stats.lost_after_error += 1;
             return Ok(());
         }
-        if let Some(filter) = &self.filter
-            && !filter.matches(&Fields::from_ethernet(&pkt.data, pkt.direction))
+        // An empty packet was already filtered out by the backend (`PacketEvent::data`).
+        let backend_filtered = pkt.data.is_empty() && pkt.orig_len > 0;
+        if backend_filtered
+            || self.filter.as_ref().is_some_and(|filter| {
+                !filter.matches(&Fields::from_ethernet(&pkt.data, pkt.direction))
+            })
         {
             self.stats.filtered_out += 1;
             return Ok(());

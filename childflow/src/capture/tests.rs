@@ -249,6 +249,28 @@ fn the_filter_and_snap_length_apply_and_the_isb_counts_them() {
 }
 
 #[test]
+fn packets_the_backend_filtered_count_as_filtered_out_and_are_not_written() {
+    // The rootless engine runs the filter itself and reports a rejected frame without its
+    // bytes (`PacketEvent::data` empty, `orig_len` kept).
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = tmp.path().join("backend-filtered.pcapng");
+    let mut cfg = config(&path);
+    cfg.filter = Some("not udp".into());
+    let mut cap = open(&cfg, tmp.path());
+    let traffic = mixed_traffic();
+    let mut rejected = traffic[0].clone();
+    rejected.data = Vec::new();
+    cap.packet(&rejected, &PacketMeta::default()).expect("count a filtered packet");
+    cap.packet(&traffic[1], &PacketMeta::default()).expect("write packet");
+    let stats = cap.close(0).expect("close capture");
+    assert_eq!((stats.received, stats.filtered_out, stats.written), (2, 1, 1));
+    let blocks = read_blocks(&path);
+    let (_, isb) = blocks.iter().find(|(t, _)| *t == pcapng::BLOCK_ISB).expect("an ISB");
+    assert_eq!(isb_option(isb, pcapng::opt::ISB_IFRECV), 2);
+    assert_eq!(isb_option(isb, pcapng::opt::ISB_FILTERACCEPT), 1);
+}
+
+#[test]
 fn a_bad_filter_fails_to_open_with_its_column() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut cfg = config(&tmp.path().join("x.pcapng"));

@@ -59,8 +59,8 @@ pub struct Flow {
     /// records (Zeek's `uid` plays this role).
     pub uid: u64,
     pub key: FlowKey,
-    /// Community ID v1 of the key (`1:` + base64 of a SHA-1).
-    pub community_id: Arc<str>,
+    /// Community ID v1 of the key (`1:` + base64 of a SHA-1), inline (no allocation).
+    pub community_id: community_id::CommunityId,
     /// Cumulative counters, as last reported by the backend (minus what an earlier
     /// incarnation of the key already accounted for, see [`table`]).
     pub stats: FlowStats,

@@ -134,8 +134,9 @@ pub struct TableSnapshot {
 
 struct Entry {
     flow: Flow,
-    /// What an earlier incarnation of this key already accounted for.
-    baseline: Option<FlowStats>,
+    /// What an earlier incarnation of this key already accounted for. Boxed: rare, and the
+    /// entry stays smaller for the map's probes and moves.
+    baseline: Option<Box<FlowStats>>,
     /// The backend's `first_ns` for this flow (before a baseline moved `stats.first_ns`).
     backend_first_ns: UnixNanos,
     /// When the last update record was emitted (or the flow started).
@@ -178,7 +179,7 @@ pub struct FlowTable {
     /// flow starts travel separately (rootful: two ring buffers) may report the answer
     /// after the flow it named; the answer then names these flows.
     unnamed: VecDeque<FlowKey>,
-    processes: HashMap<u32, Arc<ProcessInfo>>,
+    processes: FastMap<u32, Arc<ProcessInfo>>,
     dns: DnsNames,
     output: Vec<Output>,
     next_uid: u64,
@@ -205,7 +206,7 @@ impl FlowTable {
             pending_process: Bounded::new(max.min(1 << 16)),
             early: Bounded::new(max.min(1 << 12)),
             unnamed: VecDeque::with_capacity(UNNAMED),
-            processes: HashMap::new(),
+            processes: FastMap::default(),
             dns: DnsNames::new(max.min(1 << 16)),
             output: Vec::new(),
             next_uid: 1,
@@ -266,25 +267,33 @@ impl FlowTable {
 
     fn ingest_flow(&mut self, update: &FlowUpdate) -> Option<&Flow> {
         let key = update.key;
-        if let Some(entry) = self.flows.get_mut(&key) {
-            entry.flow.stats = match &entry.baseline {
-                Some(base) => subtract(&update.stats, base),
-                None => update.stats,
-            };
-        } else {
+        if let FlowPhase::End(reason) = update.phase {
+            self.update_or_insert(update)?;
+            self.end(&key, reason);
+            return self.output.last().map(Output::flow);
+        }
+        self.update_or_insert(update).map(|e| &e.flow)
+    }
+
+    /// The live entry of `update.key` with the update's counters, created (evicting if the
+    /// table is full) when the key is new.
+    fn update_or_insert(&mut self, update: &FlowUpdate) -> Option<&mut Entry> {
+        let key = update.key;
+        // Checked first because returning a `get_mut` borrow on one branch only does not
+        // compile before Polonius; the second lookup hits the cache lines just touched.
+        if !self.flows.contains_key(&key) {
             let entry = self.new_entry(update)?;
             if self.flows.len() >= self.config.max_flows {
                 self.evict();
             }
-            self.flows.insert(key, entry);
+            return Some(self.flows.entry(key).or_insert(entry));
         }
-        match update.phase {
-            FlowPhase::End(reason) => {
-                self.end(&key, reason);
-                self.output.last().map(Output::flow)
-            }
-            FlowPhase::Start | FlowPhase::Update => self.flows.get(&key).map(|e| &e.flow),
-        }
+        let entry = self.flows.get_mut(&key)?;
+        entry.flow.stats = match &entry.baseline {
+            Some(base) => subtract(&update.stats, base),
+            None => update.stats,
+        };
+        Some(entry)
     }
 
     /// A new live flow for `update`; `None` when the update only repeats what a retired
@@ -293,7 +302,7 @@ impl FlowTable {
     fn new_entry(&mut self, update: &FlowUpdate) -> Option<Entry> {
         let key = update.key;
         let retired = self.retired.get(&key).filter(|r| r.first_ns == update.stats.first_ns);
-        let baseline = retired.map(|r| r.stats);
+        let baseline = retired.map(|r| Box::new(r.stats));
         let stats = match &baseline {
             Some(base) => subtract(&update.stats, base),
             None => update.stats,
@@ -855,7 +864,7 @@ mod tests {
         let syn = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data };
         let got = t.packet(&syn).expect("a provisional flow");
         assert!(got.first);
-        let early_id = got.flow.community_id.clone();
+        let early_id = got.flow.community_id;
         assert!(!t.packet(&syn).expect("again").first);
         t.ingest(&established_flow());
         let flow = t.packet(&syn).expect("the reported flow");

@@ -52,6 +52,7 @@ use super::{
     dns,
     packet::{self, Builder, ETH_HEADER_LEN, Headers, Mac, Unreachable},
 };
+use crate::capture::filter::{Fields, Program};
 use crate::event::{
     CloseReason, DnsTransport, Emitter, Event, FlowKey, FlowPhase, FlowStats, FlowUpdate,
     PacketEvent, UnixNanos,
@@ -126,6 +127,9 @@ pub struct EngineConfig {
     /// all (nothing consumes them, and a channel send per frame is a large share of the
     /// engine's time at full speed).
     pub snaplen: Option<usize>,
+    /// `--capture-filter`, compiled: frames it rejects are reported without their bytes
+    /// (see [`PacketEvent::data`]), so the engine neither copies nor sends them in full.
+    pub capture_filter: Option<Program>,
     pub flow_update_interval: Duration,
     /// Size of each TCP socket's receive and send buffers.
     pub tcp_buffer: usize,
@@ -144,6 +148,7 @@ impl EngineConfig {
             mtu,
             allow_host_loopback: false,
             snaplen: Some(128),
+            capture_filter: None,
             flow_update_interval: Duration::from_secs(5),
             tcp_buffer: 4 << 20,
             udp_idle: Duration::from_secs(60),
@@ -462,7 +467,13 @@ impl Engine {
 
     fn emit_packet(&self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
         let Some(snaplen) = self.cfg.snaplen else { return };
-        let snap = frame.len().min(snaplen);
+        let mut snap = frame.len().min(snaplen);
+        if let Some(filter) = &self.cfg.capture_filter
+            && !filter.eval(&Fields::from_ethernet(frame, dir))
+        {
+            // Still reported, so the capture counts it as received and filtered out.
+            snap = 0;
+        }
         self.events.emit(Event::Packet(PacketEvent {
             ts: self.unix(now),
             direction: dir,
@@ -1333,5 +1344,32 @@ mod tests {
             })
             .collect();
         assert_eq!(dirs, [Direction::Out, Direction::In]);
+    }
+
+    #[test]
+    fn frames_the_capture_filter_rejects_are_reported_without_their_bytes() {
+        let filter = crate::capture::filter::Filter::parse("udp and dst port 53")
+            .expect("the test filter parses");
+        let (mut e, rx) = engine_with(|c| {
+            c.snaplen = Some(65535);
+            c.capture_filter = Some(filter.program);
+        });
+        let kept = udp_from_child("10.0.2.100:5000", "198.18.0.2:53", b"kept");
+        let skipped = udp_from_child("10.0.2.100:5001", "198.18.0.2:7", b"skipped");
+        let (kept_len, skipped_len) = (kept.len(), skipped.len());
+        e.ingest(kept.clone(), t(0));
+        e.ingest(skipped, t(1));
+        let packets: Vec<PacketEvent> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Packet(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(packets.len(), 2, "both frames are reported (the capture counts them)");
+        assert_eq!(packets[0].data, kept, "a matching frame carries its bytes");
+        assert_eq!(packets[0].orig_len as usize, kept_len);
+        assert!(packets[1].data.is_empty(), "a rejected frame is not copied");
+        assert_eq!(packets[1].orig_len as usize, skipped_len, "but its length is known");
     }
 }

@@ -90,6 +90,16 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         smoltcp::time::Duration::from_micros(config.flow_update_interval.as_micros() as u64);
     // Only the capture consumes packet events; without one the engine emits none.
     engine_cfg.snaplen = config.capture.as_ref().map(|c| c.snaplen as usize);
+    // The filter already parsed when the configuration was checked; the engine runs its
+    // compiled form on each frame before copying it.
+    engine_cfg.capture_filter = match config.capture.as_ref().and_then(|c| c.filter.as_deref()) {
+        Some(expr) => Some(
+            crate::capture::filter::Filter::parse(expr)
+                .map_err(|e| anyhow::anyhow!("invalid --capture-filter `{expr}`: {e}"))?
+                .program,
+        ),
+        None => None,
+    };
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
     // Every connection of the command is a host socket here. Raised only now, after the
     // command was forked: its own limits stay what the user set.

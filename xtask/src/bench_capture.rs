@@ -1,0 +1,539 @@
+//! `cargo xtask bench capture`: what `childflow -c` costs the rootless backend, next to
+//! `tcpdump -w` capturing the same traffic, in one invocation.
+//!
+//! The destination is an iperf3 server in a namespace of its own (`cfbenchcap`, veth
+//! `cfbcap0`/`cfbcap1`, 198.18.250.0/24 from the benchmarking range of RFC 2544), set up by
+//! the rootless benchmark's [`Destination`]. Every run is `childflow -- sh -c 'sleep 1;
+//! iperf3 …'` as the bench user, so the command runs in childflow's namespace:
+//! - `childflow`: no capture (the baseline the others are compared with);
+//! - `childflow -c`: childflow writes every frame at the tap to a pcapng file;
+//! - `tcpdump -w`: no childflow capture; `tcpdump -w` runs in the command's namespace
+//!   (`nsenter --net`) on the same tap device, so it sees the frames `-c` sees, plus those
+//!   the kernel drops at the tap when the engine reads too slowly (the kernel hands frames
+//!   to packet sockets before the tap's queue). The one-second sleep lets it attach before
+//!   iperf3 starts.
+//!
+//! Two workloads: one bulk TCP flow (iperf3 default, MTU 65520 unless `--mtu`), and many
+//! small UDP datagrams (`iperf3 -u -l 64 -b 0`, the packets/s stress). Reported per run:
+//! iperf3's throughput, its cost against the baseline, packets written (counted in the file
+//! by `capinfos`), packets/s written, and drops (childflow's `--summary-format json`
+//! drop counters; tcpdump's "dropped by kernel"), and the tap's own drops (frames the
+//! kernel dropped because the engine read too slowly: lost before any capture point). Files
+//! are deleted after counting. The rows alternate for `--rounds` rounds and each shows its
+//! median run, since one run on a shared machine says little.
+//! Needs root (the namespace, veth and nsenter); everything is removed on exit.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bench::{BenchNet, Destination, children_of, comm, lookup_user, tempfile_dir};
+
+const NET: BenchNet = BenchNet {
+    netns: "cfbenchcap",
+    host_if: "cfbcap0",
+    peer_if: "cfbcap1",
+    host_addr: "198.18.250.1",
+    server: "198.18.250.2",
+};
+
+/// What the command prints on stderr once iperf3 is done.
+const DONE: &str = "cf-bench-traffic-done";
+
+/// The tap device in the command's namespace (`childflow/src/backend/rootless/tap.rs`).
+const TAP: &str = "tap0";
+
+struct Options {
+    seconds: u32,
+    mtu: u32,
+    udp_len: u32,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    keep: bool,
+    /// `tcp` or `udp` only.
+    only: Option<String>,
+    /// Runs of each row, interleaved; the row shown is the median one.
+    rounds: usize,
+    /// Where the capture files go (default: a temporary directory); e.g. a tmpfs to take
+    /// the disk out of the measurement.
+    dir: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        seconds: 3,
+        mtu: 65520,
+        udp_len: 64,
+        bin: crate::root().join("target/release/childflow"),
+        user: lookup_user(crate::bench::BENCH_USER),
+        keep: false,
+        only: None,
+        rounds: 3,
+        dir: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--time" => o.seconds = value()?.parse().context("--time SECONDS")?,
+            "--mtu" => o.mtu = value()?.parse().context("--mtu BYTES")?,
+            "--udp-len" => o.udp_len = value()?.parse().context("--udp-len BYTES")?,
+            "--bin" => o.bin = PathBuf::from(value()?),
+            "--user" => {
+                let name = value()?;
+                o.user = Some(lookup_user(name).with_context(|| format!("no user {name}"))?);
+            }
+            "--keep" => o.keep = true,
+            "--dir" => o.dir = Some(PathBuf::from(value()?)),
+            "--only" => o.only = Some(value()?.clone()),
+            "--rounds" => o.rounds = value()?.parse::<usize>().context("--rounds N")?.max(1),
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo xtask bench capture [--time SECONDS (3)] [--mtu BYTES (65520)] \
+                     [--udp-len BYTES (64)] [--bin PATH] [--user NAME (default childflow-test)] \
+                     [--keep (leave the capture files)] [--only tcp|udp] [--rounds N (3)] \
+                     [--dir PATH (for the capture files)]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown option {other} (see --help)"),
+        }
+    }
+    Ok(o)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    None,
+    Childflow,
+    Tcpdump,
+}
+
+impl Capture {
+    fn name(self) -> &'static str {
+        match self {
+            Capture::None => "childflow",
+            Capture::Childflow => "childflow -c",
+            Capture::Tcpdump => "tcpdump -w",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Tcp,
+    Udp,
+}
+
+/// What one run measured.
+#[derive(Default)]
+struct Measured {
+    /// iperf3's received throughput (TCP) or sent rate (UDP), Gbit/s.
+    gbit: f64,
+    /// Datagrams iperf3 sent (UDP), per second.
+    sent_pps: f64,
+    /// IP packets through the engine, both ways (childflow's summary totals).
+    engine_packets: u64,
+    /// Frames the kernel dropped at the tap because the engine did not read them in time
+    /// (`tap0` transmit drops in the command's namespace): lost before any capture point.
+    tap_drops: u64,
+    /// Packets in the capture file, and the capture's own count of drops.
+    written: Option<u64>,
+    drops: Option<u64>,
+    /// Seconds the capture was running (for packets/s): iperf3's duration.
+    seconds: f64,
+}
+
+/// `childflow [-c FILE] --summary-format json -- sh -c 'sleep 1; iperf3 ...'` as the bench
+/// user, killed if it overruns.
+fn childflow(o: &Options, workload: Workload, capture: Option<&Path>) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", &(o.seconds + 60).to_string()]).arg(&o.bin).current_dir("/");
+    if let Some((uid, gid)) = o.user {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid).env("HOME", "/");
+    }
+    cmd.args(["--mtu", &o.mtu.to_string(), "--summary-format", "json"]);
+    if let Some(file) = capture {
+        cmd.arg("-c").arg(file);
+    }
+    let mut iperf = format!("iperf3 -c {} -J -t {}", NET.server, o.seconds);
+    if workload == Workload::Udp {
+        iperf += &format!(" -u -b 0 -l {}", o.udp_len);
+    }
+    // The sleeps let tcpdump attach before the traffic starts, and the bench read the tap's
+    // counters and stop tcpdump after it ended (the command says when on stderr).
+    let script = format!("sleep 1; {iperf}; s=$?; echo {DONE} >&2; sleep 1; exit $s");
+    cmd.args(["--", "sh", "-c", &script]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// The command's shell, once childflow has started it in its namespace (the one to join).
+fn find_command(root: u32) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(p) = children_of(root).into_iter().find(|&p| comm(p) == "sh") {
+            return Ok(p);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("the command did not start under childflow within 10 s")
+}
+
+/// Starts `tcpdump -w` on the tap in the namespace of `pid`.
+fn start_tcpdump(pid: u32, file: &Path) -> Result<Child> {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["tcpdump", "-i", TAP, "-s", "0", "-n", "-w"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("failed to start tcpdump (Debian package tcpdump) through nsenter")?;
+    Ok(child)
+}
+
+/// Stops tcpdump and returns (packets captured, packets dropped by the kernel).
+fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    child.wait()?;
+    let count = |what: &str| {
+        err.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("tcpdump printed no \"{what}\" line: {err}"))
+    };
+    Ok((count("packets captured")?, count("dropped by kernel")?))
+}
+
+/// Transmit drops of the tap (frames for the engine the kernel dropped), as seen from the
+/// namespace of `pid`.
+fn tap_drops(pid: u32) -> Result<u64> {
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .context("failed to read the command's /proc/PID/net/dev")?;
+    let line = dev
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{TAP}:")))
+        .with_context(|| format!("no {TAP} in the command's namespace"))?;
+    // After "tap0:": 8 receive counters, then transmit bytes, packets, errs, drop.
+    let fields: Vec<&str> = line.split(':').nth(1).unwrap_or("").split_whitespace().collect();
+    fields.get(11).and_then(|v| v.parse().ok()).with_context(|| format!("odd line {line:?}"))
+}
+
+/// Packets in a pcap or pcapng file, as capinfos counts them.
+fn count_packets(file: &Path) -> Result<u64> {
+    let out = Command::new("capinfos")
+        .args(["-T", "-r", "-M", "-c"])
+        .arg(file)
+        .output()
+        .context("failed to run capinfos (Debian package wireshark-common)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split('\t')
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("capinfos printed {text:?} for {}", file.display()))
+}
+
+/// What [`observe`] saw: the tap's drops, tcpdump's (captured, dropped), and the thread
+/// reading childflow's stderr.
+type Observed = (u64, Option<(u64, u64)>, std::thread::JoinHandle<String>);
+
+/// While childflow runs: finds the command, starts tcpdump if asked, waits for the traffic
+/// to end, then reads the tap's drops and stops tcpdump. Returns those and childflow's
+/// stderr (read on a thread, so a chatty childflow never blocks on the pipe).
+fn observe(
+    o: &Options,
+    child: &mut Child,
+    file: Option<&Path>,
+    capture: Capture,
+) -> Result<Observed> {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.trim() == DONE {
+                let _ = done_tx.send(());
+            } else {
+                all.push_str(&line);
+                all.push('\n');
+            }
+        }
+        all
+    });
+    let pid = find_command(child.id())?;
+    let tcpdump = match (capture, file) {
+        (Capture::Tcpdump, Some(f)) => Some(start_tcpdump(pid, f)?),
+        _ => None,
+    };
+    let waited = done_rx.recv_timeout(Duration::from_secs(u64::from(o.seconds) + 30));
+    let drops = tap_drops(pid);
+    let counts = tcpdump.map(stop_tcpdump).transpose();
+    if waited.is_err() {
+        bail!("the traffic did not end in time");
+    }
+    Ok((drops?, counts?, reader))
+}
+
+/// The JSON summary childflow printed on stderr (after any log lines).
+fn summary_of(err: &str) -> Result<serde_json::Value> {
+    err.match_indices('{')
+        .filter(|(at, _)| *at == 0 || err.as_bytes()[at - 1] == b'\n')
+        .find_map(|(at, _)| {
+            let mut values =
+                serde_json::Deserializer::from_str(&err[at..]).into_iter::<serde_json::Value>();
+            values.next()?.ok().filter(|v| v.get("drops").is_some())
+        })
+        .with_context(|| format!("childflow printed no JSON summary: {err}"))
+}
+
+/// One run of `workload` with `capture`, files in `dir`.
+fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<Measured> {
+    let tag = if workload == Workload::Tcp { "tcp" } else { "udp" };
+    let file = match capture {
+        Capture::None => None,
+        Capture::Childflow => Some(dir.join(format!("{tag}-childflow.pcapng"))),
+        Capture::Tcpdump => Some(dir.join(format!("{tag}-tcpdump.pcap"))),
+    };
+    let cf_file = if capture == Capture::Childflow { file.as_deref() } else { None };
+    let mut child = childflow(o, workload, cf_file)
+        .spawn()
+        .with_context(|| format!("failed to run {}", o.bin.display()))?;
+    let observed = observe(o, &mut child, file.as_deref(), capture);
+    if observed.is_err() {
+        let _ = child.kill();
+    }
+    let mut json = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut json)?;
+    }
+    let status = child.wait()?;
+    let (tap_drops, tcpdump_counts, reader) = observed?;
+    let err = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{} ({tag}) failed ({status}): {}", capture.name(), err.trim());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&json).with_context(|| format!("iperf3 printed no JSON: {json}"))?;
+    let mut m = Measured { tap_drops, ..Measured::default() };
+    let end = &v["end"];
+    match workload {
+        Workload::Tcp => {
+            m.gbit = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+            m.seconds = end["sum_received"]["seconds"].as_f64().unwrap_or(0.0);
+        }
+        Workload::Udp => {
+            let sent = &end["sum_sent"];
+            m.gbit = sent["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+            m.seconds = sent["seconds"].as_f64().unwrap_or(0.0);
+            let packets = sent["packets"].as_f64().unwrap_or(0.0);
+            m.sent_pps = if m.seconds > 0.0 { packets / m.seconds } else { 0.0 };
+        }
+    }
+    let summary = summary_of(&err)?;
+    let totals = &summary["totals"];
+    m.engine_packets =
+        totals["sent_pkts"].as_u64().unwrap_or(0) + totals["recv_pkts"].as_u64().unwrap_or(0);
+    match capture {
+        Capture::None => {}
+        Capture::Childflow => {
+            let drops = summary["drops"].as_object().map(|d| d.values().filter_map(|n| n.as_u64()));
+            m.drops = Some(drops.map(Iterator::sum).unwrap_or(0));
+        }
+        Capture::Tcpdump => {
+            let (_, dropped) = tcpdump_counts.context("tcpdump did not run")?;
+            m.drops = Some(dropped);
+        }
+    }
+    if let Some(f) = &file {
+        m.written = Some(count_packets(f)?);
+        if !o.keep {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    Ok(m)
+}
+
+/// `cargo xtask bench capture [OPTIONS]`.
+pub fn capture(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark builds a network namespace and joins the command's: run it as root");
+    }
+    if !o.bin.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p childflow`",
+            o.bin.display()
+        );
+    }
+    // The bench user runs a world-readable copy and writes its captures into a directory
+    // of its own.
+    let copy = tempfile_dir()?;
+    let bin = copy.join("childflow");
+    std::fs::copy(&o.bin, &bin).context("failed to copy childflow for the bench user")?;
+    let files = o.dir.as_deref().unwrap_or(&copy).join("childflow-bench-captures");
+    std::fs::create_dir_all(&files)?;
+    if let Some((uid, gid)) = o.user {
+        std::os::unix::fs::chown(&files, Some(uid), Some(gid))
+            .context("failed to hand the capture directory to the bench user")?;
+    }
+    let o = Options { bin, ..o };
+    let result = bench_all(&o, &files);
+    if o.keep {
+        println!("capture files kept in {}", files.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&files);
+    }
+    // Kept files without --dir live in the temporary directory: keep that too.
+    if !(o.keep && o.dir.is_none()) {
+        let _ = std::fs::remove_dir_all(&copy);
+    }
+    result
+}
+
+fn bench_all(o: &Options, dir: &Path) -> Result<()> {
+    let _dest = Destination::new(&NET, None)?;
+    println!(
+        "rootless backend, iperf3 to {} for {} s per run, MTU {}; UDP datagrams of {} bytes; \
+         median of {} rounds",
+        NET.server, o.seconds, o.mtu, o.udp_len, o.rounds
+    );
+    // On a shared machine one run says little: the rows alternate, round after round, and
+    // each row shows its median run.
+    let mut results = Vec::new();
+    for workload in [Workload::Tcp, Workload::Udp] {
+        let tag = if workload == Workload::Tcp { "tcp" } else { "udp" };
+        if o.only.as_deref().is_some_and(|only| only != tag) {
+            continue;
+        }
+        let mut runs: [Vec<Measured>; 3] = Default::default();
+        let mut errors: [Option<anyhow::Error>; 3] = Default::default();
+        for round in 1..=o.rounds {
+            for (i, capture) in CAPTURES.into_iter().enumerate() {
+                let what = if workload == Workload::Tcp { "bulk TCP" } else { "small UDP" };
+                eprintln!("bench: {what}, {} (round {round}/{}) ...", capture.name(), o.rounds);
+                match run(o, dir, workload, capture) {
+                    Ok(m) => runs[i].push(m),
+                    Err(e) => {
+                        eprintln!("{what}, {}: {e:#}", capture.name());
+                        errors[i] = Some(e);
+                    }
+                }
+            }
+        }
+        for ((capture, mut ms), err) in CAPTURES.into_iter().zip(runs).zip(errors) {
+            let primary = |m: &Measured| match workload {
+                Workload::Tcp => m.gbit,
+                Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
+            };
+            ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
+            let n = ms.len();
+            let median = (n > 0).then(|| ms.swap_remove(n / 2));
+            let r = median.ok_or_else(|| err.unwrap_or_else(|| anyhow::anyhow!("no run")));
+            results.push((workload, capture, r));
+        }
+    }
+    print_tables(&results);
+    Ok(())
+}
+
+const CAPTURES: [Capture; 3] = [Capture::None, Capture::Childflow, Capture::Tcpdump];
+
+type Results = [(Workload, Capture, Result<Measured>)];
+
+/// Per second of iperf3's run.
+fn per_sec(n: u64, m: &Measured) -> Option<f64> {
+    (m.seconds > 0.0).then(|| n as f64 / m.seconds)
+}
+
+fn kilo(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{:.0}k", v / 1e3))
+}
+
+fn print_tables(results: &Results) {
+    let get = |w: Workload, c: Capture| {
+        let row = results.iter().find(|(rw, rc, _)| *rw == w && *rc == c);
+        row.and_then(|(_, _, r)| r.as_ref().ok())
+    };
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for workload in [Workload::Tcp, Workload::Udp] {
+        if !results.iter().any(|(w, _, _)| *w == workload) {
+            continue;
+        }
+        let base = get(workload, Capture::None);
+        let tcpdump = get(workload, Capture::Tcpdump);
+        // What capturing costs: TCP throughput, or datagrams through the engine for UDP.
+        let (title, rate, value): (_, _, fn(&Measured) -> f64) = match workload {
+            Workload::Tcp => ("bulk TCP (one flow, command → server)", "Gbit/s", |m| m.gbit),
+            Workload::Udp => ("small UDP (iperf3 -u -b 0)", "sent pkt/s", |m| {
+                per_sec(m.engine_packets, m).unwrap_or(0.0)
+            }),
+        };
+        println!("\n{title}");
+        println!(
+            "{:<13} {:>10} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
+            "",
+            rate,
+            "cost",
+            "engine pkt/s",
+            "tap drop",
+            "written",
+            "written/s",
+            "drops",
+            "vs tcpdump"
+        );
+        for capture in [Capture::None, Capture::Childflow, Capture::Tcpdump] {
+            let Some(m) = get(workload, capture) else {
+                println!("{:<13} failed", capture.name());
+                continue;
+            };
+            let shown = match workload {
+                Workload::Tcp => format!("{:.2}", m.gbit),
+                Workload::Udp => kilo(Some(m.sent_pps)),
+            };
+            let cost = match (capture, base) {
+                (Capture::None, _) => "-".to_string(),
+                (_, Some(b)) if value(b) > 0.0 => {
+                    format!("{:+.1}%", (value(m) / value(b) - 1.0) * 100.0)
+                }
+                _ => "-".into(),
+            };
+            let written_ps = |m: &Measured| m.written.and_then(|n| per_sec(n, m));
+            // Packets written per second, relative to tcpdump's on the same traffic.
+            let ratio = match (capture, written_ps(m), tcpdump.and_then(written_ps)) {
+                (Capture::Childflow, Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<13} {:>10} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
+                capture.name(),
+                shown,
+                cost,
+                kilo(per_sec(m.engine_packets, m)),
+                m.tap_drops,
+                opt(m.written),
+                kilo(written_ps(m)),
+                opt(m.drops),
+                ratio
+            );
+        }
+    }
+    println!(
+        "\ncost: against the first row (TCP: throughput; UDP: packets through the engine). \
+         tap drop: frames the kernel dropped\nbecause the engine read the tap too slowly (before \
+         any capture point). drops: childflow's capture drops / tcpdump's \"dropped by kernel\"."
+    );
+}
