@@ -51,11 +51,17 @@ pub struct PacketHeader {
     pub orig_len: u32,
     /// How many bytes of it follow this header (at most the snap length).
     pub cap_len: u32,
-    pub _pad: u32,
+    /// `PACKET_*` bits.
+    pub flags: u32,
     /// Kernel monotonic clock (`bpf_ktime_get_ns`).
     pub ts_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<PacketHeader>() == 32);
+
+/// [`PacketHeader::flags`]: the packet belongs in the capture (capture is on and the capture
+/// filter, if any, matched it). Without it the packet was copied only because it is DNS,
+/// for naming flows, and must not be written to the capture.
+pub const PACKET_CAPTURE: u32 = 1;
 
 /// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).
 /// Sent at once (forced wake-up) so userspace can read `/proc/PID` while the process lives.
@@ -90,8 +96,9 @@ const _: () = assert!(core::mem::size_of::<SockRecord>() == 88);
 
 /// The capture settings userspace writes into the kernel's one-entry config array.
 ///
-/// DNS packets (UDP or TCP port 53) are copied whatever `capture_all` says, so flows get
-/// names even without a capture.
+/// DNS packets (UDP or TCP port 53) are copied whatever `capture_all` says (and whatever
+/// the capture filter in the `FILTER` map says), so flows get names even without a capture;
+/// [`PACKET_CAPTURE`] tells the two kinds of copies apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CaptureConfig {

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod event;
+pub mod filter;
 pub mod flow;
 
 #[cfg(feature = "user")]

@@ -28,6 +28,9 @@ pub struct Parsed {
     /// Transport payload (after the TCP/UDP/ICMP header).
     pub payload_len: u32,
     pub tcp_flags: u8,
+    /// 1 if `key` holds real TCP/UDP ports (not a non-first fragment), else 0. The capture
+    /// filter's port terms match only then, as in userspace.
+    pub has_ports: u8,
 }
 
 /// Why a frame was not accounted.
@@ -55,6 +58,7 @@ pub fn parse<const L3: usize>(
     out: &mut Parsed,
 ) -> Result<(), NotParsed> {
     const { assert!(L3 == 0 || L3 == ETH_HLEN) };
+    out.has_ports = 0;
     let key = &mut out.key;
     *key = FlowKey::default();
     let (l4_off, ip_len, proto) = match eth_proto {
@@ -116,6 +120,7 @@ pub fn parse<const L3: usize>(
     key.proto = proto;
 
     let key = &mut out.key;
+    let mut has_ports = 0;
     let mut payload_len = 0;
     let mut tcp_flags = 0;
     if let Some(off) = l4_off {
@@ -126,12 +131,14 @@ pub fn parse<const L3: usize>(
                 let ports: [u8; 4] = load(ctx, off)?;
                 let doff_flags: [u8; 2] = load(ctx, off + 12)?;
                 set_ports(key, dir, &ports);
+                has_ports = 1;
                 tcp_flags = doff_flags[1];
                 payload_len = l4_len.saturating_sub(((doff_flags[0] >> 4) as u32) * 4);
             }
             PROTO_UDP => {
                 let ports: [u8; 4] = load(ctx, off)?;
                 set_ports(key, dir, &ports);
+                has_ports = 1;
                 payload_len = l4_len.saturating_sub(8);
             }
             PROTO_ICMP | PROTO_ICMPV6 => {
@@ -148,6 +155,7 @@ pub fn parse<const L3: usize>(
     out.ip_len = ip_len;
     out.payload_len = payload_len;
     out.tcp_flags = tcp_flags;
+    out.has_ports = has_ports;
     Ok(())
 }
 

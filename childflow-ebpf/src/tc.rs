@@ -8,9 +8,12 @@
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
 //! Both programs return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never alter, traffic.
 //!
-//! Capture: when `CONFIG` says so, each packet is copied (up to the snap length and
-//! `CAPTURE_MAX`) with its direction and timestamp into `PACKETS`, with the same batched
-//! wake-ups; DNS packets (port 53) are always copied so userspace can name flows.
+//! Capture: when `CONFIG` says so, each packet the capture filter in `FILTER` matches is
+//! copied (up to the snap length and `CAPTURE_MAX`) with its direction and timestamp into
+//! `PACKETS`, with the same batched wake-ups, and marked `PACKET_CAPTURE`; packets the filter
+//! rejects cost no ring space. DNS packets (port 53) are always copied so userspace can name
+//! flows, unmarked unless they belong in the capture. A packet whose IP headers do not parse
+//! is copied unfiltered (marked) and left to userspace's filter, which stays the authority.
 //! A full ring counts `DROP_PACKET_RINGBUF`.
 
 use aya_ebpf::{
@@ -27,8 +30,9 @@ use childflow_common::{
     event::{
         CAPTURE_MAX, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
         DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord,
-        KIND_FLOW, KIND_PACKET, PacketHeader,
+        KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
     },
+    filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
         DIR_IN, DIR_OUT, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, history_bits,
     },
@@ -69,6 +73,17 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0)
 #[map]
 static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 
+/// The capture filter (see `childflow_common::filter`); a zero `len` matches everything.
+#[map]
+static FILTER: Array<filter::Program> = Array::with_max_entries(1, 0);
+
+/// The filter's bit stack and its depth, per CPU. Kept in map memory on purpose: the
+/// verifier does not track what a map value holds, so every path through one step of the
+/// filter loop ends in the same state and is pruned. In registers, each step's exact
+/// stack would be a new state, and 64 steps exceed the verifier's million instructions.
+#[map]
+static FILTER_STACK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
@@ -103,29 +118,33 @@ fn account(ctx: &TcContext, dir: usize) {
     };
     // SAFETY: per-CPU map slot; programs do not migrate CPUs while running.
     let scratch = unsafe { &mut *scratch };
-    let dns = match parse_frame(&ctx.skb, dir, &mut scratch.parsed) {
+    let (dns, parsed) = match parse_frame(&ctx.skb, dir, &mut scratch.parsed) {
         Ok(()) => {
             update(&scratch.parsed, &mut scratch.stats, dir);
             let key = &scratch.parsed.key;
-            (key.proto == PROTO_UDP || key.proto == PROTO_TCP)
-                && (key.remote_port == DNS_PORT || key.local_port == DNS_PORT)
+            let dns = (key.proto == PROTO_UDP || key.proto == PROTO_TCP)
+                && (key.remote_port == DNS_PORT || key.local_port == DNS_PORT);
+            (dns, true)
         }
-        Err(NotParsed::NotIp) => false,
+        // `parse` zeroed the key first: family 0, which the filter reads as "not IP".
+        Err(NotParsed::NotIp) => (false, true),
         Err(NotParsed::Malformed) => {
             count_drop(DROP_PARSE);
-            false
+            (false, false)
         }
     };
-    capture(ctx, dir, dns);
+    capture(ctx, dir, dns, parsed.then_some(&scratch.parsed));
 }
 
-/// Copies the packet into `PACKETS` if capture is on, or if it is DNS.
+/// Copies the packet into `PACKETS` if capture is on and the filter matches `parsed` (a
+/// packet that did not parse, `None`, is not filtered here), or if it is DNS.
 #[inline(always)]
-fn capture(ctx: &TcContext, dir: usize, dns: bool) {
+fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
-    if config.capture_all == 0 && !dns {
+    let wanted = config.capture_all != 0 && parsed.is_none_or(|p| filter_matches(p, dir));
+    if !wanted && !dns {
         return;
     }
     let Some(buf) = PACKET_BUF.get_ptr_mut(0) else {
@@ -160,7 +179,7 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool) {
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         orig_len,
         cap_len: len,
-        _pad: 0,
+        flags: if wanted { PACKET_CAPTURE } else { 0 },
         // SAFETY: no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     };
@@ -171,6 +190,127 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool) {
     if PACKETS.output::<[u8]>(bytes, wakeup_flags(&PACKETS)).is_err() {
         count_drop(DROP_PACKET_RINGBUF);
     }
+}
+
+/// Runs the capture filter on the parsed packet: the postfix program of `FILTER` on a
+/// stack of booleans in the bits of a `u64`, at most `MAX_INSNS` steps. Mirrors
+/// `childflow::capture::filter::Program::eval`; a malformed program matches nothing.
+#[inline(always)]
+fn filter_matches(p: &Parsed, dir: usize) -> bool {
+    let Some(prog) = FILTER.get(0) else {
+        return true;
+    };
+    let len = prog.len as usize;
+    if len == 0 {
+        return true;
+    }
+    let Some(state) = FILTER_STACK.get_ptr_mut(0) else {
+        return true;
+    };
+    // Volatile: the compiler must not keep the stack in registers across steps (see
+    // `FILTER_STACK`).
+    // SAFETY: per-CPU map slot, used only by this program run on this CPU.
+    let (stack, depth) = unsafe { (&raw mut (*state)[0], &raw mut (*state)[1]) };
+    // SAFETY (of every volatile access below): `stack` and `depth` point into the slot.
+    unsafe {
+        stack.write_volatile(0);
+        depth.write_volatile(0);
+    }
+    let mut i = 0;
+    while i < MAX_INSNS && i < len {
+        let Some(insn) = prog.insns.get(i) else {
+            return false;
+        };
+        let (s, d) = unsafe { (stack.read_volatile(), depth.read_volatile()) };
+        let (pop, value) = match insn.op {
+            op::PRED => (0, pred(insn, p, dir)),
+            op::NOT if d >= 1 => (1, s & 1 == 0),
+            op::AND if d >= 2 => (2, s & 0b11 == 0b11),
+            op::OR if d >= 2 => (2, s & 0b11 != 0),
+            _ => return false,
+        };
+        if d - pop >= 64 {
+            return false;
+        }
+        unsafe {
+            stack.write_volatile(((s >> pop) << 1) | value as u64);
+            depth.write_volatile(d - pop + 1);
+        }
+        i += 1;
+    }
+    let (s, d) = unsafe { (stack.read_volatile(), depth.read_volatile()) };
+    d == 1 && s & 1 == 1
+}
+
+/// One predicate of the filter on the parsed packet (addresses and ports are stored from the
+/// command's side in the key; `dir` turns them back into source and destination).
+#[inline(always)]
+fn pred(insn: &Insn, p: &Parsed, dir: usize) -> bool {
+    let key = &p.key;
+    let family = key.family;
+    let out = dir == DIR_OUT;
+    match insn.field {
+        field::DIRECTION => insn.arg as usize == dir,
+        field::FAMILY => family != 0 && family == insn.arg,
+        field::PROTO => {
+            family != 0 && (insn.arg == 0 || insn.arg == family) && key.proto == insn.proto
+        }
+        field::NET => {
+            if family == 0 || family != insn.arg {
+                return false;
+            }
+            let (src, dst) = if out {
+                (&key.local_addr, &key.remote_addr)
+            } else {
+                (&key.remote_addr, &key.local_addr)
+            };
+            (insn.side & SIDE_SRC != 0 && in_net(src, &insn.addr, insn.prefix))
+                || (insn.side & SIDE_DST != 0 && in_net(dst, &insn.addr, insn.prefix))
+        }
+        field::PORT => {
+            let transport = if insn.proto == 0 {
+                key.proto == PROTO_TCP || key.proto == PROTO_UDP
+            } else {
+                key.proto == insn.proto
+            };
+            if !transport || family == 0 || p.has_ports == 0 {
+                return false;
+            }
+            let (sp, dp) = if out {
+                (key.local_port, key.remote_port)
+            } else {
+                (key.remote_port, key.local_port)
+            };
+            (insn.side & SIDE_SRC != 0 && insn.lo <= sp && sp <= insn.hi)
+                || (insn.side & SIDE_DST != 0 && insn.lo <= dp && dp <= insn.hi)
+        }
+        _ => false,
+    }
+}
+
+/// Whether address `a` is in `net/prefix`, both 16 bytes in network order (IPv4 in the
+/// first 4, the rest zero, `prefix` at most 32), compared one 32-bit word at a time.
+#[inline(always)]
+fn in_net(a: &[u8; 16], net: &[u8; 16], prefix: u8) -> bool {
+    let mut w = 0;
+    while w < 4 {
+        let bits = prefix as i32 - 32 * w as i32;
+        let mask = if bits <= 0 {
+            0
+        } else if bits >= 32 {
+            u32::MAX
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        let at = w * 4;
+        let x = u32::from_be_bytes([a[at], a[at + 1], a[at + 2], a[at + 3]]);
+        let y = u32::from_be_bytes([net[at], net[at + 1], net[at + 2], net[at + 3]]);
+        if (x ^ y) & mask != 0 {
+            return false;
+        }
+        w += 1;
+    }
+    true
 }
 
 /// Wakes the reader only once enough data waits: never one wake-up per packet.

@@ -1,28 +1,41 @@
 //! The TC programs' packet ring, loaded from the embedded object onto a veth of the test
 //! network: what is copied (capture on: everything, cut at the snap length; capture off:
-//! DNS only), with which direction and lengths.
+//! DNS only; a capture filter: only what it matches, plus unmarked DNS), with which
+//! direction and lengths.
 //!
 //! As in `accounting.rs`, the veth's host end stands in for a run's host veth: packets the
 //! host sends into the upstream namespace leave it (`DIR_IN`, "to the command"), the echoes
 //! arrive on it (`DIR_OUT`).
 
-use std::{net::UdpSocket, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, UdpSocket},
+    time::Duration,
+};
 
 use childflow::ebpf::Accounting;
 use childflow_common::{
-    event::{CaptureConfig, Record, decode},
+    event::{CaptureConfig, PACKET_CAPTURE, Record, decode},
     flow::{DIR_IN, DIR_OUT},
 };
 use childflow_tests::{TestNet, is_root, pattern, skip};
 
 /// (direction, orig_len, data) of every packet in the ring.
 fn packets(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(u32, u32, Vec<u8>)> {
+    flagged_packets(ring).into_iter().map(|(_, p)| p).collect()
+}
+
+/// (flags, (direction, orig_len, data)) of every packet in the ring.
+#[allow(clippy::type_complexity)]
+fn flagged_packets(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+) -> Vec<(u32, (u32, u32, Vec<u8>))> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
         match decode(&item).expect("a well-formed record") {
             Record::Packet { header, data } => {
                 assert_eq!(header.cap_len as usize, data.len());
-                out.push((header.direction, header.orig_len, data.to_vec()));
+                out.push((header.flags, (header.direction, header.orig_len, data.to_vec())));
             }
             other => panic!("unexpected record {other:?}"),
         }
@@ -102,4 +115,67 @@ fn without_capture_only_dns_is_copied() {
         .collect();
     assert_eq!(udp.len(), 1, "only the port-53 datagram: {udp:?}");
     assert_eq!(u16::from_be_bytes([udp[0].2[36], udp[0].2[37]]), 53);
+}
+
+/// (IP protocol, source port, destination port) of an Ethernet/IPv4 frame with a TCP or
+/// UDP header, else `None`.
+fn v4_ports(d: &[u8]) -> Option<(u8, u16, u16)> {
+    if d.len() < 38 || d[12..14] != [8, 0] || !matches!(d[23], 6 | 17) {
+        return None;
+    }
+    let l4 = 14 + usize::from(d[14] & 0x0f) * 4;
+    let port = |at: usize| u16::from_be_bytes([d[at], d[at + 1]]);
+    Some((d[23], port(l4), port(l4 + 2)))
+}
+
+/// Runs UDP echo (port 7), a TCP connection to the HTTP server (port 80) and a UDP datagram
+/// to port 53 through a run with capture on and `filter` in the kernel; returns the ring's
+/// packets as (flags, protocol, source port, destination port) of the TCP/UDP ones.
+fn filtered(filter: &str) -> Vec<(u32, u8, u16, u16)> {
+    let net = TestNet::new();
+    let program = childflow::capture::filter::Filter::parse(filter)
+        .expect("a valid filter")
+        .program
+        .to_kernel()
+        .expect("fits the kernel table");
+    let mut acc = Accounting::load(CaptureConfig { capture_all: 1, snaplen: 100 }).expect("load");
+    acc.set_capture_filter(&program).expect("write the filter map");
+    acc.attach_to(&net.host_if, None).expect("attach");
+    let mut ring = acc.take_packets().unwrap();
+    udp_exchange(&net, 7, &[40, 60], true);
+    let mut tcp = TcpStream::connect((net.server_v4(), 80)).expect("connect to the HTTP server");
+    tcp.write_all(b"GET / HTTP/1.0\r\nHost: example.test\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = tcp.read_to_end(&mut reply);
+    drop(tcp);
+    udp_exchange(&net, 53, &[12], false);
+    std::thread::sleep(Duration::from_millis(200));
+    flagged_packets(&mut ring)
+        .into_iter()
+        .filter_map(|(flags, (_, _, d))| v4_ports(&d).map(|(p, s, t)| (flags, p, s, t)))
+        .collect()
+}
+
+#[test]
+fn a_kernel_filter_keeps_only_matching_packets_and_unmarked_dns() {
+    if unsupported() {
+        return;
+    }
+    let port = |p: &(u32, u8, u16, u16)| p.2.min(p.3);
+    let got = filtered("tcp port 80");
+    let captured: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE != 0).collect();
+    assert!(captured.len() >= 6, "a TCP handshake, request, answer and close: {got:?}");
+    assert!(captured.iter().all(|p| p.1 == 6 && port(p) == 80), "{got:?}");
+    let rest: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE == 0).collect();
+    assert_eq!(rest.len(), 1, "only the DNS datagram, unmarked: {got:?}");
+    assert_eq!((rest[0].1, rest[0].3), (17, 53));
+
+    let got = filtered("udp and not port 53");
+    let captured: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE != 0).collect();
+    assert_eq!(captured.len(), 4, "two echoes, both ways: {got:?}");
+    assert!(captured.iter().all(|p| p.1 == 17 && port(p) == 7), "{got:?}");
+    let rest: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE == 0).collect();
+    assert_eq!(rest.len(), 1, "the DNS datagram is still copied for naming: {got:?}");
+    assert_eq!((rest[0].1, rest[0].3), (17, 53));
 }

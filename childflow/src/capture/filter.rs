@@ -36,7 +36,7 @@ use crate::event::Direction;
 
 /// The most instructions a compiled filter may have: what a kernel program can evaluate in
 /// one bounded loop with a 64-deep bit stack.
-pub const MAX_INSNS: usize = 64;
+pub use childflow_common::filter::MAX_INSNS;
 
 /// Which address or port of a packet a term looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,59 +269,8 @@ impl Expr {
 // ---------------------------------------------------------------------------------------
 // The table form.
 
-/// Instruction opcodes of a [`Program`].
-pub mod op {
-    /// Push the result of the instruction's predicate.
-    pub const PRED: u8 = 0;
-    /// Pop one, push its negation.
-    pub const NOT: u8 = 1;
-    /// Pop two, push their conjunction.
-    pub const AND: u8 = 2;
-    /// Pop two, push their disjunction.
-    pub const OR: u8 = 3;
-}
-
-/// Predicate kinds of an [`op::PRED`] instruction.
-pub mod field {
-    /// `arg` is the direction index (`DIR_OUT`/`DIR_IN`).
-    pub const DIRECTION: u8 = 0;
-    /// `arg` is the IP family (4 or 6); true for any protocol of that family.
-    pub const FAMILY: u8 = 1;
-    /// `arg` is the family, `proto` the IP protocol number.
-    pub const PROTO: u8 = 2;
-    /// `arg` is the family, `prefix`/`addr` the network, `side` which address.
-    pub const NET: u8 = 3;
-    /// `proto` is the transport (0 = TCP or UDP), `lo..=hi` the ports, `side` which port.
-    pub const PORT: u8 = 4;
-}
-
-/// `side` values of an instruction.
-pub const SIDE_SRC: u8 = 1;
-pub const SIDE_DST: u8 = 2;
-pub const SIDE_ANY: u8 = SIDE_SRC | SIDE_DST;
-
-/// One row of the filter table: fixed size, no pointers, laid out for a kernel map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Insn {
-    /// `op::*`.
-    pub op: u8,
-    /// `field::*` (for `op::PRED`).
-    pub field: u8,
-    /// `SIDE_*`.
-    pub side: u8,
-    pub arg: u8,
-    pub proto: u8,
-    pub prefix: u8,
-    /// Host byte order.
-    pub lo: u16,
-    /// Host byte order.
-    pub hi: u16,
-    pub _pad: [u8; 2],
-    /// Network byte order; IPv4 in the first 4 bytes.
-    pub addr: [u8; 16],
-}
-const _: () = assert!(std::mem::size_of::<Insn>() == 28);
+// The table's row layout and opcodes are shared with the kernel programs.
+pub use childflow_common::filter::{Insn, SIDE_ANY, SIDE_DST, SIDE_SRC, field, op};
 
 /// A filter in postfix form: evaluate left to right on a stack of booleans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -335,6 +284,17 @@ impl Program {
         let mut insns = Vec::new();
         emit(expr, &mut insns);
         Program { insns }
+    }
+
+    /// The kernel's form of this program (the `FILTER` map value), or `None` if it has
+    /// more than [`MAX_INSNS`] instructions (which [`Filter::parse`] never returns).
+    pub fn to_kernel(&self) -> Option<childflow_common::filter::Program> {
+        childflow_common::filter::Program::from_insns(&self.insns)
+    }
+
+    /// The program a kernel map value holds.
+    pub fn from_kernel(k: &childflow_common::filter::Program) -> Program {
+        Program { insns: k.insns().to_vec() }
     }
 
     /// Runs the program on `f` the way the kernel side would: no recursion, a 64-bit stack.
@@ -1075,6 +1035,38 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_kernel_form_round_trips_and_agrees() {
+        let longest = vec!["tcp"; 32].join(" or ");
+        for expr in ["tcp port 80", "udp and not port 53", "net 2001:db8::/32 and in", &longest] {
+            let f = filter(expr);
+            let k = f.program.to_kernel().expect("a parsed filter fits the kernel table");
+            assert_eq!(k.len as usize, f.program.insns.len());
+            assert!(k.insns[k.len as usize..].iter().all(|i| *i == Insn::default()));
+            // The map value is exactly the bytes of the struct, so a byte round trip is what
+            // the kernel reads back.
+            // SAFETY: reading and rebuilding a plain #[repr(C)] value from its own bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&k as *const childflow_common::filter::Program).cast::<u8>(),
+                    size_of::<childflow_common::filter::Program>(),
+                )
+            }
+            .to_vec();
+            // SAFETY: `bytes` has the size of the type; every bit pattern is valid for it.
+            let back: childflow_common::filter::Program =
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let program = Program::from_kernel(&back);
+            assert_eq!(program, f.program, "`{expr}`");
+            for fields in corpus() {
+                assert_eq!(program.eval(&fields), f.expr.eval(&fields), "`{expr}` on {fields:?}");
+            }
+        }
+        assert_eq!(Program::from_kernel(&Default::default()).insns, []);
+        let too_long = Program { insns: vec![Insn::default(); MAX_INSNS + 1] };
+        assert_eq!(too_long.to_kernel(), None);
     }
 
     #[test]

@@ -180,6 +180,21 @@ impl Accounting {
         Ok(Accounting { links: Vec::new(), ebpf })
     }
 
+    /// Sets the capture filter the TC programs apply before copying a packet into the packet
+    /// ring (DNS is copied whatever it says, unmarked). Call it before
+    /// [`Accounting::attach_to`] so the first packet already sees it; until then the map
+    /// holds the empty program, which matches everything.
+    pub fn set_capture_filter(
+        &mut self,
+        program: &childflow_common::filter::Program,
+    ) -> Result<(), EbpfError> {
+        let map =
+            self.ebpf.map_mut("FILTER").ok_or(EbpfError::Map { name: "FILTER", source: None })?;
+        let mut filter: Array<&mut MapData, childflow_common::filter::Program> =
+            Array::try_from(map).map_err(|e| EbpfError::Map { name: "FILTER", source: Some(e) })?;
+        filter.set(0, program, 0).map_err(|source| EbpfError::MapWrite { name: "FILTER", source })
+    }
+
     /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX
     /// links, and the attribution programs to `cgroup` if given.
     ///

@@ -46,7 +46,7 @@ use aya::maps::{MapData, RingBuf};
 use childflow_common::{
     event::{
         CAPTURE_MAX, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF,
-        DROP_PARSE, DROP_SOCK_RINGBUF, Record, decode,
+        DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, Record, decode,
     },
     flow::DIR_OUT,
 };
@@ -179,7 +179,6 @@ struct Drain {
     tracker: flows::FlowTracker,
     processes: flows::Processes,
     clock: flows::Clock,
-    capture_all: bool,
     drops_seen: [u64; childflow_common::event::DROP_COUNTERS as usize],
     out: Vec<Event>,
 }
@@ -216,7 +215,9 @@ impl Drain {
             {
                 self.out.push(Event::Dns(ev));
             }
-            if self.capture_all {
+            // DNS is copied for naming whatever the capture filter says; only the marked
+            // copies belong in the capture.
+            if header.flags & PACKET_CAPTURE != 0 {
                 self.out.push(Event::Packet(PacketEvent {
                     ts,
                     direction: if header.direction == DIR_OUT as u32 {
@@ -312,6 +313,17 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
         |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
     );
+    // The capture filter runs in the TC programs, so what it rejects never takes ring space.
+    // The capture writer filters again: it is the authority (for both backends) and sees
+    // only what the kernel let through, so the second pass is cheap.
+    let kernel_filter = match config.capture.as_ref().and_then(|c| c.filter.as_deref()) {
+        Some(expr) => {
+            let filter = crate::capture::filter::Filter::parse(expr)
+                .with_context(|| format!("invalid --capture-filter `{expr}`"))?;
+            Some(filter.program.to_kernel().context("the capture filter is too long")?)
+        }
+        None => None,
+    };
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
         .spawn(move || Accounting::load(capture))
@@ -344,6 +356,9 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let cgroup_dir = cg.open()?;
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
+    if let Some(program) = kernel_filter {
+        accounting.set_capture_filter(&program)?;
+    }
     tracing::debug!("eBPF programs loaded");
     accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
     tracing::debug!("eBPF programs attached");
@@ -354,7 +369,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracker: flows::FlowTracker::new(clock),
         processes: flows::Processes::default(),
         clock,
-        capture_all: capture.capture_all != 0,
         drops_seen: Default::default(),
         out: Vec::new(),
     };
