@@ -11,6 +11,7 @@ pub mod event;
 pub mod exit;
 pub mod run;
 pub mod sandbox;
+pub mod tui;
 
 /// `--version`: says whether the eBPF programs (and so `--root`) are built in.
 #[cfg(feature = "ebpf")]
