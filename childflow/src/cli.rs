@@ -222,6 +222,9 @@ pub struct Config {
     pub tui_exit: bool,
     pub events: Option<PathBuf>,
     pub verbose: u8,
+    /// Not an argument: the pty `--tui` gives the command as its terminal, set by
+    /// `run` before the backend starts (see `sandbox::Spec::terminal`).
+    pub terminal: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Capture settings.
@@ -336,6 +339,7 @@ impl RunArgs {
             tui_exit: self.tui_exit,
             events: self.events,
             verbose: self.verbose,
+            terminal: None,
         })
     }
 }

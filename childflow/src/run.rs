@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use crate::{
     backend,
     cli::{Args, Backend, Command, Config},
-    event,
+    event, tui,
 };
 
 /// Runs what `args` asks for and returns childflow's exit code.
@@ -33,16 +33,34 @@ const EVENT_QUEUE: usize = 65_536;
 pub fn run(config: &Config) -> Result<i32> {
     reject_unimplemented(config)?;
     let (emitter, events) = event::channel(EVENT_QUEUE);
+    // The live views (--tui, --events) are opened before the command starts; with --tui the
+    // command gets the dashboard's pty as its terminal.
+    let mut live =
+        tui::live::Live::wanted(config).then(|| tui::live::Live::start(config)).transpose()?;
+    let mut config = config.clone();
+    config.terminal = live.as_mut().and_then(tui::live::Live::take_terminal);
+    if let Some(live) = &mut live {
+        live.start_demo(&emitter)?;
+    }
     // Placeholder collector: drains the channel so backends never see it full. The flow
-    // table, logs, capture and dashboard plug in here.
-    let collector = std::thread::Builder::new()
-        .name("collector".into())
-        .spawn(move || events.iter().count())?;
-    let status = match config.backend {
-        Backend::Rootless => backend::rootless::run(config, emitter)?,
-        Backend::Rootful => bail!("--root is not implemented yet"),
+    // table, logs, capture plug in here; the live views take snapshots from it.
+    let body: Box<dyn FnOnce() -> u64 + Send> = match &live {
+        Some(live) => Box::new(live.collector(events)),
+        None => Box::new(move || events.iter().count() as u64),
+    };
+    let collector = std::thread::Builder::new().name("collector".into()).spawn(body)?;
+    let result = match config.backend {
+        Backend::Rootless => backend::rootless::run(&config, emitter),
+        Backend::Rootful => {
+            drop(emitter);
+            Err(anyhow::anyhow!("--root is not implemented yet"))
+        }
     };
     let seen = collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
+    if let Some(live) = live {
+        live.finish(result.as_ref().ok().copied())?;
+    }
+    let status = result?;
     tracing::debug!("command ended: {status}; {seen} events");
     Ok(status.code())
 }
@@ -54,8 +72,6 @@ fn reject_unimplemented(config: &Config) -> Result<()> {
         (config.flow_log.is_some(), "--flow-log"),
         (config.summary.is_some(), "--summary"),
         (config.capture.is_some(), "--capture"),
-        (config.tui, "--tui"),
-        (config.events.is_some(), "--events"),
         (config.dns.is_some(), "--dns"),
         (config.allow_host_loopback, "--allow-host-loopback"),
     ];

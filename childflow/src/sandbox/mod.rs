@@ -26,7 +26,11 @@ use std::{
     ffi::{CString, OsString},
     fs::File,
     io::{Read, Write},
-    os::{fd::OwnedFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    sync::Arc,
 };
 
 use nix::{
@@ -60,6 +64,9 @@ pub struct Spec {
     pub env: Vec<(OsString, OsString)>,
     /// Drop to these credentials before exec (rootful). `None`: keep the mapped user.
     pub credentials: Option<Credentials>,
+    /// A terminal (pty slave) to be the command's stdin, stdout, stderr and controlling
+    /// terminal, in a session of its own (`--tui`). `None`: inherit childflow's stdio.
+    pub terminal: Option<Arc<OwnedFd>>,
 }
 
 /// How the command ended.
@@ -401,6 +408,22 @@ fn remount_proc() -> Result<(), String> {
 /// failure.
 fn exec_command(spec: &Spec, argv: &[CString]) -> i32 {
     signals::reset_for_exec();
+    if let Some(terminal) = &spec.terminal {
+        let fd = terminal.as_raw_fd();
+        // SAFETY: plain syscalls on a descriptor we own, in the single-threaded child. A new
+        // session makes the pty its controlling terminal (TIOCSCTTY), so ^C typed into it
+        // signals the command, and programs opening /dev/tty get the pty.
+        unsafe {
+            if libc::setsid() < 0
+                || libc::ioctl(fd, libc::TIOCSCTTY, 0) != 0
+                || libc::dup2(fd, 0) < 0
+                || libc::dup2(fd, 1) < 0
+                || libc::dup2(fd, 2) < 0
+            {
+                return Errno::last_raw();
+            }
+        }
+    }
     if let Some(creds) = &spec.credentials {
         let groups: Vec<libc::gid_t> = creds.groups.clone();
         // SAFETY: plain credential syscalls; order matters (groups and gid before uid).

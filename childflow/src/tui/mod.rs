@@ -10,8 +10,14 @@
 //! second and skips whatever it missed; the collector never waits for it.
 
 pub mod app;
+pub mod dashboard;
+pub mod demo;
+pub mod events;
+pub mod feed;
 pub mod format;
 pub mod history;
 pub mod keys;
+pub mod live;
 pub mod model;
+pub mod pty;
 pub mod ui;

@@ -76,16 +76,18 @@ impl Widget for &Header<'_> {
             Some(end) => Span::styled(format!("ended: {}", end.status), TITLE),
             None => Span::raw("running"),
         };
-        let mut first = vec![
+        // Status first: a long command line is cut at the right edge, not the status.
+        let first = vec![
             Span::styled(" childflow ", TITLE.fg(Color::Cyan)),
-            Span::raw(run.command.join(" ")).bold(),
-            Span::styled(" │ ", DIM),
-            Span::raw(run.backend.clone()),
-            Span::styled(" │ ", DIM),
             Span::raw(format::clock(elapsed)),
             Span::styled(" │ ", DIM),
             status,
+            Span::styled(" │ ", DIM),
+            Span::raw(run.backend.clone()),
+            Span::styled(" │ ", DIM),
+            Span::raw(run.command.join(" ")).bold(),
         ];
+        let mut first = first;
         if app.paused {
             first.push(Span::raw(" "));
             first.push(Span::styled(" PAUSED ", ALERT.bg(Color::Yellow).fg(Color::Black)));
@@ -155,10 +157,10 @@ fn chart_row(label: &str, timeline: &[Rate], area: Rect, buf: &mut Buffer) {
 }
 
 /// The title line above a table: view, counts, sort, filter and scope.
-fn title_line(app: &App, count: usize, noun: &str) -> Line<'static> {
+fn title_line(app: &App, count: usize) -> Line<'static> {
     let mut spans = vec![
         Span::styled(format!(" {} ", app.view.title()), TITLE),
-        Span::raw(format!("{count} {noun}")),
+        Span::raw(count.to_string()),
         Span::styled(" · sort ", DIM),
         Span::raw(app.sort.key_and_label().1),
     ];
@@ -192,8 +194,7 @@ pub struct FlowsTable<'a> {
 impl Widget for &FlowsTable<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
         let app = self.app;
-        let block =
-            Block::new().borders(Borders::TOP).title(title_line(app, app.rows.len(), "shown"));
+        let block = Block::new().borders(Borders::TOP).title(title_line(app, app.rows.len()));
         let inner = block.inner(area);
         block.render(area, buf);
         let wide = area.width >= 120;
@@ -265,9 +266,7 @@ pub struct GroupsTable<'a> {
 impl Widget for &GroupsTable<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
         let app = self.app;
-        let noun = if app.view == View::Processes { "processes" } else { "destinations" };
-        let block =
-            Block::new().borders(Borders::TOP).title(title_line(app, app.groups.len(), noun));
+        let block = Block::new().borders(Borders::TOP).title(title_line(app, app.groups.len()));
         let inner = block.inner(area);
         block.render(area, buf);
         let height = inner.height.saturating_sub(1) as usize;
@@ -647,7 +646,7 @@ mod tests {
             Buffer::with_lines([
                 format!(
                     "{:<80}",
-                    " childflow curl -s https://example.test/ │ rootless │ 00:12 │ running"
+                    " childflow 00:12 │ running │ rootless │ curl -s https://example.test/"
                 ),
                 format!(
                     "{:<80}",

@@ -21,6 +21,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         argv: config.command.clone(),
         env: Vec::new(),
         credentials: None,
+        terminal: config.terminal.clone(),
     };
     let mut sandbox = sandbox::spawn(&spec, bring_up_loopback)?;
     userns::map_self(sandbox.pid())

@@ -1,0 +1,209 @@
+//! The dashboard's runtime: owns the real terminal, the command's pty and the clock, turns
+//! terminal events, snapshots and the command's end into [`Action`]s, carries out the
+//! [`Effect`]s, and draws at most [`FRAME`]-often.
+//!
+//! Invariants:
+//! - The terminal is restored on every way out: normal return, error, panic (ratatui's
+//!   panic hook, installed by `ratatui::try_init`) and signals (a forwarded SIGTERM ends the
+//!   command, and the dashboard then leaves without waiting for `q`).
+//! - The collector is never waited on: each frame takes the newest snapshot if its sequence
+//!   number moved, so a slow frame skips snapshots instead of queueing them.
+
+use std::{
+    io::{IsTerminal, Write},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::{Receiver, Sender};
+use crossterm::event::{self, Event};
+use ratatui::layout::Rect;
+
+use super::{
+    app::{Action, App, Effect, Layout},
+    keys,
+    model::{RunEnd, SnapshotCell},
+    pty::{Pty, Screen},
+};
+use crate::event::now_unix_nanos;
+
+/// The shortest time between two frames: at most 10 redraws a second.
+pub const FRAME: Duration = Duration::from_millis(100);
+
+/// What leaves the dashboard besides the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitWhen {
+    /// Stay until `q`.
+    Quit,
+    /// Leave as soon as the command ends (`--tui-exit`).
+    CommandEnds,
+}
+
+/// A running dashboard (its own thread) with the command's pty.
+pub struct Dashboard {
+    thread: JoinHandle<Result<()>>,
+    ended: Sender<(RunEnd, bool)>,
+    terminal: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// Fails unless both stdin and stdout are terminals.
+pub fn require_terminal() -> Result<()> {
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        bail!("--tui needs a terminal on stdin and stdout; for scripts use --events PATH");
+    }
+    Ok(())
+}
+
+impl Dashboard {
+    /// Opens the command's pty sized for the pane, takes over the terminal and starts
+    /// drawing snapshots from `cell`.
+    pub fn start(cell: Arc<SnapshotCell>, exit: ExitWhen) -> Result<Self> {
+        require_terminal()?;
+        let (cols, rows) =
+            crossterm::terminal::size().context("failed to read the terminal size")?;
+        let layout = Layout::new(Rect::new(0, 0, cols, rows), true, false);
+        let (prow, pcol) = layout.command_inner().unwrap_or((rows, cols));
+        let mut pty = Pty::open(prow, pcol)?;
+        let terminal = pty.take_slave();
+        let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("dashboard".into())
+            .spawn(move || run(cell, Some(pty), ended_rx, exit))
+            .context("failed to start the dashboard thread")?;
+        Ok(Self { thread, ended: ended_tx, terminal })
+    }
+
+    /// The pty slave for the sandbox (`Spec::terminal`); `None` after the first call.
+    pub fn take_terminal(&mut self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        self.terminal.take()
+    }
+
+    /// Tells the dashboard the command ended and waits until the user leaves it (at once
+    /// with [`ExitWhen::CommandEnds`] or `leave`, e.g. when childflow itself failed).
+    pub fn finish(self, end: RunEnd, leave: bool) -> Result<()> {
+        let _ = self.ended.send((end, leave));
+        drop(self.terminal);
+        match self.thread.join() {
+            Ok(result) => result,
+            Err(_) => bail!("the dashboard thread panicked (the terminal was restored)"),
+        }
+    }
+}
+
+/// Runs the dashboard on the current thread until the user quits (or the command ends, per
+/// `exit`). With `pty`, the command's pane is shown.
+pub fn run(
+    cell: Arc<SnapshotCell>,
+    pty: Option<Pty>,
+    ended: Receiver<(RunEnd, bool)>,
+    exit: ExitWhen,
+) -> Result<()> {
+    let mut terminal = ratatui::try_init().context("failed to set up the terminal")?;
+    let result = event_loop(&mut terminal, cell, pty.as_ref(), ended, exit);
+    ratatui::restore();
+    // The command's output, replayed where it would have gone without --tui.
+    if let Some(pty) = &pty {
+        let screen = pty.screen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(screen.replay());
+        let _ = out.write_all(b"\x1b[0m");
+        let _ = out.flush();
+    }
+    drop(pty);
+    result
+}
+
+fn lock(screen: &Mutex<Screen>) -> std::sync::MutexGuard<'_, Screen> {
+    screen.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn event_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    cell: Arc<SnapshotCell>,
+    pty: Option<&Pty>,
+    ended: Receiver<(RunEnd, bool)>,
+    exit: ExitWhen,
+) -> Result<()> {
+    let mut app = App::new(cell.latest(), pty.is_some());
+    let mut seen = cell.seq();
+    let size = terminal.size().context("failed to read the terminal size")?;
+    let mut effects = vec![app.update(Action::Resize(size.width, size.height))];
+    let mut last_frame: Option<Instant> = None;
+    let mut command_ended = false;
+    loop {
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::None => {}
+                Effect::Quit => return Ok(()),
+                Effect::WriteKey(key) => {
+                    if let Some(pty) = pty {
+                        let app_cursor = lock(&pty.screen).parser.screen().application_cursor();
+                        let bytes = keys::encode(key, app_cursor);
+                        // The command may be gone; its keys then go nowhere, as in a terminal.
+                        let _ = pty.write(&bytes);
+                    }
+                }
+                Effect::ResizeCommand(rows, cols) => {
+                    if let Some(pty) = pty {
+                        pty.resize(rows, cols)?;
+                    }
+                }
+            }
+        }
+        let next = last_frame.map_or(Duration::ZERO, |t| FRAME.saturating_sub(t.elapsed()));
+        if event::poll(next).context("failed to read terminal events")? {
+            while event::poll(Duration::ZERO)? {
+                let action = match event::read().context("failed to read terminal events")? {
+                    Event::Key(key) => app.key_action(key),
+                    Event::Resize(w, h) => Some(Action::Resize(w, h)),
+                    _ => None,
+                };
+                if let Some(action) = action {
+                    effects.push(app.update(action));
+                }
+            }
+            if !effects.is_empty() {
+                continue;
+            }
+        }
+        if last_frame.is_some_and(|t| t.elapsed() < FRAME) {
+            continue;
+        }
+        // A frame: newest snapshot, the command's end, the clock; then draw.
+        if cell.seq() != seen {
+            seen = cell.seq();
+            app.update(Action::Snapshot(cell.latest()));
+        }
+        if !command_ended && let Ok((end, leave)) = ended.try_recv() {
+            command_ended = true;
+            app.update(Action::CommandEnded(end));
+            let signalled = crate::sandbox::signals::received().is_some();
+            if leave || exit == ExitWhen::CommandEnds || signalled {
+                // Draw the final state once, so a recording of the screen has it.
+                draw(terminal, &mut app, pty)?;
+                return Ok(());
+            }
+        }
+        app.update(Action::Tick(now_unix_nanos()));
+        draw(terminal, &mut app, pty)?;
+        last_frame = Some(Instant::now());
+    }
+}
+
+fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, pty: Option<&Pty>) -> Result<()> {
+    let mut guard = pty.map(|p| lock(&p.screen));
+    if let Some(screen) = guard.as_mut() {
+        screen.unseen = 0;
+        let wanted = app.command_scroll;
+        screen.parser.screen_mut().set_scrollback(wanted);
+        let got = screen.parser.screen().scrollback();
+        if got != wanted {
+            app.update(Action::ScrollCommand(got as isize - wanted as isize));
+        }
+    }
+    let screen = guard.as_ref().map(|s| s.parser.screen());
+    terminal.draw(|frame| app.render(frame, screen)).context("failed to draw the dashboard")?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The live views of one run, started and stopped from `run` with a few calls: the
+//! snapshot cell fed from the event channel, the dashboard (`--tui`), the JSON-lines stream
+//! (`--events`), and the demo events (test-only).
+
+use std::{os::fd::OwnedFd, sync::Arc, thread::JoinHandle};
+
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::Receiver;
+
+use super::{
+    dashboard::{Dashboard, ExitWhen},
+    demo, events,
+    feed::{self, Feed},
+    model::{RunEnd, RunInfo, Snapshot, SnapshotCell},
+};
+use crate::{
+    cli::Config,
+    event::{Emitter, Event, now_unix_nanos},
+    sandbox::ExitStatus,
+};
+
+/// See the module documentation.
+pub struct Live {
+    cell: Arc<SnapshotCell>,
+    run: RunInfo,
+    dashboard: Option<Dashboard>,
+    events: Option<events::Writer>,
+    demo: Option<JoinHandle<()>>,
+}
+
+impl Live {
+    /// Opens the outputs `config` asks for. Fails before the command starts if one cannot
+    /// be opened (no terminal for `--tui`, a bad `--events` path).
+    pub fn start(config: &Config) -> Result<Self> {
+        let to_stdout = config.events.as_deref().is_some_and(|p| p.as_os_str() == "-");
+        if config.tui && to_stdout {
+            bail!("--tui and --events - both need the terminal; send --events to a file");
+        }
+        let run = RunInfo {
+            command: config.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            backend: config.backend.to_string(),
+            pid: std::process::id(),
+            started: now_unix_nanos(),
+            ended: None,
+        };
+        let cell = SnapshotCell::new(Snapshot {
+            ts: run.started,
+            run: run.clone(),
+            ..Snapshot::default()
+        });
+        let events = match &config.events {
+            Some(path) => Some(events::Writer::start(path, cell.clone())?),
+            None => None,
+        };
+        let dashboard = if config.tui {
+            let exit = if config.tui_exit { ExitWhen::CommandEnds } else { ExitWhen::Quit };
+            Some(Dashboard::start(cell.clone(), exit)?)
+        } else {
+            None
+        };
+        Ok(Self { cell, run, dashboard, events, demo: None })
+    }
+
+    /// Whether `config` asks for a live view.
+    pub fn wanted(config: &Config) -> bool {
+        config.tui || config.events.is_some()
+    }
+
+    /// The pty the command must get as its terminal (`--tui`).
+    pub fn take_terminal(&mut self) -> Option<Arc<OwnedFd>> {
+        self.dashboard.as_mut().and_then(Dashboard::take_terminal)
+    }
+
+    /// Starts the synthetic demo events if the environment asks for them (tests).
+    pub fn start_demo(&mut self, emitter: &Emitter) -> Result<()> {
+        if demo::enabled() {
+            self.demo = Some(demo::start(emitter.clone()).context("failed to start the demo")?);
+        }
+        Ok(())
+    }
+
+    /// The collector's body: drains `events` into snapshots. Returns the number of events.
+    pub fn collector(&self, events: Receiver<Event>) -> impl FnOnce() -> u64 + Send + 'static {
+        let (cell, feed) = (self.cell.clone(), Feed::new(self.run.clone()));
+        move || feed::drain(events, feed, &cell)
+    }
+
+    /// Records how the command ended (`None`: the backend failed), lets the dashboard show
+    /// it until the user leaves, and closes the stream. Call after the collector is done.
+    pub fn finish(self, status: Option<ExitStatus>) -> Result<()> {
+        if let Some(demo) = self.demo {
+            let _ = demo.join();
+        }
+        let end = RunEnd {
+            ts: now_unix_nanos(),
+            code: status.map_or(crate::exit::FAILURE, ExitStatus::code),
+            status: status.map_or_else(|| "childflow failed".into(), |s| s.to_string()),
+        };
+        let mut last = (*self.cell.latest()).clone();
+        last.ts = last.ts.max(end.ts);
+        last.run.ended = Some(end.clone());
+        self.cell.publish(last);
+        let shown = self.dashboard.map(|d| d.finish(end, status.is_none()));
+        let written = self.events.map(events::Writer::finish);
+        shown.transpose()?;
+        written.transpose()?;
+        Ok(())
+    }
+}
