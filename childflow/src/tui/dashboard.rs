@@ -103,6 +103,15 @@ pub fn run(
     let mut terminal = ratatui::try_init().context("failed to set up the terminal")?;
     let result = event_loop(&mut terminal, cell, pty.as_ref(), ended, exit);
     ratatui::restore();
+    if let Ok(Left::CommandRunning) = result
+        && let Some(pty) = &pty
+    {
+        pty.hang_up();
+        eprintln!(
+            "childflow: dashboard closed; the command was hung up (SIGHUP), waiting for it to end"
+        );
+    }
+    let result = result.map(drop);
     // The command's output, replayed where it would have gone without --tui.
     if let Some(pty) = &pty {
         let screen = pty.screen.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,13 +128,19 @@ fn lock(screen: &Mutex<Screen>) -> std::sync::MutexGuard<'_, Screen> {
     screen.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How the event loop ended.
+enum Left {
+    CommandEnded,
+    CommandRunning,
+}
+
 fn event_loop(
     terminal: &mut ratatui::DefaultTerminal,
     cell: Arc<SnapshotCell>,
     pty: Option<&Pty>,
     ended: Receiver<(RunEnd, bool)>,
     exit: ExitWhen,
-) -> Result<()> {
+) -> Result<Left> {
     let mut app = App::new(cell.latest(), pty.is_some());
     let mut seen = cell.seq();
     let size = terminal.size().context("failed to read the terminal size")?;
@@ -136,7 +151,8 @@ fn event_loop(
         for effect in effects.drain(..) {
             match effect {
                 Effect::None => {}
-                Effect::Quit => return Ok(()),
+                Effect::Quit if command_ended => return Ok(Left::CommandEnded),
+                Effect::Quit => return Ok(Left::CommandRunning),
                 Effect::WriteKey(key) => {
                     if let Some(pty) = pty {
                         let app_cursor = lock(&pty.screen).parser.screen().application_cursor();
@@ -183,7 +199,7 @@ fn event_loop(
             if leave || exit == ExitWhen::CommandEnds || signalled {
                 // Draw the final state once, so a recording of the screen has it.
                 draw(terminal, &mut app, pty)?;
-                return Ok(());
+                return Ok(Left::CommandEnded);
             }
         }
         app.update(Action::Tick(now_unix_nanos()));

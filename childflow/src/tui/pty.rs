@@ -127,6 +127,31 @@ impl Pty {
         (&self.master).write_all(bytes).map_err(PtyError::Write)
     }
 
+    /// Hangs the terminal up the way the kernel does when the last master closes (SIGHUP
+    /// and SIGCONT to the session leader and the foreground process group). Closing the
+    /// master here would not do: the reader thread holds a duplicate of it until the
+    /// command's side closes, and TIOCSIG only sends SIGINT, SIGQUIT and SIGTSTP.
+    pub fn hang_up(&self) {
+        let fd = self.master.as_raw_fd();
+        let (mut sid, mut pgrp): (libc::pid_t, libc::pid_t) = (0, 0);
+        // SAFETY: TIOCGSID/TIOCGPGRP write one pid_t. On a master they report the slave's
+        // session and foreground group, as pids of our own pid namespace.
+        unsafe {
+            libc::ioctl(fd, libc::TIOCGSID, &mut sid);
+            libc::ioctl(fd, libc::TIOCGPGRP, &mut pgrp);
+        }
+        for target in [sid, -pgrp] {
+            // 0 means the ioctl failed; never signal init or "every process" (-1).
+            if target.abs() > 1 {
+                // SAFETY: plain kill(2).
+                unsafe {
+                    libc::kill(target, libc::SIGHUP);
+                    libc::kill(target, libc::SIGCONT);
+                }
+            }
+        }
+    }
+
     /// Resizes the terminal (the kernel sends SIGWINCH to the foreground process group) and
     /// the emulator.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), PtyError> {

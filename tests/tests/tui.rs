@@ -1,0 +1,233 @@
+//! The live views as a user meets them: the real binary with `--tui` in a real terminal
+//! (tmux), read back with `capture-pane`; and `--events` read by a script.
+//!
+//! Until a backend with a network engine and the flow table are on this branch, the flows
+//! come from childflow's synthetic demo events (`CHILDFLOW_DEMO_EVENTS=1`: a DNS lookup of
+//! example.test and a 1 MiB download from it); everything else — the pty, the terminal, the
+//! keys, the exit codes — is the real thing.
+
+use std::{
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use childflow_tests::{bin::binary, childflow, tool};
+
+/// A tmux server of our own (its own socket), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// Starts `command` (a shell command line) in an 80×24 session; the shell prints
+    /// `EXIT=<code>` when childflow ends and keeps the pane open.
+    fn start(command: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let socket = format!("cftui-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let script = format!("{command}; echo EXIT=$?; sleep 600");
+        let status = tool("tmux")
+            .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24"])
+            .args(["sh", "-c", &script])
+            .env("TERM", "xterm-256color")
+            .status()
+            .expect("run tmux");
+        assert!(status.success(), "tmux new-session failed");
+        Self { socket }
+    }
+
+    fn capture(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p"])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let status = Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys"])
+            .args(keys)
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+    }
+
+    /// Waits until the screen satisfies `pred`, or panics with the last screen.
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = self.capture();
+            if pred(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; screen:\n{screen}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+    }
+}
+
+fn demo_command(args: &str) -> String {
+    format!("env CHILDFLOW_DEMO_EVENTS=1 {} {args}", binary().display())
+}
+
+#[test]
+fn the_dashboard_shows_flows_the_command_pane_and_stays_until_q() {
+    let tmux = Tmux::start(&demo_command(
+        "--tui -- sh -c 'echo hello-from-the-command; printf \"\\033[32mgreen\\033[0m\\n\"; sleep 1'",
+    ));
+    let screen = tmux.wait_for("the demo flow and the command's output", |s| {
+        s.contains("example.test") && s.contains("hello-from-the-command") && s.contains("green")
+    });
+    assert!(screen.contains("PROTO") && screen.contains("REMOTE"), "{screen}");
+    assert!(screen.contains("sort bytes rate time name"), "footer: {screen}");
+    let screen = tmux.wait_for("the command's end", |s| s.contains("exit code 0"));
+    assert!(!screen.contains("EXIT="), "the dashboard must stay until q:\n{screen}");
+    assert!(screen.contains("flows 0/2"), "both demo flows ended: {screen}");
+
+    // The biggest flow is selected (sort by bytes): its detail has the exact byte counts.
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("the detail view", |s| s.contains("flow #"));
+    assert!(screen.contains("198.18.0.2:80"), "{screen}");
+    assert!(screen.contains("1,048,576 payload"), "the download's size: {screen}");
+    assert!(screen.contains("curl (pid 2)"), "{screen}");
+
+    tmux.keys(&["Escape", "2"]);
+    tmux.wait_for("the process view", |s| s.contains("PROCESS (PID)") && s.contains("curl (2)"));
+    tmux.keys(&["3"]);
+    tmux.wait_for("the destination view", |s| s.contains("DESTINATION"));
+    tmux.keys(&["?"]);
+    tmux.wait_for("the help overlay", |s| s.contains("any key closes"));
+    tmux.keys(&["x", "q"]);
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    assert!(
+        screen.contains("hello-from-the-command"),
+        "output replayed after the dashboard: {screen}"
+    );
+}
+
+#[test]
+fn tui_exit_leaves_with_the_commands_exit_code() {
+    let tmux = Tmux::start(&format!("{} --tui --tui-exit -- sh -c 'exit 3'", binary().display()));
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=3"), "{screen}");
+}
+
+#[test]
+fn keys_reach_an_interactive_command_when_its_pane_has_focus() {
+    let tmux = Tmux::start(&format!(
+        "{} --tui --tui-exit -- sh -c 'printf \"name? \"; read name; echo \"hello $name\"; sleep 1; exit 4'",
+        binary().display()
+    ));
+    tmux.wait_for("the prompt", |s| s.contains("name?"));
+    tmux.keys(&["Tab"]);
+    tmux.wait_for("the focused pane", |s| s.contains("Ctrl-] leaves"));
+    tmux.keys(&["-l", "world"]);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the command's answer", |s| s.contains("hello world"));
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=4"), "{screen}");
+}
+
+#[test]
+fn quitting_while_the_command_runs_asks_first_then_hangs_it_up() {
+    let tmux = Tmux::start(&format!("{} --tui -- sleep 600", binary().display()));
+    tmux.wait_for("the dashboard", |s| s.contains("running"));
+    tmux.keys(&["q"]);
+    tmux.wait_for("the confirmation", |s| s.contains("q again ends it"));
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=129"), "SIGHUP is 128+1: {screen}");
+}
+
+#[test]
+fn a_signal_to_childflow_ends_the_command_and_restores_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let tmux = Tmux::start(&format!(
+        "sh -c 'echo $$ > {}; exec {} --tui -- sleep 600'",
+        pid_file.display(),
+        binary().display()
+    ));
+    tmux.wait_for("the dashboard", |s| s.contains("running"));
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
+        .expect("signal childflow");
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=143"), "the command's SIGTERM, 128+15: {screen}");
+    assert!(!screen.contains("PROTO"), "the dashboard is gone: {screen}");
+}
+
+#[test]
+fn events_stream_json_lines_a_script_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let out = childflow()
+        .env("CHILDFLOW_DEMO_EVENTS", "1")
+        .arg("--events")
+        .arg(&path)
+        .args(["--", "true"])
+        .output()
+        .expect("run childflow");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = read_lines(&path);
+    assert_eq!(lines.first().unwrap()["type"], "run");
+    assert_eq!(lines.first().unwrap()["run"]["command"][0], "true");
+    let end = lines.last().unwrap();
+    assert_eq!(end["type"], "end");
+    assert_eq!(end["run"]["ended"]["code"], 0);
+    let download = lines
+        .iter()
+        .rev()
+        .find(|l| {
+            l["type"] == "flow"
+                && l["flow"]["name"] == "example.test"
+                && l["flow"]["proto"] == "tcp"
+        })
+        .expect("a flow line for the download");
+    assert_eq!(download["flow"]["payload_in"], 1 << 20);
+    assert_eq!(download["flow"]["close_reason"], "fin");
+    assert!(lines.iter().any(|l| l["type"] == "totals" && l["flows_total"] == 2));
+}
+
+#[test]
+fn events_go_to_stdout_with_a_dash() {
+    let out = childflow()
+        .args(["--events", "-", "--", "sh", "-c", "exit 5"])
+        .output()
+        .expect("run childflow");
+    assert_eq!(out.status.code(), Some(5));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let types: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("JSON line")["type"].to_string()
+        })
+        .collect();
+    assert_eq!(types.first().map(String::as_str), Some("\"run\""));
+    assert_eq!(types.last().map(String::as_str), Some("\"end\""));
+}
+
+#[test]
+fn tui_without_a_terminal_fails_before_the_command_runs() {
+    let out = childflow().args(["--tui", "--", "true"]).output().expect("run childflow");
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tui needs a terminal"), "{err}");
+}
+
+fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
