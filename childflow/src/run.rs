@@ -13,8 +13,8 @@ use crate::{
 pub fn main(args: Args) -> Result<i32> {
     match args.subcommand {
         Some(Command::Report(_)) => bail!("`childflow report` is not implemented yet"),
-        Some(Command::Attach(_)) => bail!("`childflow attach` is not implemented yet"),
-        Some(Command::Ps) => bail!("`childflow ps` is not implemented yet"),
+        Some(Command::Attach(a)) => tui::attach::attach(a.run.as_deref()),
+        Some(Command::Ps) => tui::attach::ps(),
         None => {
             let config = args.run.into_config()?;
             init_logging(config.verbose);
@@ -33,22 +33,15 @@ const EVENT_QUEUE: usize = 65_536;
 pub fn run(config: &Config) -> Result<i32> {
     reject_unimplemented(config)?;
     let (emitter, events) = event::channel(EVENT_QUEUE);
-    // The live views (--tui, --events) are opened before the command starts; with --tui the
-    // command gets the dashboard's pty as its terminal.
-    let mut live =
-        tui::live::Live::wanted(config).then(|| tui::live::Live::start(config)).transpose()?;
+    // The live views (--tui, --events, the socket for `attach`) are opened before the
+    // command starts; with --tui the command gets the dashboard's pty as its terminal.
+    let mut live = tui::live::Live::start(config, &emitter)?;
     let mut config = config.clone();
-    config.terminal = live.as_mut().and_then(tui::live::Live::take_terminal);
-    if let Some(live) = &mut live {
-        live.start_demo(&emitter)?;
-    }
-    // Placeholder collector: drains the channel so backends never see it full. The flow
-    // table, logs, capture plug in here; the live views take snapshots from it.
-    let body: Box<dyn FnOnce() -> u64 + Send> = match &live {
-        Some(live) => Box::new(live.collector(events)),
-        None => Box::new(move || events.iter().count() as u64),
-    };
-    let collector = std::thread::Builder::new().name("collector".into()).spawn(body)?;
+    config.terminal = live.take_terminal();
+    // Placeholder collector: the flow table, logs and capture plug in here; the live views
+    // take snapshots from it.
+    let collector =
+        std::thread::Builder::new().name("collector".into()).spawn(live.collector(events))?;
     let result = match config.backend {
         Backend::Rootless => backend::rootless::run(&config, emitter),
         Backend::Rootful => {
@@ -57,9 +50,7 @@ pub fn run(config: &Config) -> Result<i32> {
         }
     };
     let seen = collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
-    if let Some(live) = live {
-        live.finish(result.as_ref().ok().copied())?;
-    }
+    live.finish(result.as_ref().ok().copied())?;
     let status = result?;
     tracing::debug!("command ended: {status}; {seen} events");
     Ok(status.code())

@@ -149,6 +149,31 @@ fn quitting_while_the_command_runs_asks_first_then_hangs_it_up() {
 }
 
 #[test]
+fn closing_the_terminal_hangs_the_command_up_and_childflow_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let tmux = Tmux::start(&format!(
+        "sh -c 'echo $$ > {}; exec {} --tui -- sleep 600'",
+        pid_file.display(),
+        binary().display()
+    ));
+    tmux.wait_for("the dashboard", |s| s.contains("running"));
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    drop(tmux); // kill-server: the terminal goes away, childflow gets SIGHUP from the kernel
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("childflow (pid {pid}) kept running after its terminal closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn a_signal_to_childflow_ends_the_command_and_restores_the_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
@@ -164,6 +189,45 @@ fn a_signal_to_childflow_ends_the_command_and_restores_the_terminal() {
     let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
     assert!(screen.contains("EXIT=143"), "the command's SIGTERM, 128+15: {screen}");
     assert!(!screen.contains("PROTO"), "the dashboard is gone: {screen}");
+}
+
+#[test]
+fn attach_and_ps_show_a_run_started_elsewhere() {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut run = childflow()
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("CHILDFLOW_DEMO_EVENTS", "1")
+        .args(["--", "sh", "-c", "sleep 3; exit 6"])
+        .spawn()
+        .expect("start the run");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listing = loop {
+        let out = childflow().env("XDG_RUNTIME_DIR", runtime.path()).arg("ps").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("sleep 3") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "ps never listed the run: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(listing.contains(&run.id().to_string()), "the run id is childflow's pid: {listing}");
+    assert!(listing.contains("rootless"), "{listing}");
+
+    let tmux = Tmux::start(&format!(
+        "env XDG_RUNTIME_DIR={} {} attach {}",
+        runtime.path().display(),
+        binary().display(),
+        run.id()
+    ));
+    tmux.wait_for("the attached dashboard", |s| s.contains("example.test") && s.contains("1.0M"));
+    let screen = tmux.wait_for("the run's end", |s| s.contains("ended: exit code 6"));
+    assert!(!screen.contains("command ·"), "no command pane when attached: {screen}");
+    assert_eq!(run.wait().unwrap().code(), Some(6), "the run keeps its own exit code");
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("attach's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "{screen}");
+    let left: Vec<_> = std::fs::read_dir(runtime.path().join("childflow")).unwrap().collect();
+    assert!(left.is_empty(), "the run removed its socket: {left:?}");
 }
 
 #[test]

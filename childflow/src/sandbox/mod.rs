@@ -254,6 +254,18 @@ impl Drop for Sandbox {
     }
 }
 
+/// Work queued for right after the next clone, see [`after_clone`].
+type Hook = Box<dyn FnOnce() + Send>;
+static AFTER_CLONE: std::sync::Mutex<Vec<Hook>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `f` in the parent right after the next [`spawn`] cloned the child. Threads must be
+/// started there rather than before: the child is a copy of the process at the clone, and a
+/// lock a running thread holds at that instant (the allocator's) would never be released
+/// in it.
+pub fn after_clone(f: impl FnOnce() + Send + 'static) {
+    AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+}
+
 /// Clones `init` into new namespaces. It waits for [`Sandbox::release`], runs `setup` inside
 /// the namespaces (as root of the new user namespace, or real root), then starts the command.
 ///
@@ -311,6 +323,10 @@ where
     }
     drop(go_rx);
     drop(report_tx);
+    let hooks = std::mem::take(&mut *AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()));
+    for hook in hooks {
+        hook();
+    }
     Ok(Sandbox {
         init: Pid::from_raw(ret as i32),
         go: Some(File::from(go_tx)),

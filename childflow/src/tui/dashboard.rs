@@ -12,7 +12,6 @@
 use std::{
     io::{IsTerminal, Write},
     sync::{Arc, Mutex},
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -24,6 +23,7 @@ use ratatui::layout::Rect;
 use super::{
     app::{Action, App, Effect, Layout},
     keys,
+    launch::{Later, Launcher},
     model::{RunEnd, SnapshotCell},
     pty::{Pty, Screen},
 };
@@ -43,7 +43,7 @@ pub enum ExitWhen {
 
 /// A running dashboard (its own thread) with the command's pty.
 pub struct Dashboard {
-    thread: JoinHandle<Result<()>>,
+    thread: Later<Result<()>>,
     ended: Sender<(RunEnd, bool)>,
     terminal: Option<Arc<std::os::fd::OwnedFd>>,
 }
@@ -57,21 +57,18 @@ pub fn require_terminal() -> Result<()> {
 }
 
 impl Dashboard {
-    /// Opens the command's pty sized for the pane, takes over the terminal and starts
-    /// drawing snapshots from `cell`.
-    pub fn start(cell: Arc<SnapshotCell>, exit: ExitWhen) -> Result<Self> {
+    /// Opens the command's pty sized for the pane; the thread that takes over the terminal
+    /// and draws snapshots from `cell` is queued on `launcher`.
+    pub fn start(cell: Arc<SnapshotCell>, exit: ExitWhen, launcher: &mut Launcher) -> Result<Self> {
         require_terminal()?;
         let (cols, rows) =
             crossterm::terminal::size().context("failed to read the terminal size")?;
         let layout = Layout::new(Rect::new(0, 0, cols, rows), true, false);
         let (prow, pcol) = layout.command_inner().unwrap_or((rows, cols));
-        let mut pty = Pty::open(prow, pcol)?;
+        let mut pty = Pty::open(prow, pcol, launcher)?;
         let terminal = pty.take_slave();
         let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
-        let thread = std::thread::Builder::new()
-            .name("dashboard".into())
-            .spawn(move || run(cell, Some(pty), ended_rx, exit))
-            .context("failed to start the dashboard thread")?;
+        let thread = launcher.spawn("dashboard", move || run(cell, Some(pty), ended_rx, exit));
         Ok(Self { thread, ended: ended_tx, terminal })
     }
 
@@ -86,8 +83,9 @@ impl Dashboard {
         let _ = self.ended.send((end, leave));
         drop(self.terminal);
         match self.thread.join() {
-            Ok(result) => result,
-            Err(_) => bail!("the dashboard thread panicked (the terminal was restored)"),
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => bail!("the dashboard thread panicked (the terminal was restored)"),
         }
     }
 }
@@ -169,8 +167,12 @@ fn event_loop(
             }
         }
         let next = last_frame.map_or(Duration::ZERO, |t| FRAME.saturating_sub(t.elapsed()));
-        if event::poll(next).context("failed to read terminal events")? {
-            while event::poll(Duration::ZERO)? {
+        if wait_for_input(next)? {
+            // Bounded, so a terminal that always reports input cannot keep us from drawing.
+            for _ in 0..256 {
+                if !event::poll(Duration::ZERO)? {
+                    break;
+                }
                 let action = match event::read().context("failed to read terminal events")? {
                     Event::Key(key) => app.key_action(key),
                     Event::Resize(w, h) => Some(Action::Resize(w, h)),
@@ -179,9 +181,6 @@ fn event_loop(
                 if let Some(action) = action {
                     effects.push(app.update(action));
                 }
-            }
-            if !effects.is_empty() {
-                continue;
             }
         }
         if last_frame.is_some_and(|t| t.elapsed() < FRAME) {
@@ -206,6 +205,30 @@ fn event_loop(
         draw(terminal, &mut app, pty)?;
         last_frame = Some(Instant::now());
     }
+}
+
+/// Waits up to `timeout` for terminal input (crossterm reads stdin when it is a terminal,
+/// which `--tui` requires). Fails once the terminal is gone: crossterm's reader spins
+/// forever on a hung-up tty (EOF and EIO are neither data nor "would block"), so it must
+/// never be called on one. A hang-up between this check and crossterm's read is not
+/// caught; that window is a few microseconds per frame.
+fn wait_for_input(timeout: Duration) -> Result<bool> {
+    let mut fds = [libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 }];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll(2) on one valid pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err).context("failed to wait for terminal input");
+    }
+    if fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        bail!("the terminal went away");
+    }
+    // Resizes arrive through crossterm's signal pipe, not stdin: look every frame.
+    Ok(n > 0 || event::poll(Duration::ZERO).context("failed to read terminal events")?)
 }
 
 fn draw(terminal: &mut ratatui::DefaultTerminal, app: &mut App, pty: Option<&Pty>) -> Result<()> {

@@ -3,10 +3,11 @@
 //! `example.test` and a 1 MiB HTTP download from it by `curl`, emitted into the real event
 //! channel next to the backend's own events. Test-only; not documented for users.
 
-use std::{thread::JoinHandle, time::Duration};
+use std::time::Duration;
 
 use childflow_common::flow::{DIR_IN, DIR_OUT, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_SYN};
 
+use super::launch::{Later, Launcher};
 use crate::event::{
     CloseReason, DnsAnswer, DnsData, DnsEvent, DnsTransport, Emitter, Event, FlowKey, FlowPhase,
     FlowStats, FlowUpdate, ProcessEvent, ProcessInfo, now_unix_nanos,
@@ -22,9 +23,9 @@ pub fn enabled() -> bool {
     std::env::var_os(ENV).is_some_and(|v| v == "1")
 }
 
-/// Emits the demo's events over about a second, from a thread of its own.
-pub fn start(emitter: Emitter) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("demo-events".into()).spawn(move || run(&emitter))
+/// Queues a thread that emits the demo's events over about a second.
+pub fn start(emitter: Emitter, launcher: &mut Launcher) -> Later<()> {
+    launcher.spawn("demo-events", move || run(&emitter))
 }
 
 fn process(key: FlowKey) -> Event {

@@ -13,7 +13,7 @@
 //! makes the writer skip snapshots (each line still carries the newest state), never slows
 //! the collector.
 
-use std::{io::Write, path::Path, sync::Arc, thread::JoinHandle, time::Duration};
+use std::{io::Write, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -21,6 +21,7 @@ use serde::Serialize;
 
 use super::{
     history::History,
+    launch::{Later, Launcher},
     model::{DropCount, FlowRow, RunInfo, Snapshot, SnapshotCell, Totals},
 };
 use crate::event::UnixNanos;
@@ -122,13 +123,14 @@ impl Stream {
 
 /// The `--events` writer thread.
 pub struct Writer {
-    thread: JoinHandle<Result<()>>,
+    thread: Later<Result<()>>,
     stop: Sender<()>,
 }
 
 impl Writer {
-    /// Opens `path` (`-`: stdout) and starts writing what `cell` publishes.
-    pub fn start(path: &Path, cell: Arc<SnapshotCell>) -> Result<Self> {
+    /// Opens `path` (`-`: stdout); the thread writing what `cell` publishes is queued on
+    /// `launcher`.
+    pub fn start(path: &Path, cell: Arc<SnapshotCell>, launcher: &mut Launcher) -> Result<Self> {
         let out: Box<dyn Write + Send> =
             if path.as_os_str() == "-" {
                 Box::new(std::io::stdout())
@@ -138,17 +140,17 @@ impl Writer {
                 })?)
             };
         let (stop, stopped) = crossbeam_channel::bounded(1);
-        let thread = std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || write_loop(out, &cell, &stopped))
-            .context("failed to start the --events writer")?;
+        let thread = launcher.spawn("events", move || write_loop(out, &cell, &stopped));
         Ok(Self { thread, stop })
     }
 
     /// Writes what the last snapshot adds and closes the stream.
     pub fn finish(self) -> Result<()> {
         let _ = self.stop.send(());
-        self.thread.join().map_err(|_| anyhow::anyhow!("the --events writer panicked"))?
+        match self.thread.join() {
+            None => Ok(()),
+            Some(result) => result.map_err(|_| anyhow::anyhow!("the --events writer panicked"))?,
+        }
     }
 }
 

@@ -13,7 +13,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::IpAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -203,7 +206,15 @@ fn add(t: &mut Totals, f: &FlowRow) {
 
 /// Drains the event channel into a [`Feed`] and publishes snapshots into `cell`, at most
 /// every [`PUBLISH`], and once more when the channel closes. Returns the number of events.
-pub fn drain(events: Receiver<Event>, mut feed: Feed, cell: &Arc<SnapshotCell>) -> u64 {
+///
+/// Idle snapshots (no new events) are published only once `launched` is set: before the
+/// sandbox is cloned this thread must not allocate (see [`super::launch`]).
+pub fn drain(
+    events: Receiver<Event>,
+    mut feed: Feed,
+    cell: &Arc<SnapshotCell>,
+    launched: &AtomicBool,
+) -> u64 {
     let mut count = 0;
     let mut last = Instant::now();
     let mut dirty = false;
@@ -218,7 +229,7 @@ pub fn drain(events: Receiver<Event>, mut feed: Feed, cell: &Arc<SnapshotCell>) 
             Err(RecvTimeoutError::Disconnected) => break,
         }
         let due = if dirty { PUBLISH } else { IDLE_PUBLISH };
-        if last.elapsed() >= due {
+        if last.elapsed() >= due && (dirty || launched.load(Ordering::Relaxed)) {
             cell.publish(feed.snapshot(now_unix_nanos()));
             last = Instant::now();
             dirty = false;
@@ -324,7 +335,8 @@ mod tests {
         emitter.emit(update(1, 1, FlowPhase::Start));
         drop(emitter);
         let cell = SnapshotCell::new(Snapshot::default());
-        assert_eq!(drain(rx, Feed::new(RunInfo::default()), &cell), 2);
+        let launched = AtomicBool::new(true);
+        assert_eq!(drain(rx, Feed::new(RunInfo::default()), &cell, &launched), 2);
         assert_eq!(cell.latest().flows.len(), 1);
     }
 }

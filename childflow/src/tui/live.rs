@@ -1,17 +1,25 @@
 //! The live views of one run, started and stopped from `run` with a few calls: the
 //! snapshot cell fed from the event channel, the dashboard (`--tui`), the JSON-lines stream
-//! (`--events`), and the demo events (test-only).
+//! (`--events`), the run's socket for `attach`/`ps`, and the demo events (test-only).
 
-use std::{os::fd::OwnedFd, sync::Arc, thread::JoinHandle};
+use std::{
+    os::fd::OwnedFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use crossbeam_channel::Receiver;
 
 use super::{
     dashboard::{Dashboard, ExitWhen},
     demo, events,
     feed::{self, Feed},
+    launch::{Later, Launcher},
     model::{RunEnd, RunInfo, Snapshot, SnapshotCell},
+    socket,
 };
 use crate::{
     cli::Config,
@@ -25,13 +33,16 @@ pub struct Live {
     run: RunInfo,
     dashboard: Option<Dashboard>,
     events: Option<events::Writer>,
-    demo: Option<JoinHandle<()>>,
+    demo: Option<Later<()>>,
+    socket: Option<socket::Server>,
+    launched: Arc<AtomicBool>,
 }
 
 impl Live {
     /// Opens the outputs `config` asks for. Fails before the command starts if one cannot
-    /// be opened (no terminal for `--tui`, a bad `--events` path).
-    pub fn start(config: &Config) -> Result<Self> {
+    /// be opened (no terminal for `--tui`, a bad `--events` path). Their threads start right
+    /// after the sandbox is cloned ([`super::launch`]); `emitter` feeds the demo events.
+    pub fn start(config: &Config, emitter: &Emitter) -> Result<Self> {
         let to_stdout = config.events.as_deref().is_some_and(|p| p.as_os_str() == "-");
         if config.tui && to_stdout {
             bail!("--tui and --events - both need the terminal; send --events to a file");
@@ -48,22 +59,29 @@ impl Live {
             run: run.clone(),
             ..Snapshot::default()
         });
+        let mut launcher = Launcher::default();
         let events = match &config.events {
-            Some(path) => Some(events::Writer::start(path, cell.clone())?),
+            Some(path) => Some(events::Writer::start(path, cell.clone(), &mut launcher)?),
             None => None,
         };
         let dashboard = if config.tui {
             let exit = if config.tui_exit { ExitWhen::CommandEnds } else { ExitWhen::Quit };
-            Some(Dashboard::start(cell.clone(), exit)?)
+            Some(Dashboard::start(cell.clone(), exit, &mut launcher)?)
         } else {
             None
         };
-        Ok(Self { cell, run, dashboard, events, demo: None })
-    }
-
-    /// Whether `config` asks for a live view.
-    pub fn wanted(config: &Config) -> bool {
-        config.tui || config.events.is_some()
+        // `attach` is a convenience: a run without its socket still runs.
+        let socket = socket::Server::start(&socket::runtime_dir(), cell.clone(), &mut launcher)
+            .map_err(|e| tracing::warn!("`childflow attach` will not find this run: {e}"))
+            .ok();
+        let demo = demo::enabled().then(|| demo::start(emitter.clone(), &mut launcher));
+        let launched = Arc::new(AtomicBool::new(false));
+        let flag = launched.clone();
+        crate::sandbox::after_clone(move || {
+            launcher.launch();
+            flag.store(true, Ordering::Relaxed);
+        });
+        Ok(Self { cell, run, dashboard, events, demo, socket, launched })
     }
 
     /// The pty the command must get as its terminal (`--tui`).
@@ -71,25 +89,18 @@ impl Live {
         self.dashboard.as_mut().and_then(Dashboard::take_terminal)
     }
 
-    /// Starts the synthetic demo events if the environment asks for them (tests).
-    pub fn start_demo(&mut self, emitter: &Emitter) -> Result<()> {
-        if demo::enabled() {
-            self.demo = Some(demo::start(emitter.clone()).context("failed to start the demo")?);
-        }
-        Ok(())
-    }
-
     /// The collector's body: drains `events` into snapshots. Returns the number of events.
     pub fn collector(&self, events: Receiver<Event>) -> impl FnOnce() -> u64 + Send + 'static {
         let (cell, feed) = (self.cell.clone(), Feed::new(self.run.clone()));
-        move || feed::drain(events, feed, &cell)
+        let launched = self.launched.clone();
+        move || feed::drain(events, feed, &cell, &launched)
     }
 
     /// Records how the command ended (`None`: the backend failed), lets the dashboard show
     /// it until the user leaves, and closes the stream. Call after the collector is done.
     pub fn finish(self, status: Option<ExitStatus>) -> Result<()> {
         if let Some(demo) = self.demo {
-            let _ = demo.join();
+            demo.join();
         }
         let end = RunEnd {
             ts: now_unix_nanos(),
@@ -102,6 +113,9 @@ impl Live {
         self.cell.publish(last);
         let shown = self.dashboard.map(|d| d.finish(end, status.is_none()));
         let written = self.events.map(events::Writer::finish);
+        if let Some(socket) = self.socket {
+            socket.finish();
+        }
         shown.transpose()?;
         written.transpose()?;
         Ok(())

@@ -10,6 +10,7 @@
 //! second and skips whatever it missed; the collector never waits for it.
 
 pub mod app;
+pub mod attach;
 pub mod dashboard;
 pub mod demo;
 pub mod events;
@@ -17,7 +18,9 @@ pub mod feed;
 pub mod format;
 pub mod history;
 pub mod keys;
+pub mod launch;
 pub mod live;
 pub mod model;
 pub mod pty;
+pub mod socket;
 pub mod ui;

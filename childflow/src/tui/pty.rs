@@ -17,6 +17,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use super::launch::Launcher;
 use nix::{
     fcntl::{FcntlArg, FdFlag, fcntl},
     pty::{Winsize, openpty},
@@ -99,8 +100,8 @@ fn cloexec(fd: &OwnedFd) -> Result<(), PtyError> {
 }
 
 impl Pty {
-    /// Opens a pty of `rows`×`cols` and starts the thread that reads it.
-    pub fn open(rows: u16, cols: u16) -> Result<Self, PtyError> {
+    /// Opens a pty of `rows`×`cols`; the thread that reads it is queued on `launcher`.
+    pub fn open(rows: u16, cols: u16, launcher: &mut Launcher) -> Result<Self, PtyError> {
         let size = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         let pair = openpty(Some(&size), None).map_err(PtyError::Open)?;
         cloexec(&pair.master)?;
@@ -109,10 +110,8 @@ impl Pty {
         let screen = Arc::new(Mutex::new(Screen::new(rows, cols)));
         let reader = master.try_clone().map_err(PtyError::Thread)?;
         let shared = screen.clone();
-        std::thread::Builder::new()
-            .name("pty-reader".into())
-            .spawn(move || read_loop(reader, &shared))
-            .map_err(PtyError::Thread)?;
+        // Detached: it ends when the command's side closes (EIO).
+        let _ = launcher.spawn("pty-reader", move || read_loop(reader, &shared));
         Ok(Self { master, slave: Some(Arc::new(pair.slave)), screen })
     }
 
@@ -201,7 +200,7 @@ mod tests {
 
     #[test]
     fn resizing_sets_the_terminal_size_the_command_sees() {
-        let mut pty = Pty::open(5, 40).expect("openpty");
+        let mut pty = Pty::open(5, 40, &mut Launcher::default()).expect("openpty");
         let slave = pty.take_slave().unwrap();
         pty.resize(10, 60).unwrap();
         let mut size: libc::winsize = unsafe { std::mem::zeroed() };
