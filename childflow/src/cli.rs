@@ -118,7 +118,7 @@ pub struct RunArgs {
     pub capture: Option<PathBuf>,
 
     /// Capture only packets matching EXPR, e.g. `tcp and port 443`, `not udp`,
-    /// `host 198.18.0.1`, `net 2001:db8::/32`, `out` (see docs/capture-filter.md).
+    /// `host 198.18.0.1`, `net 2001:db8::/32`, `out` (see docs/capture.md).
     #[arg(long, value_name = "EXPR", requires = "capture", help_heading = "Capture")]
     pub capture_filter: Option<String>,
 
@@ -222,6 +222,9 @@ pub struct Config {
     pub tui_exit: bool,
     pub events: Option<PathBuf>,
     pub verbose: u8,
+    /// Extra environment for the command, set up by the run (e.g. `SSLKEYLOGFILE` for
+    /// `--tls-keylog`); empty after validation.
+    pub command_env: Vec<(OsString, OsString)>,
     /// Not an argument: the pty `--tui` gives the command as its terminal, set by
     /// `run` before the backend starts (see `sandbox::Spec::terminal`).
     pub terminal: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
@@ -267,6 +270,9 @@ pub enum ConfigError {
         "--allow-host-loopback applies to the rootless backend only; with --root the host is reachable through the veth"
     )]
     LoopbackWithRoot,
+    /// `--capture-filter` does not parse.
+    #[error("invalid --capture-filter: {error}\n{}\n(see docs/capture.md for the filter language)", error.caret(expr))]
+    CaptureFilter { expr: String, error: crate::capture::filter::FilterError },
     /// The command to run is empty.
     #[error("no command given: put it after `--`, e.g. `childflow -- curl https://example.com`")]
     NoCommand,
@@ -313,6 +319,11 @@ impl RunArgs {
         if stdout(&self.capture) && stdout(&self.events) {
             return Err(ConfigError::StdoutTwice("--capture", "--events"));
         }
+        if let Some(expr) = &self.capture_filter
+            && let Err(error) = crate::capture::filter::Filter::parse(expr)
+        {
+            return Err(ConfigError::CaptureFilter { expr: expr.clone(), error });
+        }
         let summary = self.summary_format.or(self.summary.then_some(SummaryFormat::Text));
         let capture = self.capture.map(|path| CaptureConfig {
             path,
@@ -339,6 +350,7 @@ impl RunArgs {
             tui_exit: self.tui_exit,
             events: self.events,
             verbose: self.verbose,
+            command_env: Vec::new(),
             terminal: None,
         })
     }
@@ -420,6 +432,10 @@ mod tests {
             ConfigError::StdoutTwice("--flow-log", "--events")
         );
         assert!(config(&["--mtu", "100", "--", "true"]).unwrap_err().to_string().contains("--mtu"));
+        let err = config(&["-c", "x.pcapng", "--capture-filter", "tcp and prot 80", "--", "true"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at column 9") && err.contains("          ^"), "{err}");
         let err = parse(&["--capture-filter", "tcp", "--", "true"]).unwrap_err();
         assert!(err.to_string().contains("--capture"), "{err}");
     }

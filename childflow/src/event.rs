@@ -214,6 +214,12 @@ impl Emitter {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// A handle on the [`Emitter::dropped`] count that does not keep the channel open, for
+    /// the collector to read at the end.
+    pub fn drop_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
+    }
 }
 
 /// A bounded event channel: backends emit into the [`Emitter`], the collector reads the

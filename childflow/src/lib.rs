@@ -5,12 +5,18 @@
 //! that to [`run::run`], which starts a backend, the collector and the sinks.
 
 pub mod backend;
+pub mod capture;
 pub mod cli;
+pub mod collector;
 pub mod ebpf;
 pub mod event;
 pub mod exit;
+pub mod flow;
+pub mod report;
 pub mod run;
 pub mod sandbox;
+pub mod sink;
+pub mod summary;
 pub mod tui;
 
 /// `--version`: says whether the eBPF programs (and so `--root`) are built in.

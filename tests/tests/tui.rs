@@ -1,10 +1,11 @@
 //! The live views as a user meets them: the real binary with `--tui` in a real terminal
 //! (tmux), read back with `capture-pane`; and `--events` read by a script.
 //!
-//! Until a backend with a network engine and the flow table are on this branch, the flows
-//! come from childflow's synthetic demo events (`CHILDFLOW_DEMO_EVENTS=1`: a DNS lookup of
-//! example.test and a 1 MiB download from it); everything else — the pty, the terminal, the
-//! keys, the exit codes — is the real thing.
+//! One test runs curl on the hermetic test network through the rootless backend and finds
+//! its flow, DNS name and byte count on the screen. The others, which exercise the keys,
+//! views, exit codes and attach, also use childflow's synthetic demo events
+//! (`CHILDFLOW_DEMO_EVENTS=1`: a DNS lookup of example.test and a 1 MiB download from it)
+//! so they do not depend on the network; everything else in them is the real thing.
 
 use std::{
     path::Path,
@@ -13,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use childflow_tests::{bin::binary, childflow, tool};
+use childflow_tests::{TestNet, bin::binary, childflow, is_root, skip, tool};
 
 /// A tmux server of our own (its own socket), killed on drop.
 struct Tmux {
@@ -112,6 +113,66 @@ fn the_dashboard_shows_flows_the_command_pane_and_stays_until_q() {
         screen.contains("hello-from-the-command"),
         "output replayed after the dashboard: {screen}"
     );
+}
+
+/// `1234567` as the detail view prints it: `1,234,567`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn a_real_download_shows_with_its_dns_name_and_byte_count() {
+    if skip(!is_root(), "building the test network needs root") {
+        return;
+    }
+    let net = TestNet::new();
+    // curl reports what it received: the response headers and body are the TCP payload.
+    let tmux = Tmux::start(&format!(
+        "env CHILDFLOW_UPSTREAM_DNS={} {} --tui -- sh -c \
+         \"curl -4 -sS --fail --max-time 20 -o /dev/null -w 'got %{{size_header}}+%{{size_download}} sent %{{size_request}}\\n' http://example.test/bytes/123456\"",
+        net.server_v4(),
+        binary().display()
+    ));
+    let screen = tmux.wait_for("curl's end", |s| s.contains("exit code") && s.contains("got "));
+    assert!(screen.contains("exit code 0"), "{screen}");
+    let numbers = |tag: &str| -> Vec<u64> {
+        let rest = screen.split(tag).nth(1).expect("curl's report");
+        let word = rest.split_whitespace().next().unwrap();
+        word.split('+').map(|n| n.parse().expect("a number")).collect()
+    };
+    let received: u64 = numbers("got ").iter().sum();
+    let sent: u64 = numbers(" sent ")[0];
+    assert!(received > 123_456, "headers and body: {received}");
+    let row = screen
+        .lines()
+        .find(|l| l.starts_with("tcp") && l.contains(":80"))
+        .unwrap_or_else(|| panic!("no HTTP flow row:\n{screen}"));
+    assert!(row.contains("example.test"), "the DNS name: {row}");
+    // (No process column check: the rootless engine cannot see which process owns a socket.)
+    assert!(row.contains(&format!("{}:80", net.server_v4())), "{row}");
+    tmux.keys(&["n"]); // sort by name: the HTTP flow (named) comes first, select it
+    tmux.keys(&["Home", "Enter"]);
+    let detail = tmux.wait_for("the detail view", |s| s.contains("flow #"));
+    assert!(detail.contains("example.test"), "{detail}");
+    assert!(
+        detail.contains(&format!("({} payload)", grouped(received))),
+        "bytes in equal to what curl received ({received}):\n{detail}"
+    );
+    assert!(
+        detail.contains(&format!("({} payload)", grouped(sent))),
+        "bytes out equal to curl's request ({sent}):\n{detail}"
+    );
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("childflow's exit", |s| s.contains("EXIT="));
+    assert!(screen.contains("EXIT=0"), "{screen}");
 }
 
 #[test]

@@ -19,6 +19,7 @@
 //! [`spawn`] must be called while the process is single-threaded (it forks with the raw
 //! `clone` syscall); signals must already be blocked with [`signals::block`].
 
+pub mod fdpass;
 pub mod signals;
 pub mod userns;
 
@@ -416,6 +417,39 @@ fn remount_proc() -> Result<(), String> {
             (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as libc::c_ulong,
             std::ptr::null(),
         );
+    }
+    Ok(())
+}
+
+/// Makes every mount of the new mount namespace private, so nothing mounted for the command
+/// (e.g. its resolv.conf) propagates back to the host (mount_namespaces(7), "Shared
+/// subtrees"). Call it in `init`'s setup before the first mount.
+pub fn make_mounts_private() -> Result<(), String> {
+    // SAFETY: mount(2) with static, NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!("cannot make the mounts private: {}", Errno::last()));
+    }
+    Ok(())
+}
+
+/// Bind-mounts the file `src` over `dst` in the current mount namespace (the command's
+/// view of `dst`; the host's is untouched).
+pub fn bind_file(src: &std::ffi::CStr, dst: &std::ffi::CStr) -> Result<(), String> {
+    // SAFETY: mount(2) with NUL-terminated paths.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(format!("cannot bind-mount {src:?} over {dst:?}: {}", Errno::last()));
     }
     Ok(())
 }

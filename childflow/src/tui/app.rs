@@ -295,6 +295,17 @@ impl App {
         self.command_end.as_ref().or(self.snapshot.run.ended.as_ref())
     }
 
+    /// A flow's current rate; zero once the command ended (nothing moves any more, though
+    /// the last snapshots still show growth within the rate window).
+    pub fn flow_rate(&self, id: u64) -> Rate {
+        if self.command_ended().is_some() { Rate::default() } else { self.history.rate(id) }
+    }
+
+    /// The run's current rate; zero once the command ended.
+    pub fn run_rate(&self) -> Rate {
+        if self.command_ended().is_some() { Rate::default() } else { self.history.run_rate() }
+    }
+
     /// The flow shown in the detail view.
     pub fn detail_flow(&self) -> Option<&FlowRow> {
         let id = self.detail?;
@@ -592,8 +603,8 @@ impl App {
                 }
             }
             view => {
-                self.groups =
-                    aggregate(view, matching.iter().map(|&i| &snap.flows[i]), &self.history);
+                let flows = matching.iter().map(|&i| &snap.flows[i]);
+                self.groups = aggregate(view, flows, |id| self.flow_rate(id));
                 sort_groups(&mut self.groups, self.sort);
                 self.rows.clear();
                 let still_there = self
@@ -672,7 +683,7 @@ pub fn sort_flows(rows: &mut [usize], flows: &[FlowRow], key: SortKey, history: 
 pub fn aggregate<'a>(
     view: View,
     flows: impl Iterator<Item = &'a FlowRow>,
-    history: &History,
+    rate: impl Fn(u64) -> Rate,
 ) -> Vec<Group> {
     let mut groups: HashMap<String, Group> = HashMap::new();
     for f in flows {
@@ -686,7 +697,7 @@ pub fn aggregate<'a>(
             rate: Rate::default(),
             last_seen: 0,
         });
-        let r = history.rate(f.id);
+        let r = rate(f.id);
         g.flows += 1;
         g.live += usize::from(f.is_live());
         g.bytes_out += f.bytes_out;

@@ -1,199 +1,113 @@
-//! Turning backend [`Event`]s into dashboard [`Snapshot`]s, and publishing them.
+//! Feeding the live views from the collector: a [`Consumer`] that copies the flow table into
+//! a dashboard [`Snapshot`] and publishes it.
 //!
-//! This is a small stand-in for the flow table (`flow::FlowTable`, being built next to this
-//! module): it keeps one [`FlowRow`] per flow key, names peers from the DNS answers the
-//! command received, and attributes processes. When the flow table lands, the dashboard is
-//! fed from it instead (a collector consumer copying the table into a `Snapshot` on each
-//! tick) and this module shrinks to [`Publisher`]'s pacing.
+//! The table holds live flows only; an ended flow reaches consumers once, as its end record.
+//! So this consumer keeps the most recent [`KEEP_ENDED`] ended flows itself (the dashboard
+//! shows them dimmed), and their counters stay in the totals after they are dropped.
 //!
-//! Invariants: a key that starts again after it ended is a new flow with a new id; ended
-//! flows stay visible (the most recent [`KEEP_ENDED`]) and their counters stay in the totals
-//! after they are dropped from the list; publishing happens at most every [`PUBLISH`].
+//! Invariants:
+//! - At most one snapshot every [`PUBLISH`] while events come, and one every
+//!   [`IDLE_PUBLISH`] without them (so rates decay to zero and the clock moves); one more at
+//!   the end of the run.
+//! - Nothing is published before the live views' threads are launched (`launched`): the
+//!   collector ticks its consumers from the moment it starts, which is before the sandbox
+//!   is cloned, and this thread must not allocate then ([`super::launch`]).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
-    net::IpAddr,
+    collections::{BTreeMap, HashSet, VecDeque},
+    net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use childflow_common::flow::{DIR_IN, DIR_OUT, PROTO_TCP, TCP_FIN, TCP_RST, TCP_SYN};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use anyhow::Result;
+use childflow_common::flow::{DIR_IN, DIR_OUT};
 
 use super::model::{DropCount, FlowRow, ProcessRef, RunInfo, Snapshot, SnapshotCell, Totals};
-use crate::event::{DnsData, Event, FlowKey, FlowPhase, FlowStats, UnixNanos, now_unix_nanos};
+use crate::{
+    collector::{Consumer, QUEUE_DROPS},
+    event::{Event, UnixNanos, now_unix_nanos},
+    flow::{Flow, FlowTable, PacketFlow, TcpState},
+    sink::schema::{DnsRecord, FlowRecord, FlowRecordKind, RunRecord},
+};
 
 /// Ended flows kept in snapshots (older ones only count in the totals).
 pub const KEEP_ENDED: usize = 1_000;
 /// The shortest time between two published snapshots.
 pub const PUBLISH: Duration = Duration::from_millis(100);
-/// Without events, a snapshot is still published this often, so rates fall to zero and
-/// the clock moves for every view.
+/// Without events, a snapshot is still published this often.
 pub const IDLE_PUBLISH: Duration = Duration::from_millis(500);
 
-/// See the module documentation.
-#[derive(Debug, Default)]
-pub struct Feed {
-    run: RunInfo,
-    next_id: u64,
-    live: HashMap<FlowKey, FlowRow>,
-    ended: VecDeque<FlowRow>,
-    /// Counters of ended flows no longer in `ended`.
-    retired: Totals,
-    names: HashMap<IpAddr, String>,
-    distinct_names: HashSet<String>,
-    processes: HashMap<FlowKey, ProcessRef>,
-    drops: BTreeMap<String, u64>,
-    flows_total: u64,
-    evictions: u64,
+/// The state column: RFC 9293-like names for TCP, `ACTIVE`/`CLOSED` for the rest.
+fn state(tcp: Option<&str>, ended: bool) -> String {
+    match tcp {
+        Some(s) => s.to_ascii_uppercase(),
+        None if ended => "CLOSED".into(),
+        None => "ACTIVE".into(),
+    }
 }
 
-/// A short state for live views from the cumulative TCP flags (RFC 9293 state names where
-/// the counters allow telling them apart).
-fn state(key: &FlowKey, stats: &FlowStats, ended: bool) -> String {
-    if key.proto != PROTO_TCP {
-        return if ended { "CLOSED" } else { "ACTIVE" }.into();
+/// A live flow of the table, as a row.
+pub fn row_of_flow(f: &Flow) -> FlowRow {
+    let s = &f.stats;
+    FlowRow {
+        id: f.uid,
+        proto: f.key.proto_name().to_string(),
+        local: f.key.local(),
+        remote: f.key.remote(),
+        name: f.dns.as_ref().map(|d| d.names.first().cloned().unwrap_or_else(|| d.query.clone())),
+        process: f.process.as_ref().map(|p| ProcessRef { pid: p.pid, comm: p.comm.clone() }),
+        state: state(f.tcp_state().map(TcpState::as_str), f.close_reason.is_some()),
+        conn_state: Some(f.conn_state().to_string()),
+        history: f.history().to_owned(),
+        close_reason: f.close_reason,
+        bytes_out: s.bytes[DIR_OUT],
+        bytes_in: s.bytes[DIR_IN],
+        payload_out: s.payload_bytes[DIR_OUT],
+        payload_in: s.payload_bytes[DIR_IN],
+        pkts_out: s.packets[DIR_OUT],
+        pkts_in: s.packets[DIR_IN],
+        first_seen: s.first_ns,
+        last_seen: s.last_ns,
+        community_id: f.community_id.to_string(),
     }
-    let (out, inn) = (stats.tcp_flags[DIR_OUT], stats.tcp_flags[DIR_IN]);
-    let s = if (out | inn) & TCP_RST != 0 {
-        "RESET"
-    } else if out & TCP_FIN != 0 && inn & TCP_FIN != 0 {
-        "CLOSED"
-    } else if (out | inn) & TCP_FIN != 0 {
-        "FIN_WAIT"
-    } else if ended {
-        "CLOSED"
-    } else if out & TCP_SYN != 0 && inn & TCP_SYN == 0 {
-        "SYN_SENT"
-    } else {
-        "ESTABLISHED"
+}
+
+/// An end (or update) record, as a row: the record is oriented originator → responder,
+/// the row from the command's side.
+pub fn row_of_record(r: &FlowRecord) -> FlowRow {
+    let orig = SocketAddr::new(r.id.orig_h, r.id.orig_p);
+    let resp = SocketAddr::new(r.id.resp_h, r.id.resp_p);
+    let (local, remote) = if r.local_orig { (orig, resp) } else { (resp, orig) };
+    let ((bo, po, ko), (bi, pi, ki)) = {
+        let o = (r.orig_ip_bytes, r.orig_bytes, r.orig_pkts);
+        let s = (r.resp_ip_bytes, r.resp_bytes, r.resp_pkts);
+        if r.local_orig { (o, s) } else { (s, o) }
     };
-    s.into()
-}
-
-impl Feed {
-    pub fn new(run: RunInfo) -> Self {
-        Self { run, ..Self::default() }
-    }
-
-    /// Takes in one event.
-    pub fn ingest(&mut self, event: &Event) {
-        match event {
-            Event::Flow(update) => {
-                let key = update.key;
-                let ended = matches!(update.phase, FlowPhase::End(_));
-                if !self.live.contains_key(&key) {
-                    self.next_id += 1;
-                    self.flows_total += 1;
-                    let row = FlowRow {
-                        id: self.next_id,
-                        proto: key.proto_name().to_string(),
-                        local: key.local(),
-                        remote: key.remote(),
-                        name: None,
-                        process: None,
-                        state: String::new(),
-                        conn_state: None,
-                        history: String::new(),
-                        close_reason: None,
-                        bytes_out: 0,
-                        bytes_in: 0,
-                        payload_out: 0,
-                        payload_in: 0,
-                        pkts_out: 0,
-                        pkts_in: 0,
-                        first_seen: update.stats.first_ns,
-                        last_seen: update.stats.last_ns,
-                        community_id: String::new(),
-                    };
-                    self.live.insert(key, row);
-                }
-                let Some(row) = self.live.get_mut(&key) else { return };
-                let s = &update.stats;
-                row.bytes_out = s.bytes[DIR_OUT];
-                row.bytes_in = s.bytes[DIR_IN];
-                row.payload_out = s.payload_bytes[DIR_OUT];
-                row.payload_in = s.payload_bytes[DIR_IN];
-                row.pkts_out = s.packets[DIR_OUT];
-                row.pkts_in = s.packets[DIR_IN];
-                row.first_seen = s.first_ns.min(row.first_seen.max(1));
-                row.last_seen = s.last_ns.max(row.last_seen);
-                row.history = String::from_utf8_lossy(s.history()).into_owned();
-                row.state = state(&key, s, ended);
-                if row.name.is_none() {
-                    row.name = self.names.get(&key.remote_ip()).cloned();
-                }
-                if row.process.is_none() {
-                    row.process = self.processes.get(&key).cloned();
-                }
-                if let FlowPhase::End(reason) = update.phase {
-                    let mut row = self.live.remove(&key).expect("present above");
-                    row.close_reason = Some(reason);
-                    if reason == crate::event::CloseReason::Evicted {
-                        self.evictions += 1;
-                    }
-                    self.processes.remove(&key);
-                    self.ended.push_back(row);
-                    if self.ended.len() > KEEP_ENDED {
-                        let old = self.ended.pop_front().expect("non-empty");
-                        add(&mut self.retired, &old);
-                    }
-                }
-            }
-            Event::Dns(dns) => {
-                for answer in &dns.answers {
-                    if let DnsData::Addr(ip) = answer.data {
-                        self.names.insert(ip, dns.query.clone());
-                        self.distinct_names.insert(dns.query.clone());
-                    }
-                }
-            }
-            Event::Process(p) => {
-                let process = ProcessRef { pid: p.process.pid, comm: p.process.comm.clone() };
-                if let Some(row) = self.live.get_mut(&p.key) {
-                    row.process = Some(process.clone());
-                }
-                self.processes.insert(p.key, process);
-            }
-            Event::Drops(d) => {
-                self.drops.insert(d.source.to_string(), d.count);
-            }
-            Event::Packet(_) => {}
-        }
-    }
-
-    /// Counts events the channel dropped (the emitter's counter).
-    pub fn set_queue_drops(&mut self, count: u64) {
-        if count > 0 {
-            self.drops.insert("event queue".into(), count);
-        }
-    }
-
-    /// The current state as a snapshot taken at `now`.
-    pub fn snapshot(&self, now: UnixNanos) -> Snapshot {
-        let flows: Vec<FlowRow> = self.live.values().chain(self.ended.iter()).cloned().collect();
-        let mut totals = self.retired;
-        for f in &flows {
-            add(&mut totals, f);
-        }
-        Snapshot {
-            seq: 0,
-            ts: now,
-            run: self.run.clone(),
-            totals,
-            flows,
-            flows_total: self.flows_total,
-            dns_names: self.distinct_names.len() as u64,
-            drops: self
-                .drops
-                .iter()
-                .map(|(s, &c)| DropCount { source: s.clone(), count: c })
-                .collect(),
-            evictions: self.evictions,
-        }
+    let ns = |secs: f64| (secs * 1e9).round() as UnixNanos;
+    FlowRow {
+        id: r.uid,
+        proto: r.proto.clone(),
+        local,
+        remote,
+        name: r.dns.as_ref().map(|d| d.names.first().cloned().unwrap_or_else(|| d.query.clone())),
+        process: r.process.as_ref().map(|p| ProcessRef { pid: p.pid, comm: p.comm.clone() }),
+        state: state(r.tcp_state.as_deref(), r.close_reason.is_some()),
+        conn_state: Some(r.conn_state.to_string()),
+        history: r.history.clone(),
+        close_reason: r.close_reason,
+        bytes_out: bo,
+        bytes_in: bi,
+        payload_out: po,
+        payload_in: pi,
+        pkts_out: ko,
+        pkts_in: ki,
+        first_seen: ns(r.ts),
+        last_seen: ns(r.last_ts),
+        community_id: r.community_id.clone(),
     }
 }
 
@@ -204,67 +118,162 @@ fn add(t: &mut Totals, f: &FlowRow) {
     t.pkts_in += f.pkts_in;
 }
 
-/// Drains the event channel into a [`Feed`] and publishes snapshots into `cell`, at most
-/// every [`PUBLISH`], and once more when the channel closes. Returns the number of events.
-///
-/// Idle snapshots (no new events) are published only once `launched` is set: before the
-/// sandbox is cloned this thread must not allocate (see [`super::launch`]).
-pub fn drain(
-    events: Receiver<Event>,
-    mut feed: Feed,
-    cell: &Arc<SnapshotCell>,
-    launched: &AtomicBool,
-) -> u64 {
-    let mut count = 0;
-    let mut last = Instant::now();
-    let mut dirty = false;
-    loop {
-        match events.recv_timeout(PUBLISH) {
-            Ok(event) => {
-                feed.ingest(&event);
-                count += 1;
-                dirty = true;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        let due = if dirty { PUBLISH } else { IDLE_PUBLISH };
-        if last.elapsed() >= due && (dirty || launched.load(Ordering::Relaxed)) {
-            cell.publish(feed.snapshot(now_unix_nanos()));
-            last = Instant::now();
-            dirty = false;
+/// See the module documentation.
+pub struct LiveConsumer {
+    cell: Arc<SnapshotCell>,
+    run: RunInfo,
+    launched: Arc<AtomicBool>,
+    queue_drops: Arc<AtomicU64>,
+    ended: VecDeque<FlowRow>,
+    /// Counters of ended flows no longer in `ended`.
+    retired: Totals,
+    names: HashSet<String>,
+    /// The table's counters at the last tick, for the snapshot after the table is gone.
+    table_stats: (u64, u64, Vec<DropCount>),
+    dirty: bool,
+    last: Option<Instant>,
+}
+
+impl LiveConsumer {
+    pub fn new(
+        cell: Arc<SnapshotCell>,
+        run: RunInfo,
+        launched: Arc<AtomicBool>,
+        queue_drops: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            cell,
+            run,
+            launched,
+            queue_drops,
+            ended: VecDeque::new(),
+            retired: Totals::default(),
+            names: HashSet::new(),
+            table_stats: (0, 0, Vec::new()),
+            dirty: true,
+            last: None,
         }
     }
-    cell.publish(feed.snapshot(now_unix_nanos()));
-    count
+
+    /// Copies the table's counters (flows seen, evictions, drops by source).
+    fn take_stats(&mut self, table: &FlowTable) {
+        let stats = table.stats();
+        let mut drops: BTreeMap<String, u64> =
+            stats.drops.iter().map(|(s, n)| (s.to_string(), *n)).collect();
+        let queued = self.queue_drops.load(Ordering::Relaxed);
+        if queued > 0 {
+            drops.insert(QUEUE_DROPS.into(), queued);
+        }
+        let drops = drops.into_iter().map(|(source, count)| DropCount { source, count }).collect();
+        self.table_stats = (stats.flows, stats.evictions, drops);
+    }
+
+    /// The run's state as of `now`: the live flows of `table` (if any), the ended flows
+    /// kept here, the table's counters as of the last [`Self::take_stats`].
+    pub fn snapshot(&self, table: Option<&FlowTable>, now: UnixNanos) -> Snapshot {
+        let mut flows: Vec<FlowRow> =
+            table.map(|t| t.iter().map(row_of_flow).collect()).unwrap_or_default();
+        flows.extend(self.ended.iter().cloned());
+        let mut totals = self.retired;
+        for f in &flows {
+            add(&mut totals, f);
+        }
+        let (flows_total, evictions, drops) = self.table_stats.clone();
+        Snapshot {
+            seq: 0,
+            ts: now,
+            run: self.run.clone(),
+            totals,
+            flows,
+            flows_total,
+            dns_names: self.names.len() as u64,
+            drops,
+            evictions,
+        }
+    }
+
+    fn publish(&mut self, table: Option<&FlowTable>) {
+        if let Some(table) = table {
+            self.take_stats(table);
+        }
+        self.cell.publish(self.snapshot(table, now_unix_nanos()));
+        self.last = Some(Instant::now());
+        self.dirty = false;
+    }
+}
+
+impl Consumer for LiveConsumer {
+    fn name(&self) -> String {
+        "live view".into()
+    }
+
+    fn event(&mut self, _event: &Event, _flow: Option<PacketFlow<'_>>) -> Result<()> {
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn flow(&mut self, record: &FlowRecord) -> Result<()> {
+        if record.event == FlowRecordKind::End {
+            self.ended.push_back(row_of_record(record));
+            if self.ended.len() > KEEP_ENDED {
+                let old = self.ended.pop_front().expect("longer than KEEP_ENDED");
+                add(&mut self.retired, &old);
+            }
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn dns(&mut self, record: &DnsRecord) -> Result<()> {
+        if !record.answers.is_empty() && !self.names.contains(&record.query) {
+            self.names.insert(record.query.clone());
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, table: &FlowTable) -> Result<()> {
+        if !self.launched.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Always, so the snapshot after the table is gone has its final counters.
+        self.take_stats(table);
+        let due = if self.dirty { PUBLISH } else { IDLE_PUBLISH };
+        if self.last.is_none_or(|t| t.elapsed() >= due) {
+            self.publish(Some(table));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _run: &RunRecord) -> Result<()> {
+        // The table has ended every flow (each came here as an end record); its counters
+        // are those of the last tick, which the collector runs just before `finish`.
+        self.publish(None);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
-    use crate::event::{
-        CloseReason, DnsAnswer, DnsEvent, DnsTransport, FlowUpdate, ProcessEvent, ProcessInfo,
+    use crate::{
+        collector::Collector,
+        event::{CloseReason, DnsAnswer, DnsData, DnsEvent, DnsTransport, FlowPhase},
+        flow::{TableConfig, fixtures::*},
     };
 
-    fn key() -> FlowKey {
-        FlowKey::new(
-            PROTO_TCP,
-            "10.0.2.100:40000".parse().unwrap(),
-            "198.18.1.2:80".parse().unwrap(),
-        )
+    fn consumer() -> (LiveConsumer, Arc<SnapshotCell>) {
+        let cell = SnapshotCell::new(Snapshot::default());
+        let launched = Arc::new(AtomicBool::new(true));
+        let c = LiveConsumer::new(cell.clone(), RunInfo::default(), launched, Arc::default());
+        (c, cell)
     }
 
-    fn update(out: u64, inn: u64, phase: FlowPhase) -> Event {
-        let mut stats = FlowStats::new(DIR_OUT, 1_000);
-        stats.account(DIR_OUT, out as u32, 0, TCP_SYN, 1_000);
-        stats.account(DIR_IN, inn as u32, 0, TCP_SYN | 0x10, 2_000);
-        Event::Flow(FlowUpdate { key: key(), stats, phase })
-    }
-
-    fn dns_answer() -> Event {
+    fn dns_answer(ip: &str) -> Event {
         Event::Dns(DnsEvent {
-            ts: 500,
-            server: "198.18.1.2:53".parse().unwrap(),
+            ts: T0,
+            server: "198.18.0.1:53".parse().unwrap(),
             transport: DnsTransport::Udp,
             id: 1,
             query: "example.test".into(),
@@ -274,69 +283,92 @@ mod tests {
                 name: "example.test".into(),
                 rtype: 1,
                 ttl: 60,
-                data: DnsData::Addr("198.18.1.2".parse().unwrap()),
+                data: DnsData::Addr(ip.parse().unwrap()),
             }],
         })
     }
 
-    #[test]
-    fn a_named_flow_from_dns_process_and_counters() {
-        let mut feed = Feed::new(RunInfo::default());
-        feed.ingest(&dns_answer());
-        feed.ingest(&update(60, 60, FlowPhase::Start));
-        feed.ingest(&Event::Process(ProcessEvent {
-            key: key(),
-            process: ProcessInfo { pid: 7, comm: "curl".into(), ..Default::default() },
-        }));
-        feed.ingest(&update(100, 5000, FlowPhase::Update));
-        let snap = feed.snapshot(3_000);
-        assert_eq!(snap.flows.len(), 1);
-        let f = &snap.flows[0];
-        assert_eq!(f.name.as_deref(), Some("example.test"));
-        assert_eq!(f.process.as_ref().map(|p| p.comm.as_str()), Some("curl"));
-        assert_eq!((f.bytes_out, f.bytes_in), (100, 5000));
-        assert_eq!(f.state, "ESTABLISHED");
-        assert_eq!(snap.dns_names, 1);
-        assert_eq!(snap.totals.bytes_in, 5000);
+    fn by_id(snapshot: &Snapshot) -> HashMap<u64, &FlowRow> {
+        snapshot.flows.iter().map(|f| (f.id, f)).collect()
     }
 
     #[test]
-    fn an_ended_key_that_starts_again_is_a_new_flow() {
-        let mut feed = Feed::new(RunInfo::default());
-        feed.ingest(&update(1, 1, FlowPhase::Start));
-        feed.ingest(&update(10, 10, FlowPhase::End(CloseReason::Fin)));
-        feed.ingest(&update(2, 2, FlowPhase::Start));
-        let snap = feed.snapshot(1);
-        assert_eq!(snap.flows_total, 2);
+    fn live_and_ended_flows_become_rows_with_names_and_counters() {
+        let (live, cell) = consumer();
+        let mut collector = Collector::new(
+            TableConfig::default(),
+            crate::collector::RunInfo {
+                command: vec!["curl".into()],
+                backend: "rootless".into(),
+                start: T0,
+            },
+        );
+        collector.add(Box::new(live));
+        collector.handle(dns_answer("198.18.0.1"));
+        collector.handle(established_flow());
+        let closed = tcp_key(40001, "198.18.0.1:443");
+        collector.handle(flow_event(closed, closed_stats(T0), FlowPhase::Start));
+        collector.handle(flow_event(closed, closed_stats(T0), FlowPhase::End(CloseReason::Fin)));
+        collector.tick(T0 + 10 * MS);
+        let snap = cell.latest();
+        assert_eq!(snap.flows.len(), 2, "{snap:#?}");
         assert_eq!(snap.live_flows(), 1);
-        let mut ids: Vec<u64> = snap.flows.iter().map(|f| f.id).collect();
-        ids.sort();
-        assert_eq!(ids, [1, 2]);
-        assert_eq!(snap.totals.bytes_out, 12);
+        assert_eq!(snap.flows_total, 2);
+        assert_eq!(snap.dns_names, 1);
+        let rows = by_id(&snap);
+        let live = rows.values().find(|f| f.is_live()).unwrap();
+        assert_eq!(live.name.as_deref(), Some("example.test"));
+        assert_eq!(live.state, "ESTABLISHED");
+        assert_eq!((live.payload_out, live.payload_in), (100, 1000));
+        assert!(live.community_id.starts_with("1:"));
+        let ended = rows.values().find(|f| !f.is_live()).unwrap();
+        assert_eq!(ended.close_reason, Some(CloseReason::Fin));
+        assert_eq!(ended.local, "10.0.2.100:40001".parse().unwrap());
+        assert_eq!(ended.remote, "198.18.0.1:443".parse().unwrap());
+        assert_eq!((ended.bytes_out, ended.bytes_in), (316, 1164));
+        assert_eq!(ended.conn_state.as_deref(), Some("SF"));
+        assert_eq!(ended.name.as_deref(), Some("example.test"));
+        assert_eq!(snap.totals.bytes_in, live.bytes_in + ended.bytes_in);
+    }
+
+    #[test]
+    fn nothing_is_published_before_launch() {
+        let cell = SnapshotCell::new(Snapshot::default());
+        let launched = Arc::new(AtomicBool::new(false));
+        let mut c =
+            LiveConsumer::new(cell.clone(), RunInfo::default(), launched.clone(), Arc::default());
+        let table = FlowTable::new(TableConfig::default());
+        c.tick(&table).unwrap();
+        assert_eq!(cell.seq(), 0);
+        launched.store(true, Ordering::Relaxed);
+        c.tick(&table).unwrap();
+        assert_eq!(cell.seq(), 1);
     }
 
     #[test]
     fn old_ended_flows_leave_the_list_but_not_the_totals() {
-        let mut feed = Feed::new(RunInfo::default());
+        let (mut c, _) = consumer();
+        let table = FlowTable::new(TableConfig::default());
+        let mut collector_table = FlowTable::new(TableConfig::default());
+        let key = tcp_key(40000, "198.18.0.1:80");
+        let _ = collector_table.ingest(&flow_event(key, closed_stats(T0), FlowPhase::Start));
+        let _ = collector_table.ingest(&flow_event(
+            key,
+            closed_stats(T0),
+            FlowPhase::End(CloseReason::Fin),
+        ));
+        let record = collector_table
+            .drain_output()
+            .find_map(|o| match o {
+                crate::flow::Output::End(f) => Some(FlowRecord::from_flow(&f, FlowRecordKind::End)),
+                _ => None,
+            })
+            .expect("an end record");
         for _ in 0..KEEP_ENDED + 5 {
-            feed.ingest(&update(1, 1, FlowPhase::Start));
-            feed.ingest(&update(1, 1, FlowPhase::End(CloseReason::Evicted)));
+            c.flow(&record).unwrap();
         }
-        let snap = feed.snapshot(1);
+        let snap = c.snapshot(Some(&table), T0);
         assert_eq!(snap.flows.len(), KEEP_ENDED);
-        assert_eq!(snap.totals.bytes_out, (KEEP_ENDED + 5) as u64);
-        assert_eq!(snap.evictions, (KEEP_ENDED + 5) as u64);
-    }
-
-    #[test]
-    fn drain_publishes_a_final_snapshot_when_the_channel_closes() {
-        let (emitter, rx) = crate::event::channel(16);
-        emitter.emit(dns_answer());
-        emitter.emit(update(1, 1, FlowPhase::Start));
-        drop(emitter);
-        let cell = SnapshotCell::new(Snapshot::default());
-        let launched = AtomicBool::new(true);
-        assert_eq!(drain(rx, Feed::new(RunInfo::default()), &cell, &launched), 2);
-        assert_eq!(cell.latest().flows.len(), 1);
+        assert_eq!(snap.totals.bytes_out, (KEEP_ENDED as u64 + 5) * record.orig_ip_bytes);
     }
 }

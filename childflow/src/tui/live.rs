@@ -6,24 +6,23 @@ use std::{
     os::fd::OwnedFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
 use anyhow::{Result, bail};
-use crossbeam_channel::Receiver;
 
 use super::{
     dashboard::{Dashboard, ExitWhen},
     demo, events,
-    feed::{self, Feed},
+    feed::LiveConsumer,
     launch::{Later, Launcher},
     model::{RunEnd, RunInfo, Snapshot, SnapshotCell},
     socket,
 };
 use crate::{
     cli::Config,
-    event::{Emitter, Event, now_unix_nanos},
+    event::{Emitter, now_unix_nanos},
     sandbox::ExitStatus,
 };
 
@@ -89,11 +88,10 @@ impl Live {
         self.dashboard.as_mut().and_then(Dashboard::take_terminal)
     }
 
-    /// The collector's body: drains `events` into snapshots. Returns the number of events.
-    pub fn collector(&self, events: Receiver<Event>) -> impl FnOnce() -> u64 + Send + 'static {
-        let (cell, feed) = (self.cell.clone(), Feed::new(self.run.clone()));
-        let launched = self.launched.clone();
-        move || feed::drain(events, feed, &cell, &launched)
+    /// The collector's consumer that publishes snapshots for every live view.
+    /// `queue_drops` is the emitter's counter of events the channel dropped.
+    pub fn consumer(&self, queue_drops: Arc<AtomicU64>) -> LiveConsumer {
+        LiveConsumer::new(self.cell.clone(), self.run.clone(), self.launched.clone(), queue_drops)
     }
 
     /// Records how the command ended (`None`: the backend failed), lets the dashboard show

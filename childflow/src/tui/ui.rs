@@ -92,7 +92,7 @@ impl Widget for &Header<'_> {
             first.push(Span::raw(" "));
             first.push(Span::styled(" PAUSED ", ALERT.bg(Color::Yellow).fg(Color::Black)));
         }
-        let rate = app.history.run_rate();
+        let rate = app.run_rate();
         let mut second = vec![
             Span::styled(" ↑ ", KEY),
             Span::raw(format!(
@@ -181,7 +181,8 @@ fn short_state(state: &str) -> &str {
         "ESTABLISHED" => "ESTAB",
         "SYN_SENT" => "SYN",
         "SYN_RECEIVED" => "SYNRCV",
-        "FIN_WAIT" => "FIN",
+        "FIN_WAIT" | "CLOSING" => "FIN",
+        "MIDSTREAM" => "MID",
         other => other,
     }
 }
@@ -202,7 +203,7 @@ impl Widget for &FlowsTable<'_> {
         let visible = app.rows.iter().skip(app.offset).take(height);
         let rows = visible.map(|&i| {
             let f = &app.snapshot.flows[i];
-            let rate = app.history.rate(f.id);
+            let rate = app.flow_rate(f.id);
             let mut cells = vec![Cell::from(f.proto.clone())];
             if wide {
                 cells.push(Cell::from(f.local.to_string()));
@@ -233,12 +234,12 @@ impl Widget for &FlowsTable<'_> {
         widths.extend([
             Constraint::Fill(2),
             Constraint::Fill(2),
-            Constraint::Length(if wide { 12 } else { 8 }),
+            Constraint::Length(if wide { 12 } else { 7 }),
             Constraint::Length(if wide { 11 } else { 6 }),
             Constraint::Length(6),
             Constraint::Length(6),
-            Constraint::Length(8),
-            Constraint::Length(6),
+            Constraint::Length(7),
+            Constraint::Length(5),
         ]);
         let table = Table::new(rows, widths)
             .header(Row::new(header).style(TITLE.fg(Color::Cyan)))
@@ -323,7 +324,7 @@ impl Widget for &Detail<'_> {
         let block = Block::new().borders(Borders::TOP).title(title);
         let inner = block.inner(area);
         block.render(area, buf);
-        let rate = app.history.rate(f.id);
+        let rate = app.flow_rate(f.id);
         let field = |k: &str, v: String| {
             Line::from(vec![Span::styled(format!("{k:<10}"), DIM), Span::raw(v)])
         };

@@ -1,0 +1,1313 @@
+//! The userspace network engine: the command's side of every flow, behind its tap device.
+//!
+//! The engine is sans-IO. It never touches a file descriptor and never reads the clock: the
+//! driver ([`super::driver`]) hands it frames read from the tap ([`Engine::ingest`]), calls
+//! [`Engine::poll`] with the current time, writes the frames it gets from
+//! [`Engine::pop_out`] to the tap, and carries out the [`Action`]s it gets from
+//! [`Engine::pop_action`] with host sockets, reporting back (`tcp_connected`, `udp_reply`,
+//! ...). Tests drive it the same way with a virtual clock and no tap.
+//!
+//! What it owns:
+//! - TCP: smoltcp terminates each connection. A SYN from the command is *held* (not given to
+//!   smoltcp) until the driver's upstream connect succeeds ([`Engine::tcp_connected`]); only
+//!   then a listening smoltcp socket is created for exactly that destination and the SYN is
+//!   fed to it, so the command sees SYN-ACK only for a peer that accepted. A refused connect
+//!   is answered with RST, an unreachable or timed-out one with ICMP destination unreachable
+//!   ([`Engine::tcp_connect_failed`]). The relay of bytes is the driver's; it reaches the
+//!   socket through [`Engine::tcp_socket`].
+//! - UDP and ICMP echo: handled without smoltcp sockets (smoltcp binds by port, we need
+//!   per-flow sessions to any address): datagrams become [`Action::UdpSend`]/[`Action::Ping`],
+//!   replies are framed here. Idle flows end after a timeout.
+//! - ARP, NDP and everything else go to smoltcp, which answers for the gateway and resolver
+//!   addresses (`any_ip`).
+//! - Accounting: every frame in either direction is counted to its flow and reported as a
+//!   [`PacketEvent`]; flows are reported when they start, every `flow_update_interval`, and
+//!   when they end ([`FlowUpdate`]).
+//!
+//! Invariants: at most one smoltcp socket is in LISTEN at any time (a held SYN is fed with
+//! `poll_ingress_single` right after its socket starts listening), so a SYN can never be
+//! accepted by another flow's socket. No function here panics on bytes from the command:
+//! frames are parsed with checked reads ([`super::packet::parse`]) and smoltcp's checked
+//! parsers.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use childflow_common::flow::{
+    DIR_IN, DIR_OUT, FAMILY_V4, FAMILY_V6, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN,
+};
+use smoltcp::{
+    iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet},
+    phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium},
+    socket::tcp,
+    time::{Duration, Instant},
+    wire::{EthernetAddress, HardwareAddress, IpCidr, IpListenEndpoint},
+};
+
+use super::{
+    dns,
+    packet::{self, Builder, ETH_HEADER_LEN, Headers, Mac, Unreachable},
+};
+use crate::event::{
+    CloseReason, DnsTransport, Emitter, Event, FlowKey, FlowPhase, FlowStats, FlowUpdate,
+    PacketEvent, UnixNanos,
+};
+
+/// The addresses of the command's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addressing {
+    pub child_v4: Ipv4Addr,
+    pub gateway_v4: Ipv4Addr,
+    pub dns_v4: Ipv4Addr,
+    pub prefix_v4: u8,
+    pub child_v6: Ipv6Addr,
+    pub gateway_v6: Ipv6Addr,
+    pub dns_v6: Ipv6Addr,
+    pub prefix_v6: u8,
+    /// The engine's MAC (the gateway's, as the command sees it).
+    pub gateway_mac: Mac,
+}
+
+impl Default for Addressing {
+    /// slirp's well-known layout (10.0.2.0/24, gateway .2, resolver .3), and a ULA /64
+    /// (RFC 4193) for IPv6.
+    fn default() -> Self {
+        Addressing {
+            child_v4: Ipv4Addr::new(10, 0, 2, 100),
+            gateway_v4: Ipv4Addr::new(10, 0, 2, 2),
+            dns_v4: Ipv4Addr::new(10, 0, 2, 3),
+            prefix_v4: 24,
+            child_v6: Ipv6Addr::new(0xfd00, 0xcf, 0, 0, 0, 0, 0, 0x100),
+            gateway_v6: Ipv6Addr::new(0xfd00, 0xcf, 0, 0, 0, 0, 0, 2),
+            dns_v6: Ipv6Addr::new(0xfd00, 0xcf, 0, 0, 0, 0, 0, 3),
+            prefix_v6: 64,
+            gateway_mac: [0x02, 0x63, 0x66, 0x00, 0x00, 0x02],
+        }
+    }
+}
+
+impl Addressing {
+    fn is_gateway(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.gateway_v4) || ip == IpAddr::V6(self.gateway_v6)
+    }
+
+    fn is_resolver(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.dns_v4) || ip == IpAddr::V6(self.dns_v6)
+    }
+
+    /// Inside the command's own subnets (where nothing but the gateway and resolver exist).
+    fn is_on_link(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_v4)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(self.child_v4) & mask
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_v6)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(self.child_v6) & mask
+                    || a.is_unicast_link_local()
+            }
+        }
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub net: Addressing,
+    /// The tap's MTU (IP packet size; frames are 14 bytes longer).
+    pub mtu: usize,
+    pub allow_host_loopback: bool,
+    /// How many bytes of each frame a [`PacketEvent`] carries (0: none).
+    pub snaplen: usize,
+    pub flow_update_interval: Duration,
+    /// Size of each TCP socket's receive and send buffers.
+    pub tcp_buffer: usize,
+    pub udp_idle: Duration,
+    pub icmp_idle: Duration,
+    /// How long a closing TCP flow may wait for the command's last ACK or FIN.
+    pub tcp_linger: Duration,
+    /// Wall-clock time ([`UnixNanos`]) at `Instant::ZERO` of the engine's clock.
+    pub unix_base_ns: UnixNanos,
+}
+
+impl EngineConfig {
+    pub fn new(mtu: usize, unix_base_ns: UnixNanos) -> Self {
+        EngineConfig {
+            net: Addressing::default(),
+            mtu,
+            allow_host_loopback: false,
+            snaplen: 128,
+            flow_update_interval: Duration::from_secs(5),
+            tcp_buffer: 4 << 20,
+            udp_idle: Duration::from_secs(60),
+            icmp_idle: Duration::from_secs(10),
+            tcp_linger: Duration::from_secs(30),
+            unix_base_ns,
+        }
+    }
+}
+
+/// An engine-wide flow number, never reused.
+pub type FlowId = u64;
+
+/// Where a flow's upstream socket should connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A host socket to this address.
+    Direct(SocketAddr),
+    /// The DNS relay: the host's resolvers.
+    DnsRelay,
+}
+
+/// Work for the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Connect a host TCP socket; answer with `tcp_connected` or `tcp_connect_failed`.
+    TcpConnect { id: FlowId, target: Target },
+    /// Open a UDP session; later datagrams come as `UdpSend`.
+    UdpOpen { id: FlowId, target: Target },
+    /// Send one datagram of the session.
+    UdpSend { id: FlowId, payload: Vec<u8> },
+    /// Send one ICMP echo request to `remote`; answer with `icmp_echo_reply`.
+    Ping { id: FlowId, remote: IpAddr, seq: u16, payload: Vec<u8> },
+    /// The UDP or ICMP flow ended: drop its sockets.
+    Close { id: FlowId },
+}
+
+/// Why an upstream TCP connect failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The peer answered with RST: the command gets a RST.
+    Refused,
+    /// No route, no answer, or timed out: the command gets ICMP host unreachable.
+    Unreachable,
+    /// The host refused to let us connect (firewall, EACCES): ICMP administratively
+    /// prohibited.
+    Prohibited,
+}
+
+/// A relay's report of how its connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions were closed with FIN.
+    Fin,
+    /// The upstream reset (or failed): the engine resets the command's side.
+    UpstreamReset,
+    /// The command's side reset or timed out: the relay already reset the upstream.
+    ChildReset,
+}
+
+/// The engine's part of a flow's life.
+enum FlowState {
+    /// TCP: the command's SYN is held while the upstream connect runs.
+    TcpConnecting { syn: Vec<u8> },
+    /// TCP: a smoltcp socket terminates the connection.
+    TcpOpen { handle: SocketHandle, child_rst: bool, end: Option<(CloseReason, Instant)> },
+    /// UDP session. `last_out` is the start of the last datagram the command sent (quoted
+    /// in ICMP errors).
+    Udp { last_out: Vec<u8> },
+    /// ICMP echo.
+    Icmp,
+}
+
+impl fmt::Display for FlowState {
+    /// RFC 9293 state names for TCP, as the command's peer (the engine) sees them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlowState::TcpConnecting { .. } => f.write_str("SYN-RECEIVED (connecting upstream)"),
+            FlowState::TcpOpen { end: None, .. } => f.write_str("ESTABLISHED"),
+            FlowState::TcpOpen { end: Some(_), .. } => f.write_str("CLOSING"),
+            FlowState::Udp { .. } => f.write_str("UDP"),
+            FlowState::Icmp => f.write_str("ICMP"),
+        }
+    }
+}
+
+struct Flow {
+    key: FlowKey,
+    stats: FlowStats,
+    state: FlowState,
+    last_seen: Instant,
+    next_update: Instant,
+    packets_reported: u64,
+}
+
+/// The in-memory device smoltcp drives: frames in, frames out.
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    pool: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+/// Buffers kept for reuse; beyond this they are freed.
+const POOL_MAX: usize = 256;
+
+impl Queues {
+    fn take(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_else(|| Vec::with_capacity(self.mtu + ETH_HEADER_LEN))
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL_MAX && buf.capacity() >= self.mtu + ETH_HEADER_LEN {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+}
+
+struct RxToken<'a> {
+    frame: Vec<u8>,
+    pool: &'a mut Vec<Vec<u8>>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        let r = f(&self.frame);
+        if self.pool.len() < POOL_MAX {
+            let mut frame = self.frame;
+            frame.clear();
+            self.pool.push(frame);
+        }
+        r
+    }
+}
+
+struct TxToken<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = self.buf;
+        // `resize` only zeroes bytes beyond the old length; pooled buffers are cleared,
+        // so this writes `len` bytes once, which smoltcp then overwrites.
+        buf.resize(len, 0);
+        let r = f(&mut buf);
+        self.tx.push_back(buf);
+        r
+    }
+}
+
+impl phy::Device for Queues {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let frame = self.rx.pop_front()?;
+        let buf = self.pool.pop().unwrap_or_default();
+        Some((RxToken { frame, pool: &mut self.pool }, TxToken { tx: &mut self.tx, buf }))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
+        let buf = self.pool.pop().unwrap_or_default();
+        Some(TxToken { tx: &mut self.tx, buf })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + ETH_HEADER_LEN;
+        // The queue is unbounded: no burst limit, so smoltcp does not shrink its window.
+        caps.max_burst_size = None;
+        // The command's kernel checksummed what it sent; smoltcp need not check it again.
+        // What smoltcp sends is checked by that kernel, so it must be right.
+        let mut csum = ChecksumCapabilities::default();
+        csum.ipv4 = Checksum::Tx;
+        csum.tcp = Checksum::Tx;
+        csum.udp = Checksum::Tx;
+        csum.icmpv4 = Checksum::Tx;
+        csum.icmpv6 = Checksum::Tx;
+        caps.checksum = csum;
+        caps
+    }
+}
+
+/// How often idle timeouts and periodic flow updates are checked.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+/// The engine. See the module documentation.
+pub struct Engine {
+    cfg: EngineConfig,
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    flows: HashMap<FlowId, Flow>,
+    by_key: HashMap<FlowKey, FlowId>,
+    next_id: FlowId,
+    actions: VecDeque<Action>,
+    out: VecDeque<Vec<u8>>,
+    /// TCP flows whose relay ended; removed once their socket is closed.
+    closing: Vec<FlowId>,
+    events: Emitter,
+    peer_mac: Option<Mac>,
+    next_housekeeping: Instant,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, events: Emitter, now: Instant) -> Engine {
+        let mut dev =
+            Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: cfg.mtu };
+        let mut iface_cfg =
+            IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(cfg.net.gateway_mac)));
+        iface_cfg.random_seed = cfg.unix_base_ns ^ 0x9e37_79b9_7f4a_7c15;
+        let mut iface = Interface::new(iface_cfg, &mut dev, now);
+        let net = cfg.net;
+        iface.update_ip_addrs(|addrs| {
+            // Four addresses fit: the workspace enables smoltcp's iface-max-addr-count-4.
+            for cidr in [
+                IpCidr::new(net.gateway_v4.into(), net.prefix_v4),
+                IpCidr::new(net.dns_v4.into(), net.prefix_v4),
+                IpCidr::new(net.gateway_v6.into(), net.prefix_v6),
+                IpCidr::new(net.dns_v6.into(), net.prefix_v6),
+            ] {
+                let _ = addrs.push(cidr);
+            }
+        });
+        // Accept segments to any destination: every connection of the command ends here.
+        iface.set_any_ip(true);
+        Engine {
+            cfg,
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            flows: HashMap::new(),
+            by_key: HashMap::new(),
+            next_id: 1,
+            actions: VecDeque::new(),
+            out: VecDeque::new(),
+            closing: Vec::new(),
+            events,
+            peer_mac: None,
+            next_housekeeping: now,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// A buffer to read the next frame into (capacity: MTU + Ethernet header).
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        self.dev.take()
+    }
+
+    /// Returns a buffer from [`Engine::pop_out`] for reuse.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.dev.recycle(buf);
+    }
+
+    /// The next frame to write to the tap.
+    pub fn pop_out(&mut self) -> Option<Vec<u8>> {
+        self.out.pop_front()
+    }
+
+    /// The next piece of work for the driver.
+    pub fn pop_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Live flows (for tests and diagnostics).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The key of flow `id`.
+    pub fn flow_key(&self, id: FlowId) -> Option<FlowKey> {
+        self.flows.get(&id).map(|f| f.key)
+    }
+
+    /// When [`Engine::poll`] must run next at the latest.
+    pub fn poll_at(&mut self, now: Instant) -> Instant {
+        let smol = self.iface.poll_at(now, &self.sockets).unwrap_or(self.next_housekeeping);
+        smol.min(self.next_housekeeping)
+    }
+
+    fn unix(&self, now: Instant) -> UnixNanos {
+        self.cfg.unix_base_ns + now.total_micros() as u64 * 1000
+    }
+
+    fn builder(&self) -> Option<Builder> {
+        Some(Builder { our_mac: self.cfg.net.gateway_mac, peer_mac: self.peer_mac? })
+    }
+
+    fn emit_packet(&self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
+        let snap = frame.len().min(self.cfg.snaplen);
+        self.events.emit(Event::Packet(PacketEvent {
+            ts: self.unix(now),
+            direction: dir,
+            orig_len: frame.len() as u32,
+            data: frame[..snap].to_vec(),
+        }));
+    }
+
+    fn emit_flow(&mut self, id: FlowId, phase: FlowPhase) {
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.packets_reported = flow.stats.packets[0] + flow.stats.packets[1];
+            self.events.emit(Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase }));
+        }
+    }
+
+    fn new_flow(&mut self, key: FlowKey, state: FlowState, now: Instant) -> FlowId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let stats = FlowStats::new(DIR_OUT, self.unix(now));
+        let next_update = now + self.cfg.flow_update_interval;
+        self.flows.insert(
+            id,
+            Flow { key, stats, state, last_seen: now, next_update, packets_reported: 0 },
+        );
+        self.by_key.insert(key, id);
+        id
+    }
+
+    /// Ends flow `id`: reports it and forgets it.
+    fn end_flow(&mut self, id: FlowId, reason: CloseReason) {
+        self.emit_flow(id, FlowPhase::End(reason));
+        if let Some(flow) = self.flows.remove(&id) {
+            if self.by_key.get(&flow.key) == Some(&id) {
+                self.by_key.remove(&flow.key);
+            }
+            if let FlowState::TcpOpen { handle, .. } = flow.state {
+                self.sockets.remove(handle);
+            }
+        }
+    }
+
+    fn account(&mut self, id: FlowId, dir: usize, h: &Headers, now: Instant) {
+        let ns = self.unix(now);
+        if let Some(flow) = self.flows.get_mut(&id) {
+            let flags = if h.proto == PROTO_TCP { h.tcp_flags } else { 0 };
+            flow.stats.account(dir, h.ip_len, h.payload_len, flags, ns);
+            flow.last_seen = now;
+        }
+    }
+
+    /// Queues a frame for the command, counting it to flow `id` (or, if `None`, to the flow
+    /// its headers name).
+    fn send_frame(&mut self, frame: Vec<u8>, id: Option<FlowId>, now: Instant) {
+        self.emit_packet(&frame, crate::event::Direction::In, now);
+        if let Some(h) = packet::parse(&frame) {
+            let id = id.or_else(|| self.flow_of_inbound(&h));
+            if let Some(id) = id {
+                self.account(id, DIR_IN, &h, now);
+            }
+        }
+        self.out.push_back(frame);
+    }
+
+    /// The flow a frame towards the command belongs to.
+    fn flow_of_inbound(&self, h: &Headers) -> Option<FlowId> {
+        let key = match h.proto {
+            PROTO_TCP | PROTO_UDP => FlowKey::new(h.proto, h.dst_addr(), h.src_addr()),
+            _ => return None,
+        };
+        self.by_key.get(&key).copied()
+    }
+
+    /// Handles one frame the command sent.
+    pub fn ingest(&mut self, frame: Vec<u8>, now: Instant) {
+        self.emit_packet(&frame, crate::event::Direction::Out, now);
+        let Some(h) = packet::parse(&frame) else {
+            // ARP, and anything we do not parse: smoltcp's business.
+            self.dev.rx.push_back(frame);
+            return;
+        };
+        if self.peer_mac.is_none() || h.src_mac != self.peer_mac.unwrap_or_default() {
+            self.peer_mac = Some(h.src_mac);
+        }
+        if h.fragment {
+            // Only reachable with an MTU below the command's datagrams; not reassembled.
+            tracing::debug!("dropping an IP fragment from {}", h.src);
+            self.dev.recycle(frame);
+            return;
+        }
+        match h.proto {
+            PROTO_TCP => self.ingest_tcp(frame, &h, now),
+            PROTO_UDP => self.ingest_udp(frame, &h, now),
+            PROTO_ICMP if h.icmp_type == ICMP_ECHO_REQUEST => self.ingest_ping(frame, &h, now),
+            PROTO_ICMPV6 if h.icmp_type == ICMPV6_ECHO_REQUEST => self.ingest_ping(frame, &h, now),
+            _ => self.dev.rx.push_back(frame),
+        }
+    }
+
+    /// Where a new flow to `dst` goes, or why it may not.
+    fn route(&self, proto: u8, dst: SocketAddr) -> Result<Target, Unreachable> {
+        let net = &self.cfg.net;
+        let ip = dst.ip();
+        if net.is_resolver(ip) {
+            return if dst.port() == 53 { Ok(Target::DnsRelay) } else { Err(Unreachable::Port) };
+        }
+        if net.is_gateway(ip) {
+            if !self.cfg.allow_host_loopback {
+                return Err(Unreachable::Prohibited);
+            }
+            let lo = match ip {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            return Ok(Target::Direct(SocketAddr::new(lo, dst.port())));
+        }
+        if packet::is_host_loopback(ip) {
+            return Err(Unreachable::Prohibited);
+        }
+        if net.is_on_link(ip) || ip.is_multicast() || ip.is_unspecified() || is_broadcast(ip) {
+            return Err(Unreachable::Host);
+        }
+        let _ = proto;
+        Ok(Target::Direct(dst))
+    }
+
+    fn ingest_tcp(&mut self, frame: Vec<u8>, h: &Headers, now: Instant) {
+        let key = FlowKey::new(PROTO_TCP, h.src_addr(), h.dst_addr());
+        if let Some(&id) = self.by_key.get(&key) {
+            self.account(id, DIR_OUT, h, now);
+            let Some(flow) = self.flows.get_mut(&id) else { return };
+            match &mut flow.state {
+                FlowState::TcpConnecting { syn } => {
+                    if h.tcp_flags & TCP_SYN != 0 {
+                        // A retransmitted SYN replaces the held one.
+                        *syn = frame;
+                    }
+                }
+                FlowState::TcpOpen { child_rst, .. } => {
+                    if h.tcp_flags & TCP_RST != 0 {
+                        *child_rst = true;
+                    }
+                    self.dev.rx.push_back(frame);
+                }
+                _ => self.dev.rx.push_back(frame),
+            }
+            return;
+        }
+        if h.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+            // Not a new connection: smoltcp answers segments of unknown ones with RST.
+            self.dev.rx.push_back(frame);
+            return;
+        }
+        match self.route(PROTO_TCP, h.dst_addr()) {
+            Ok(target) => {
+                let id = self.new_flow(key, FlowState::TcpConnecting { syn: frame }, now);
+                self.account(id, DIR_OUT, h, now);
+                self.emit_flow(id, FlowPhase::Start);
+                self.actions.push_back(Action::TcpConnect { id, target });
+            }
+            Err(why) => {
+                let id = self.new_flow(key, FlowState::TcpConnecting { syn: Vec::new() }, now);
+                self.account(id, DIR_OUT, h, now);
+                self.emit_flow(id, FlowPhase::Start);
+                self.reject(id, h, &frame, why, now);
+                self.end_flow(id, CloseReason::Failed);
+            }
+        }
+    }
+
+    /// Answers the packet `frame` of flow `id` with an RST (TCP, refused) or an ICMP error.
+    fn reject(&mut self, id: FlowId, h: &Headers, frame: &[u8], why: Unreachable, now: Instant) {
+        let Some(b) = self.builder() else { return };
+        let mut out = self.dev.take();
+        if h.proto == PROTO_TCP && why == Unreachable::Port {
+            b.rst_for_syn(h, &mut out);
+        } else {
+            let from = match h.dst {
+                IpAddr::V4(_) => IpAddr::V4(self.cfg.net.gateway_v4),
+                IpAddr::V6(_) => IpAddr::V6(self.cfg.net.gateway_v6),
+            };
+            b.unreachable(from, h, frame, why, &mut out);
+        }
+        self.emit_packet(&out, crate::event::Direction::In, now);
+        if let Some(r) = packet::parse(&out) {
+            self.account(id, DIR_IN, &r, now);
+        }
+        self.out.push_back(out);
+    }
+
+    fn ingest_udp(&mut self, frame: Vec<u8>, h: &Headers, now: Instant) {
+        let key = FlowKey::new(PROTO_UDP, h.src_addr(), h.dst_addr());
+        let payload = h.payload(&frame).to_vec();
+        let id = match self.by_key.get(&key) {
+            Some(&id) => {
+                self.account(id, DIR_OUT, h, now);
+                id
+            }
+            None => {
+                let dst = h.dst;
+                if dst.is_multicast() || is_broadcast(dst) || dst.is_unspecified() {
+                    // mDNS, SSDP and friends: nothing upstream to relay them to.
+                    self.dev.recycle(frame);
+                    return;
+                }
+                let route = self.route(PROTO_UDP, h.dst_addr());
+                let id = self.new_flow(key, FlowState::Udp { last_out: Vec::new() }, now);
+                self.account(id, DIR_OUT, h, now);
+                self.emit_flow(id, FlowPhase::Start);
+                match route {
+                    Ok(target) => {
+                        self.actions.push_back(Action::UdpOpen { id, target });
+                        id
+                    }
+                    Err(why) => {
+                        self.reject(id, h, &frame, why, now);
+                        self.end_flow(id, CloseReason::Failed);
+                        self.dev.recycle(frame);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(Flow { state: FlowState::Udp { last_out }, .. }) = self.flows.get_mut(&id) {
+            // Enough of the datagram for an ICMP error to quote (IP header + 8 bytes).
+            last_out.clear();
+            last_out.extend_from_slice(&frame[..frame.len().min(h.payload_offset + 8)]);
+        }
+        self.actions.push_back(Action::UdpSend { id, payload });
+        self.dev.recycle(frame);
+    }
+
+    fn ingest_ping(&mut self, frame: Vec<u8>, h: &Headers, now: Instant) {
+        let net = &self.cfg.net;
+        if net.is_gateway(h.dst) || net.is_resolver(h.dst) {
+            // smoltcp answers pings to its own addresses.
+            self.dev.rx.push_back(frame);
+            return;
+        }
+        let family = if h.src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+        let (local_port, remote_port) =
+            FlowKey::icmp_ports(family, h.icmp_type, h.icmp_code, h.src_port);
+        let key = FlowKey::new(
+            h.proto,
+            SocketAddr::new(h.src, local_port),
+            SocketAddr::new(h.dst, remote_port),
+        );
+        let id = match self.by_key.get(&key) {
+            Some(&id) => {
+                self.account(id, DIR_OUT, h, now);
+                id
+            }
+            None => {
+                if self.route(h.proto, h.dst_addr()).is_err() {
+                    self.dev.recycle(frame);
+                    return;
+                }
+                let id = self.new_flow(key, FlowState::Icmp, now);
+                self.account(id, DIR_OUT, h, now);
+                self.emit_flow(id, FlowPhase::Start);
+                id
+            }
+        };
+        let payload = h.payload(&frame).to_vec();
+        self.actions.push_back(Action::Ping { id, remote: h.dst, seq: h.icmp_seq, payload });
+        self.dev.recycle(frame);
+    }
+
+    /// The upstream of TCP flow `id` accepted: let the command's SYN through.
+    pub fn tcp_connected(&mut self, id: FlowId, now: Instant) {
+        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let FlowState::TcpConnecting { syn } = &mut flow.state else { return };
+        let syn = std::mem::take(syn);
+        let key = flow.key;
+        let buf = || tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_buffer]);
+        let mut socket = tcp::Socket::new(buf(), buf());
+        // ACK at once: a delayed ACK only slows the command's sender down (the 10 ms
+        // default shows up as a stall on every window-limited round trip).
+        socket.set_ack_delay(None);
+        socket.set_nagle_enabled(false);
+        let endpoint =
+            IpListenEndpoint { addr: Some(key.remote_ip().into()), port: key.remote_port };
+        if socket.listen(endpoint).is_err() {
+            self.end_flow(id, CloseReason::Failed);
+            return;
+        }
+        let handle = self.sockets.add(socket);
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.state = FlowState::TcpOpen { handle, child_rst: false, end: None };
+        }
+        // Feed exactly the held SYN, so this socket leaves LISTEN before any other frame.
+        self.dev.rx.push_front(syn);
+        self.iface.poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        self.collect_tx(now);
+    }
+
+    /// The upstream connect of TCP flow `id` failed.
+    pub fn tcp_connect_failed(&mut self, id: FlowId, why: ConnectFailure, now: Instant) {
+        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let FlowState::TcpConnecting { syn } = &mut flow.state else { return };
+        let syn = std::mem::take(syn);
+        if let Some(h) = packet::parse(&syn) {
+            let why = match why {
+                ConnectFailure::Refused => Unreachable::Port,
+                ConnectFailure::Unreachable => Unreachable::Host,
+                ConnectFailure::Prohibited => Unreachable::Prohibited,
+            };
+            self.reject(id, &h, &syn, why, now);
+        }
+        self.end_flow(id, CloseReason::Failed);
+    }
+
+    /// The smoltcp socket of TCP flow `id`, and whether the command reset it.
+    pub fn tcp_socket(&mut self, id: FlowId) -> Option<(&mut tcp::Socket<'static>, bool)> {
+        let flow = self.flows.get(&id)?;
+        let FlowState::TcpOpen { handle, child_rst, .. } = flow.state else { return None };
+        Some((self.sockets.get_mut::<tcp::Socket>(handle), child_rst))
+    }
+
+    /// The relay of TCP flow `id` is over.
+    pub fn tcp_relay_done(&mut self, id: FlowId, how: RelayEnd, now: Instant) {
+        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let FlowState::TcpOpen { handle, end, child_rst } = &mut flow.state else { return };
+        let reason = match how {
+            RelayEnd::Fin => CloseReason::Fin,
+            RelayEnd::UpstreamReset | RelayEnd::ChildReset => CloseReason::Rst,
+        };
+        if how == RelayEnd::UpstreamReset && !*child_rst {
+            self.sockets.get_mut::<tcp::Socket>(*handle).abort();
+        }
+        *end = Some((reason, now + self.cfg.tcp_linger));
+        self.closing.push(id);
+    }
+
+    /// A datagram from the upstream of UDP flow `id`, for the command.
+    pub fn udp_reply(&mut self, id: FlowId, payload: &[u8], now: Instant) {
+        let Some(flow) = self.flows.get(&id) else { return };
+        if !matches!(flow.state, FlowState::Udp { .. }) {
+            return;
+        }
+        let (from, to) = (flow.key.remote(), flow.key.local());
+        let Some(b) = self.builder() else { return };
+        if payload.len() + 48 > self.cfg.mtu {
+            // Would need IP fragmentation towards the command, which the engine does not do.
+            tracing::debug!(
+                "dropping a {}-byte datagram from {from}: above the MTU",
+                payload.len()
+            );
+            return;
+        }
+        if from.port() == 53
+            && let Some(ev) = dns::parse_response(payload, from, DnsTransport::Udp, self.unix(now))
+        {
+            self.events.emit(Event::Dns(ev));
+        }
+        let mut out = self.dev.take();
+        b.udp(from, to, payload, &mut out);
+        self.send_frame(out, Some(id), now);
+    }
+
+    /// A DNS response the command received over TCP on flow `id` (already delimited).
+    pub fn tcp_dns_answer(&mut self, id: FlowId, message: &[u8], now: Instant) {
+        let Some(flow) = self.flows.get(&id) else { return };
+        if let Some(ev) =
+            dns::parse_response(message, flow.key.remote(), DnsTransport::Tcp, self.unix(now))
+        {
+            self.events.emit(Event::Dns(ev));
+        }
+    }
+
+    /// The upstream of UDP flow `id` is unreachable (ICMP error on the host socket).
+    pub fn udp_unreachable(&mut self, id: FlowId, why: Unreachable, now: Instant) {
+        let Some(Flow { state: FlowState::Udp { last_out }, .. }) = self.flows.get(&id) else {
+            return;
+        };
+        let original = last_out.clone();
+        if let Some(h) = packet::parse_prefix(&original) {
+            self.reject(id, &h, &original, why, now);
+        }
+    }
+
+    /// An echo reply to ICMP flow `id`.
+    pub fn icmp_echo_reply(&mut self, id: FlowId, seq: u16, payload: &[u8], now: Instant) {
+        let Some(flow) = self.flows.get(&id) else { return };
+        let (from, to, ident) = (flow.key.remote_ip(), flow.key.local_ip(), flow.key.local_port);
+        let Some(b) = self.builder() else { return };
+        let mut out = self.dev.take();
+        b.echo_reply(from, to, ident, seq, payload, &mut out);
+        self.send_frame(out, Some(id), now);
+    }
+
+    /// Runs smoltcp, collects what it sends, and does the periodic work.
+    pub fn poll(&mut self, now: Instant) {
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.collect_tx(now);
+        self.reap_closing(now);
+        if now >= self.next_housekeeping {
+            self.housekeeping(now);
+            self.next_housekeeping = now + HOUSEKEEPING;
+        }
+    }
+
+    /// Moves smoltcp's frames to the output queue, counting each to its flow.
+    fn collect_tx(&mut self, now: Instant) {
+        while let Some(frame) = self.dev.tx.pop_front() {
+            self.send_frame(frame, None, now);
+        }
+    }
+
+    fn reap_closing(&mut self, now: Instant) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let closing = std::mem::take(&mut self.closing);
+        for id in closing {
+            let Some(flow) = self.flows.get(&id) else { continue };
+            let FlowState::TcpOpen { handle, end: Some((reason, deadline)), .. } = flow.state
+            else {
+                continue;
+            };
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            let done = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if done || now >= deadline {
+                if !done {
+                    socket.abort();
+                    self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                    self.collect_tx(now);
+                }
+                self.end_flow(id, reason);
+            } else {
+                self.closing.push(id);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let mut idle = Vec::new();
+        let mut updates = Vec::new();
+        for (&id, flow) in &self.flows {
+            let timeout = match flow.state {
+                FlowState::Udp { .. } => Some(self.cfg.udp_idle),
+                FlowState::Icmp => Some(self.cfg.icmp_idle),
+                _ => None,
+            };
+            if timeout.is_some_and(|t| now >= flow.last_seen + t) {
+                idle.push(id);
+            } else if now >= flow.next_update
+                && flow.stats.packets[0] + flow.stats.packets[1] != flow.packets_reported
+            {
+                updates.push(id);
+            }
+        }
+        for id in updates {
+            self.emit_flow(id, FlowPhase::Update);
+            if let Some(flow) = self.flows.get_mut(&id) {
+                flow.next_update = now + self.cfg.flow_update_interval;
+            }
+        }
+        for id in idle {
+            self.end_flow(id, CloseReason::IdleTimeout);
+            self.actions.push_back(Action::Close { id });
+        }
+    }
+
+    /// The command exited: every live flow ends.
+    pub fn shutdown(&mut self) {
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in ids {
+            self.end_flow(id, CloseReason::CommandExit);
+        }
+    }
+
+    /// The state of flow `id`, for diagnostics (`SYN-RECEIVED (connecting upstream)`, ...).
+    pub fn flow_state(&self, id: FlowId) -> Option<String> {
+        self.flows.get(&id).map(|f| f.state.to_string())
+    }
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(a) if a.is_broadcast())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        backend::rootless::packet::tests::{CHILD_MAC, tcp_from_child, udp_from_child},
+        event::{self, Direction},
+    };
+    use childflow_common::flow::{PROTO_ICMP, TCP_FIN};
+    use crossbeam_channel::Receiver;
+    use smoltcp::{
+        iface::{Config as IfaceConfig, Interface, SocketSet},
+        wire::{IpAddress, Ipv4Address},
+    };
+
+    fn t(ms: i64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn engine_with(f: impl FnOnce(&mut EngineConfig)) -> (Engine, Receiver<Event>) {
+        let (emitter, rx) = event::channel(100_000);
+        let mut cfg = EngineConfig::new(1500, 1_000_000_000);
+        cfg.tcp_buffer = 64 * 1024;
+        f(&mut cfg);
+        (Engine::new(cfg, emitter, t(0)), rx)
+    }
+
+    fn engine() -> (Engine, Receiver<Event>) {
+        engine_with(|_| {})
+    }
+
+    fn outputs(e: &mut Engine) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| e.pop_out()).collect()
+    }
+
+    fn actions(e: &mut Engine) -> Vec<Action> {
+        std::iter::from_fn(|| e.pop_action()).collect()
+    }
+
+    fn flow_events(rx: &Receiver<Event>) -> Vec<FlowUpdate> {
+        rx.try_iter()
+            .filter_map(|e| match e {
+                Event::Flow(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect_id(actions: &[Action]) -> FlowId {
+        match actions {
+            [Action::TcpConnect { id, .. }] => *id,
+            other => panic!("expected one TcpConnect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_syn_is_answered_only_after_the_upstream_connect_succeeds() {
+        let (mut e, rx) = engine();
+        let mut child = Child::new();
+        let buf = || tcp::SocketBuffer::new(vec![0u8; 4096]);
+        let mut client = tcp::Socket::new(buf(), buf());
+        client.connect(child.iface.context(), (IpAddress::v4(198, 18, 0, 1), 80), 40_000).unwrap();
+        let c = child.sockets.add(client);
+        child.exchange(&mut e, t(0), |_| {});
+        assert_eq!(
+            actions(&mut e),
+            [Action::TcpConnect {
+                id: 1,
+                target: Target::Direct("198.18.0.1:80".parse().unwrap())
+            }]
+        );
+        assert_eq!(e.flow_state(1).as_deref(), Some("SYN-RECEIVED (connecting upstream)"));
+        // The command retransmits its SYN meanwhile; still no answer.
+        child.exchange(&mut e, t(1500), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::SynSent);
+        e.tcp_connected(1, t(1600));
+        child.exchange(&mut e, t(1600), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::Established);
+        assert_eq!(e.flow_state(1).as_deref(), Some("ESTABLISHED"));
+        let flows = flow_events(&rx);
+        assert_eq!(flows[0].phase, FlowPhase::Start);
+        assert_eq!(flows[0].key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
+    }
+
+    #[test]
+    fn a_refused_upstream_becomes_a_rst_and_a_failed_flow() {
+        let (mut e, rx) = engine();
+        e.ingest(tcp_from_child("10.0.2.100:40001", "198.18.0.1:81", 7, true, b""), t(0));
+        let id = connect_id(&actions(&mut e));
+        e.tcp_connect_failed(id, ConnectFailure::Refused, t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!(h.tcp_flags, TCP_RST | TCP_ACK);
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::Failed));
+        assert_eq!(end.stats.packets, [1, 1], "the SYN and the RST are counted");
+        assert_eq!(e.flow_count(), 0);
+        // The engine carries on: the same port again opens a new flow.
+        e.ingest(tcp_from_child("10.0.2.100:40001", "198.18.0.1:81", 9, true, b""), t(2));
+        assert_eq!(connect_id(&actions(&mut e)), id + 1);
+    }
+
+    #[test]
+    fn an_unreachable_upstream_becomes_icmp_host_unreachable() {
+        let (mut e, _rx) = engine();
+        e.ingest(tcp_from_child("[fd00:cf::100]:40002", "[2001:db8::9]:80", 7, true, b""), t(0));
+        let id = connect_id(&actions(&mut e));
+        e.tcp_connect_failed(id, ConnectFailure::Unreachable, t(1));
+        let h = packet::parse(&outputs(&mut e)[0]).unwrap();
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMPV6, 1, 3));
+        assert_eq!(h.src, IpAddr::V6(Addressing::default().gateway_v6));
+    }
+
+    #[test]
+    fn host_loopback_needs_the_flag() {
+        let (mut e, _rx) = engine();
+        e.ingest(tcp_from_child("10.0.2.100:40003", "10.0.2.2:22", 7, true, b""), t(0));
+        assert!(actions(&mut e).is_empty());
+        let h = packet::parse(&outputs(&mut e)[0]).unwrap();
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMP, 3, 10), "host prohibited");
+
+        let (mut e, _rx) = engine_with(|c| c.allow_host_loopback = true);
+        e.ingest(tcp_from_child("10.0.2.100:40003", "10.0.2.2:22", 7, true, b""), t(0));
+        assert_eq!(
+            actions(&mut e),
+            [Action::TcpConnect { id: 1, target: Target::Direct("127.0.0.1:22".parse().unwrap()) }]
+        );
+    }
+
+    #[test]
+    fn udp_sessions_relay_replies_and_end_when_idle() {
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"ping"), t(0));
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"ping2"), t(1));
+        let acts = actions(&mut e);
+        assert_eq!(
+            acts,
+            [
+                Action::UdpOpen { id: 1, target: Target::Direct("198.18.0.2:7".parse().unwrap()) },
+                Action::UdpSend { id: 1, payload: b"ping".to_vec() },
+                Action::UdpSend { id: 1, payload: b"ping2".to_vec() },
+            ]
+        );
+        e.udp_reply(1, b"pong", t(2));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!(h.src_addr(), "198.18.0.2:7".parse().unwrap());
+        assert_eq!(h.dst_addr(), "10.0.2.100:5000".parse().unwrap());
+        assert_eq!(h.payload(&out[0]), b"pong");
+        assert_eq!(&out[0][..6], &CHILD_MAC, "sent to the MAC the command used");
+
+        e.poll(t(59_000));
+        assert!(actions(&mut e).is_empty(), "not idle yet");
+        e.poll(t(62_100));
+        assert_eq!(actions(&mut e), [Action::Close { id: 1 }]);
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::IdleTimeout));
+        assert_eq!(end.stats.packets, [2, 1]);
+        assert_eq!(end.stats.payload_bytes, [9, 4]);
+        assert!(flows.iter().any(|f| f.phase == FlowPhase::Update), "a periodic update");
+    }
+
+    #[test]
+    fn udp_errors_become_icmp_port_unreachable() {
+        let (mut e, _rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5001", "198.18.0.2:9", &[1; 300]), t(0));
+        let _ = actions(&mut e);
+        e.udp_unreachable(1, Unreachable::Port, t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.icmp_code), (3, 3));
+        // The quote holds the original destination port.
+        let quote = h.payload(&out[0]);
+        assert_eq!(&quote[22..24], &9u16.to_be_bytes());
+    }
+
+    #[test]
+    fn dns_answers_through_the_relay_are_reported() {
+        use hickory_proto::{
+            op::{Message, OpCode, Query},
+            rr::{Name, RData, Record, RecordType, rdata::A},
+        };
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5353", "10.0.2.3:53", b"\x12\x34query"), t(0));
+        let acts = actions(&mut e);
+        assert_eq!(acts[0], Action::UdpOpen { id: 1, target: Target::DnsRelay });
+        let mut msg = Message::response(0x1234, OpCode::Query);
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        msg.queries.push(Query::query(name.clone(), RecordType::A));
+        msg.answers.push(Record::from_rdata(
+            name,
+            60,
+            RData::A(A::from(Ipv4Address::new(198, 18, 1, 2))),
+        ));
+        e.udp_reply(1, &msg.to_vec().unwrap(), t(3));
+        let dns: Vec<_> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Dns(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns.len(), 1);
+        assert_eq!(dns[0].query, "www.example.test");
+        assert_eq!(dns[0].server, "10.0.2.3:53".parse().unwrap());
+        assert_eq!(packet::parse(&outputs(&mut e)[0]).unwrap().src_port, 53);
+    }
+
+    #[test]
+    fn pings_become_actions_and_replies_keep_the_commands_identifier() {
+        let (mut e, _rx) = engine();
+        let mut req = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CHILD_MAC, Addressing::default().gateway_mac)
+            .ipv4([10, 0, 2, 100], [198, 18, 0, 2], 64)
+            .icmpv4_echo_request(0x77, 3)
+            .write(&mut req, b"abc")
+            .unwrap();
+        e.ingest(req, t(0));
+        assert_eq!(
+            actions(&mut e),
+            [Action::Ping {
+                id: 1,
+                remote: "198.18.0.2".parse().unwrap(),
+                seq: 3,
+                payload: b"abc".to_vec()
+            }]
+        );
+        e.icmp_echo_reply(1, 3, b"abc", t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.src_port, h.icmp_seq), (0, 0x77, 3));
+        assert_eq!(h.payload(&out[0]), b"abc");
+    }
+
+    #[test]
+    fn garbage_frames_do_not_disturb_the_engine() {
+        let (mut e, _rx) = engine();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..400 {
+            let frame: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            e.ingest(frame, t(len as i64));
+            e.poll(t(len as i64));
+        }
+        let mut frame = tcp_from_child("10.0.2.100:1", "198.18.0.1:80", 1, true, b"");
+        frame[14] = 0x4f; // IHL beyond the packet
+        e.ingest(frame, t(500));
+        e.poll(t(500));
+        e.ingest(tcp_from_child("10.0.2.100:2", "198.18.0.1:80", 1, true, b""), t(501));
+        assert_eq!(actions(&mut e).len(), 1, "a well-formed SYN still works");
+    }
+
+    /// The command's side, simulated with a second smoltcp interface wired to the engine
+    /// by in-memory frames: a deterministic, lossless link.
+    struct Child {
+        iface: Interface,
+        dev: Queues,
+        sockets: SocketSet<'static>,
+    }
+
+    impl Child {
+        fn new() -> Child {
+            let mut dev =
+                Queues { rx: VecDeque::new(), tx: VecDeque::new(), pool: Vec::new(), mtu: 1500 };
+            let cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(CHILD_MAC)));
+            let mut iface = Interface::new(cfg, &mut dev, t(0));
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(IpAddress::v4(10, 0, 2, 100), 24));
+            });
+            iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(10, 0, 2, 2)).unwrap();
+            Child { iface, dev, sockets: SocketSet::new(Vec::new()) }
+        }
+
+        /// Moves frames both ways until nothing moves, running the engine's relay step
+        /// `relay` (standing in for the driver's upstream side) each round.
+        fn exchange(&mut self, e: &mut Engine, now: Instant, mut relay: impl FnMut(&mut Engine)) {
+            for _ in 0..1000 {
+                self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                let mut moved = false;
+                while let Some(f) = self.dev.tx.pop_front() {
+                    e.ingest(f, now);
+                    moved = true;
+                }
+                relay(e);
+                e.poll(now);
+                while let Some(f) = e.pop_out() {
+                    self.dev.rx.push_back(f);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the link never went quiet");
+        }
+    }
+
+    #[test]
+    fn a_connection_carries_data_both_ways_and_half_closes() {
+        let (mut e, rx) = engine();
+        let mut child = Child::new();
+        let buf = || tcp::SocketBuffer::new(vec![0u8; 256 * 1024]);
+        let mut client = tcp::Socket::new(buf(), buf());
+        client.connect(child.iface.context(), (IpAddress::v4(198, 18, 0, 1), 80), 40_000).unwrap();
+        let c = child.sockets.add(client);
+        child.exchange(&mut e, t(0), |_| {});
+        let id = connect_id(&actions(&mut e));
+        assert_eq!(
+            child.sockets.get::<tcp::Socket>(c).state(),
+            tcp::State::SynSent,
+            "no SYN-ACK while connecting"
+        );
+        e.tcp_connected(id, t(1));
+        child.exchange(&mut e, t(1), |_| {});
+        assert_eq!(child.sockets.get::<tcp::Socket>(c).state(), tcp::State::Established);
+
+        // 100 KB from the command, 200 KB to it (more than the engine's 64 KB buffers).
+        let upload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let download: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut sent_up, mut got_up, mut sent_down) = (0, Vec::new(), 0);
+        let mut got_down = Vec::new();
+        for round in 0..200 {
+            let s = child.sockets.get_mut::<tcp::Socket>(c);
+            if sent_up < upload.len() {
+                sent_up += s.send_slice(&upload[sent_up..]).unwrap();
+            } else if s.may_send() {
+                s.close(); // half-close from the command
+            }
+            while s.can_recv() {
+                let mut chunk = [0u8; 8192];
+                let n = s.recv_slice(&mut chunk).unwrap();
+                got_down.extend_from_slice(&chunk[..n]);
+            }
+            child.exchange(&mut e, t(2 + round), |e| {
+                let Some((sock, _)) = e.tcp_socket(id) else { return };
+                while sock.can_recv() {
+                    let mut chunk = [0u8; 8192];
+                    let n = sock.recv_slice(&mut chunk).unwrap();
+                    got_up.extend_from_slice(&chunk[..n]);
+                }
+                if sent_down < download.len() && sock.can_send() {
+                    sent_down += sock.send_slice(&download[sent_down..]).unwrap();
+                }
+            });
+            if got_down.len() == download.len() && got_up.len() == upload.len() {
+                break;
+            }
+        }
+        assert_eq!(got_up, upload, "the upload arrives intact");
+        assert_eq!(got_down, download, "the download arrives intact");
+        let (sock, _) = e.tcp_socket(id).unwrap();
+        assert!(
+            matches!(sock.recv_slice(&mut []), Err(tcp::RecvError::Finished)),
+            "the command's FIN reached the engine while the download went on"
+        );
+        sock.close();
+        e.tcp_relay_done(id, RelayEnd::Fin, t(300));
+        child.exchange(&mut e, t(300), |_| {});
+        assert_eq!(e.flow_count(), 0, "the flow ends once both sides closed");
+        let flows = flow_events(&rx);
+        let end = flows.last().unwrap();
+        assert_eq!(end.phase, FlowPhase::End(CloseReason::Fin));
+        assert_eq!(end.stats.payload_bytes, [100_000, 200_000]);
+        assert_eq!(end.stats.tcp_flags[0] & TCP_FIN, TCP_FIN);
+        assert_eq!(end.stats.history(), b"ShADdaFf");
+        let packets = rx.try_iter().count();
+        assert_eq!(packets, 0, "events were drained above");
+    }
+
+    #[test]
+    fn every_frame_is_reported_as_a_packet_event() {
+        let (mut e, rx) = engine();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"x"), t(0));
+        e.udp_reply(1, b"y", t(1));
+        let dirs: Vec<Direction> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                Event::Packet(p) => Some(p.direction),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dirs, [Direction::Out, Direction::In]);
+    }
+}
