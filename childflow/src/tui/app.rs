@@ -309,13 +309,13 @@ impl App {
     /// The flow shown in the detail view.
     pub fn detail_flow(&self) -> Option<&FlowRow> {
         let id = self.detail?;
-        self.snapshot.flows.iter().find(|f| f.id == id)
+        self.snapshot.flows.iter().find(|f| f.id == id).map(|f| &**f)
     }
 
     /// The selected flow, if the flows view has one.
     pub fn selected(&self) -> Option<&FlowRow> {
         let id = self.selected_flow?;
-        self.snapshot.flows.iter().find(|f| f.id == id)
+        self.snapshot.flows.iter().find(|f| f.id == id).map(|f| &**f)
     }
 
     /// The index of the selected row among the visible rows.
@@ -603,7 +603,7 @@ impl App {
                 }
             }
             view => {
-                let flows = matching.iter().map(|&i| &snap.flows[i]);
+                let flows = matching.iter().map(|&i| &*snap.flows[i]);
                 self.groups = aggregate(view, flows, |id| self.flow_rate(id));
                 sort_groups(&mut self.groups, self.sort);
                 self.rows.clear();
@@ -650,7 +650,7 @@ pub fn group_key(view: View, flow: &FlowRow) -> String {
 
 /// Sorts flow indices by `key`; ties go to the older flow (lower id) so equal rows keep
 /// their places from one snapshot to the next.
-pub fn sort_flows(rows: &mut [usize], flows: &[FlowRow], key: SortKey, history: &History) {
+pub fn sort_flows(rows: &mut [usize], flows: &[Arc<FlowRow>], key: SortKey, history: &History) {
     match key {
         SortKey::Bytes => rows.sort_by_key(|&i| {
             let f = &flows[i];
@@ -667,14 +667,11 @@ pub fn sort_flows(rows: &mut [usize], flows: &[FlowRow], key: SortKey, history: 
         SortKey::Recent => {
             rows.sort_by_key(|&i| (std::cmp::Reverse(flows[i].last_seen), flows[i].id))
         }
-        SortKey::Name => rows.sort_by(|&a, &b| {
-            let (fa, fb) = (&flows[a], &flows[b]);
-            (fa.name.is_none(), fa.destination(), fa.remote.port(), fa.id).cmp(&(
-                fb.name.is_none(),
-                fb.destination(),
-                fb.remote.port(),
-                fb.id,
-            ))
+        // The key allocates (the destination string): computed once per row, not per
+        // comparison.
+        SortKey::Name => rows.sort_by_cached_key(|&i| {
+            let f = &flows[i];
+            (f.name.is_none(), f.destination(), f.remote.port(), f.id)
         }),
     }
 }
@@ -920,5 +917,59 @@ pub(crate) mod tests {
         assert_eq!(app.offset, 0);
         app.update(Action::PageDown);
         assert_eq!(app.selected_index(), Some(height));
+    }
+}
+
+/// How the dashboard copes with many flows. `cargo test -p childflow --release --lib
+/// tui::app::scale -- --ignored --nocapture` prints the numbers; the assertions are loose
+/// bounds that hold in debug builds too.
+#[cfg(test)]
+mod scale {
+    use std::time::Instant;
+
+    use ratatui::{buffer::Buffer, layout::Rect};
+
+    use super::*;
+    use crate::tui::model::fixtures::*;
+
+    fn many(n: u64, growth: u64) -> Vec<FlowRow> {
+        (1..=n)
+            .map(|i| {
+                let mut f = grown(established_flow(i), 1 + (i * 7919 + growth) % 97);
+                f.name = Some(format!("host{}.example.test", i % 500));
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn ten_thousand_flows() {
+        const N: u64 = 10_000;
+        let mut app = App::new(Arc::new(snapshot(1, many(N, 0))), true);
+        app.update(Action::Resize(200, 60));
+        let mut worst_update = 0f64;
+        let mut worst_render = 0f64;
+        for (i, key) in SortKey::ALL.iter().cycle().take(12).enumerate() {
+            app.update(Action::Sort(*key));
+            let snap = Arc::new(snapshot(2 + i as u64, many(N, i as u64)));
+            let t = Instant::now();
+            app.update(Action::Snapshot(snap));
+            worst_update = worst_update.max(t.elapsed().as_secs_f64() * 1e3);
+            let area = Rect::new(0, 0, 200, 60);
+            let mut buf = Buffer::empty(area);
+            let t = Instant::now();
+            app.render_to(area, &mut buf, None);
+            worst_render = worst_render.max(t.elapsed().as_secs_f64() * 1e3);
+        }
+        app.update(Action::SetView(View::Destinations));
+        let t = Instant::now();
+        app.update(Action::Snapshot(Arc::new(snapshot(50, many(N, 50)))));
+        let aggregate = t.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "{N} flows: snapshot update (history + sort) worst {worst_update:.1} ms, \
+             render 200x60 worst {worst_render:.2} ms, destination view update {aggregate:.1} ms"
+        );
+        assert!(worst_update < 1000.0 && worst_render < 1000.0);
     }
 }

@@ -81,9 +81,13 @@ impl Stream {
             line(&Line::Run { run: &snap.run })?;
         }
         let old: std::collections::HashMap<u64, &FlowRow> =
-            prev.map(|p| p.flows.iter().map(|f| (f.id, f)).collect()).unwrap_or_default();
-        let mut flows: Vec<&FlowRow> =
-            snap.flows.iter().filter(|f| old.get(&f.id).is_none_or(|o| *o != *f)).collect();
+            prev.map(|p| p.flows.iter().map(|f| (f.id, &**f)).collect()).unwrap_or_default();
+        let mut flows: Vec<&FlowRow> = snap
+            .flows
+            .iter()
+            .map(|f| &**f)
+            .filter(|f| old.get(&f.id).is_none_or(|o| *o != *f))
+            .collect();
         flows.sort_by_key(|f| f.id);
         for flow in flows {
             let rate = self.history.rate(flow.id);

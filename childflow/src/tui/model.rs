@@ -132,7 +132,8 @@ pub struct Snapshot {
     pub run: RunInfo,
     pub totals: Totals,
     /// Live flows and the ended flows still kept for display, in no particular order.
-    pub flows: Vec<FlowRow>,
+    /// Shared: a row that did not change is the same allocation in successive snapshots.
+    pub flows: Vec<Arc<FlowRow>>,
     /// Flows seen since the start, including ones no longer in `flows`.
     pub flows_total: u64,
     /// Distinct DNS names the command resolved.
@@ -267,7 +268,7 @@ pub mod fixtures {
             },
             totals,
             flows_total: flows.len() as u64,
-            flows,
+            flows: flows.into_iter().map(Arc::new).collect(),
             dns_names: 1,
             drops: Vec::new(),
             evictions: 0,
