@@ -8,7 +8,8 @@
 //! Invariants:
 //! - At most one snapshot every [`PUBLISH`] while events come, and one every
 //!   [`IDLE_PUBLISH`] without them (so rates decay to zero and the clock moves); one more at
-//!   the end of the run.
+//!   the end of the run. A copy that takes long (a huge table) spaces the next ones out, so
+//!   copying takes at most about a tenth of the collector's time.
 //! - Nothing is published before the live views' threads are launched (`launched`): the
 //!   collector ticks its consumers from the moment it starts, which is before the sandbox
 //!   is cloned, and this thread must not allocate then ([`super::launch`]).
@@ -155,6 +156,9 @@ pub struct LiveConsumer {
     table_stats: (u64, u64, Vec<DropCount>),
     dirty: bool,
     last: Option<Instant>,
+    /// How long the last copy took: the next one waits at least ten times that, so copying
+    /// a huge table never takes more than a tenth of the collector's time.
+    last_cost: Duration,
 }
 
 impl LiveConsumer {
@@ -176,6 +180,7 @@ impl LiveConsumer {
             table_stats: (0, 0, Vec::new()),
             dirty: true,
             last: None,
+            last_cost: Duration::ZERO,
         }
     }
 
@@ -227,12 +232,14 @@ impl LiveConsumer {
     }
 
     fn publish(&mut self, table: Option<&FlowTable>) {
+        let started = Instant::now();
         if let Some(table) = table {
             self.take_stats(table);
         }
         let snapshot = self.snapshot(table, now_unix_nanos());
         self.cell.publish(snapshot);
         self.last = Some(Instant::now());
+        self.last_cost = started.elapsed();
         self.dirty = false;
     }
 }
@@ -272,7 +279,7 @@ impl Consumer for LiveConsumer {
         }
         // Always, so the snapshot after the table is gone has its final counters.
         self.take_stats(table);
-        let due = if self.dirty { PUBLISH } else { IDLE_PUBLISH };
+        let due = if self.dirty { PUBLISH } else { IDLE_PUBLISH }.max(self.last_cost * 10);
         if self.last.is_none_or(|t| t.elapsed() >= due) {
             self.publish(Some(table));
         }
@@ -421,6 +428,10 @@ mod tests {
             let _ = table.ingest(&flow_event(key, established_stats(T0), FlowPhase::Start));
         }
         assert_eq!(table.len(), 10_000);
+        let t = std::time::Instant::now();
+        let rows: Vec<FlowRow> = table.iter().map(row_of_flow).collect();
+        let convert = t.elapsed().as_secs_f64() * 1e3;
+        println!("10000 flows: row_of_flow for all {convert:.2} ms ({} rows)", rows.len());
         let (mut c, cell) = consumer();
         let t = std::time::Instant::now();
         cell.publish(c.snapshot(Some(&table), T0));
