@@ -57,13 +57,21 @@ pub struct PacketHeader {
 }
 const _: () = assert!(core::mem::size_of::<PacketHeader>() == 32);
 
-/// A process of the command tree connected or sent on a socket.
+/// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).
+/// Sent at once (forced wake-up) so userspace can read `/proc/PID` while the process lives.
+pub const SOCK_CREATE: u32 = 1;
+/// [`SockRecord::hook`]: the first packet of flow `key` left a socket of the command tree;
+/// the process fields are those of the socket's creator.
+pub const SOCK_FLOW: u32 = 2;
+
+/// A process of the command tree created a socket, or a socket of it sent a flow's first
+/// packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockRecord {
     /// Always [`KIND_SOCK`].
     pub kind: u32,
-    /// Which hook saw it (program-defined, for diagnostics).
+    /// Which hook saw it: [`SOCK_CREATE`] or [`SOCK_FLOW`].
     pub hook: u32,
     /// Thread group id (the process id users see).
     pub tgid: u32,
@@ -79,6 +87,26 @@ pub struct SockRecord {
     pub comm: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 88);
+
+/// The capture settings userspace writes into the kernel's one-entry config array.
+///
+/// DNS packets (UDP or TCP port 53) are copied whatever `capture_all` says, so flows get
+/// names even without a capture.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureConfig {
+    /// Nonzero: copy every packet (capture on). Zero: only DNS.
+    pub capture_all: u32,
+    /// Copy at most this many bytes of a packet (also capped by [`CAPTURE_MAX`]).
+    pub snaplen: u32,
+}
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
+
+/// The most bytes of one packet the kernel copies into the packet ring, whatever the snap
+/// length: a per-CPU map value holds the header and the data, and per-CPU values are capped
+/// at 32 KiB by the kernel. GSO super-packets longer than this are truncated (their
+/// `orig_len` is kept).
+pub const CAPTURE_MAX: u32 = 16 * 1024;
 
 /// Indexes into the kernel's drop-counter array map. Every loss is counted, never silent.
 pub const DROP_FLOW_RINGBUF: u32 = 0;
@@ -145,6 +173,7 @@ mod user {
     unsafe impl aya::Pod for FlowRecord {}
     unsafe impl aya::Pod for SockRecord {}
     unsafe impl aya::Pod for PacketHeader {}
+    unsafe impl aya::Pod for CaptureConfig {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::flow::FlowStats {}
 

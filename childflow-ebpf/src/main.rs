@@ -15,6 +15,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+mod cgroup;
 mod parse;
 mod tc;
 

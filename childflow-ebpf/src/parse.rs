@@ -1,18 +1,22 @@
-//! Parsing an Ethernet frame into a flow key, oriented from the command's side.
+//! Parsing a packet into a flow key, oriented from the command's side.
 //!
-//! All reads go through `TcContext::load` (`bpf_skb_load_bytes`), which bounds-checks against
+//! The same parser serves the TC programs (Ethernet frames: the IP header at offset 14, the
+//! EtherType in the frame) and `cgroup_skb` (the IP header at offset 0, the EtherType from
+//! `skb->protocol`); the offset is a const generic so the verifier sees constant offsets.
+//! All reads go through `SkBuff::load` (`bpf_skb_load_bytes`), which bounds-checks against
 //! the packet, so a short or malformed packet yields `Err` and is counted as a parse drop by
 //! the caller, never read out of bounds. IPv6 extension headers are followed for a bounded
 //! number of steps (RFC 8200 §4).
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::sk_buff::SkBuff;
 use childflow_common::flow::{
     DIR_OUT, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+/// Where the IP header starts in a TC program's Ethernet frame.
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 
 /// What accounting needs from one packet. Lives in a per-CPU scratch map, not on the
 /// 512-byte BPF stack.
@@ -34,36 +38,48 @@ pub enum NotParsed {
     Malformed,
 }
 
-/// Parses the frame in `ctx` into `out`. `dir` says whether the command sent it (`DIR_OUT`:
-/// source is local) or receives it (`DIR_IN`: destination is local).
+/// Parses the Ethernet frame in `ctx` into `out`. `dir` says whether the command sent it
+/// (`DIR_OUT`: source is local) or receives it (`DIR_IN`: destination is local).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, dir: usize, out: &mut Parsed) -> Result<(), NotParsed> {
+pub fn parse_frame(ctx: &SkBuff, dir: usize, out: &mut Parsed) -> Result<(), NotParsed> {
     let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| NotParsed::Malformed)?);
+    parse::<ETH_HLEN>(ctx, eth_proto, dir, out)
+}
+
+/// Parses the IP packet starting at offset `L3` of `ctx`, of EtherType `eth_proto`.
+#[inline(always)]
+pub fn parse<const L3: usize>(
+    ctx: &SkBuff,
+    eth_proto: u16,
+    dir: usize,
+    out: &mut Parsed,
+) -> Result<(), NotParsed> {
+    const { assert!(L3 == 0 || L3 == ETH_HLEN) };
     let key = &mut out.key;
     *key = FlowKey::default();
     let (l4_off, ip_len, proto) = match eth_proto {
         ETH_P_IP => {
-            let vihl: u8 = load(ctx, ETH_HLEN)?;
+            let vihl: u8 = load(ctx, L3)?;
             let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return Err(NotParsed::Malformed);
             }
-            let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?) as u32;
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            let proto: u8 = load(ctx, ETH_HLEN + 9)?;
+            let tot_len = u16::from_be(load::<u16>(ctx, L3 + 2)?) as u32;
+            let frag = u16::from_be(load::<u16>(ctx, L3 + 6)?);
+            let proto: u8 = load(ctx, L3 + 9)?;
             key.family = FAMILY_V4;
-            load_addrs::<4>(ctx, key, dir, ETH_HLEN + 12)?;
+            load_addrs::<4>(ctx, key, dir, L3 + 12)?;
             // A non-first fragment carries no transport header: account it to the
             // protocol with zero ports rather than misreading payload as ports.
-            let l4 = if frag & 0x1fff != 0 { None } else { Some(ETH_HLEN + ihl) };
+            let l4 = if frag & 0x1fff != 0 { None } else { Some(L3 + ihl) };
             (l4, tot_len, proto)
         }
         ETH_P_IPV6 => {
-            let payload_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as u32;
-            let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+            let payload_len = u16::from_be(load::<u16>(ctx, L3 + 4)?) as u32;
+            let mut next: u8 = load(ctx, L3 + 6)?;
             key.family = FAMILY_V6;
-            load_addrs::<16>(ctx, key, dir, ETH_HLEN + 8)?;
-            let mut off = ETH_HLEN + 40;
+            load_addrs::<16>(ctx, key, dir, L3 + 8)?;
+            let mut off = L3 + 40;
             let mut l4 = Some(off);
             let mut i = 0;
             while i < 4 {
@@ -103,7 +119,7 @@ pub fn parse(ctx: &TcContext, dir: usize, out: &mut Parsed) -> Result<(), NotPar
     let mut payload_len = 0;
     let mut tcp_flags = 0;
     if let Some(off) = l4_off {
-        let ip_hdr = (off - ETH_HLEN) as u32;
+        let ip_hdr = (off - L3) as u32;
         let l4_len = ip_len.saturating_sub(ip_hdr);
         match proto {
             PROTO_TCP => {
@@ -136,7 +152,7 @@ pub fn parse(ctx: &TcContext, dir: usize, out: &mut Parsed) -> Result<(), NotPar
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T, NotParsed> {
+fn load<T>(ctx: &SkBuff, off: usize) -> Result<T, NotParsed> {
     ctx.load::<T>(off).map_err(|_| NotParsed::Malformed)
 }
 
@@ -144,7 +160,7 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, NotParsed> {
 /// into the key, local side first.
 #[inline(always)]
 fn load_addrs<const N: usize>(
-    ctx: &TcContext,
+    ctx: &SkBuff,
     key: &mut FlowKey,
     dir: usize,
     off: usize,

@@ -7,36 +7,46 @@
 //! for periodic updates and retires idle flows, so the ring never carries one record per
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
 //! Both programs return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never alter, traffic.
+//!
+//! Capture: when `CONFIG` says so, each packet is copied (up to the snap length and
+//! `CAPTURE_MAX`) with its direction and timestamp into `PACKETS`, with the same batched
+//! wake-ups; DNS packets (port 53) are always copied so userspace can name flows.
+//! A full ring counts `DROP_PACKET_RINGBUF`.
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        TC_ACT_UNSPEC,
     },
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use childflow_common::{
     event::{
-        DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PARSE, FLOW_END_FIN,
-        FLOW_END_RST, FLOW_START, FlowRecord, KIND_FLOW,
+        CAPTURE_MAX, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
+        DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord,
+        KIND_FLOW, KIND_PACKET, PacketHeader,
     },
-    flow::{DIR_IN, DIR_OUT, FlowKey, FlowStats, TCP_FIN, TCP_RST, history_bits},
+    flow::{
+        DIR_IN, DIR_OUT, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, history_bits,
+    },
 };
 
-use crate::parse::{NotParsed, Parsed, parse};
+use crate::parse::{NotParsed, Parsed, parse_frame};
 
 /// Live flows of one run. Userspace removes ended and idle ones.
 pub const MAX_FLOWS: u32 = 65536;
-/// Wake the reader once this much data is pending; it also drains on a short timer.
 /// `-EEXIST` from `bpf_map_update_elem` with `BPF_NOEXIST`: the key is already there.
 const EEXIST: i32 = -17;
-
+/// Wake the reader once this much data is pending; it also drains on a short timer.
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
+/// Not preallocated (`BPF_F_NO_PREALLOC`): preallocating 64 Ki entries costs milliseconds
+/// at every start, and a run rarely has more than a few hundred flows.
 #[map]
-static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 #[map]
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -54,6 +64,25 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0);
+
+/// Capture settings, written by userspace before the programs see traffic.
+#[map]
+static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// A captured packet being assembled: header and data contiguous, as they go to the ring.
+#[repr(C)]
+struct PacketBuf {
+    header: PacketHeader,
+    data: [u8; CAPTURE_MAX as usize],
+}
+
+#[map]
+static PACKET_BUF: PerCpuArray<PacketBuf> = PerCpuArray::with_max_entries(1, 0);
+
+const DNS_PORT: u16 = 53;
 
 #[classifier]
 pub fn cf_tc_ingress(ctx: TcContext) -> i32 {
@@ -74,11 +103,84 @@ fn account(ctx: &TcContext, dir: usize) {
     };
     // SAFETY: per-CPU map slot; programs do not migrate CPUs while running.
     let scratch = unsafe { &mut *scratch };
-    match parse(ctx, dir, &mut scratch.parsed) {
-        Ok(()) => update(&scratch.parsed, &mut scratch.stats, dir),
-        Err(NotParsed::NotIp) => {}
-        Err(NotParsed::Malformed) => count_drop(DROP_PARSE),
+    let dns = match parse_frame(&ctx.skb, dir, &mut scratch.parsed) {
+        Ok(()) => {
+            update(&scratch.parsed, &mut scratch.stats, dir);
+            let key = &scratch.parsed.key;
+            (key.proto == PROTO_UDP || key.proto == PROTO_TCP)
+                && (key.remote_port == DNS_PORT || key.local_port == DNS_PORT)
+        }
+        Err(NotParsed::NotIp) => false,
+        Err(NotParsed::Malformed) => {
+            count_drop(DROP_PARSE);
+            false
+        }
+    };
+    capture(ctx, dir, dns);
+}
+
+/// Copies the packet into `PACKETS` if capture is on, or if it is DNS.
+#[inline(always)]
+fn capture(ctx: &TcContext, dir: usize, dns: bool) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    if config.capture_all == 0 && !dns {
+        return;
     }
+    let Some(buf) = PACKET_BUF.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map slot, used only by this program run on this CPU.
+    let buf = unsafe { &mut *buf };
+    let orig_len = ctx.len();
+    // DNS is copied whole (up to CAPTURE_MAX) so answers parse even with a short snaplen.
+    let snap = if dns { CAPTURE_MAX } else { config.snaplen };
+    let len = if orig_len < snap { orig_len } else { snap };
+    if len == 0 || len > CAPTURE_MAX {
+        return;
+    }
+    // SAFETY: `buf.data` has CAPTURE_MAX bytes and 0 < len <= CAPTURE_MAX, which the
+    // verifier also checks against the map value size.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            buf.data.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if ret != 0 {
+        return;
+    }
+    buf.header = PacketHeader {
+        kind: KIND_PACKET,
+        direction: dir as u32,
+        // SAFETY: reading a field of the program's own context.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        orig_len,
+        cap_len: len,
+        _pad: 0,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let total = core::mem::size_of::<PacketHeader>() + len as usize;
+    // SAFETY: `total` is at most the size of `PacketBuf`.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((buf as *const PacketBuf).cast::<u8>(), total) };
+    if PACKETS.output::<[u8]>(bytes, wakeup_flags(&PACKETS)).is_err() {
+        count_drop(DROP_PACKET_RINGBUF);
+    }
+}
+
+/// Wakes the reader only once enough data waits: never one wake-up per packet.
+#[inline(always)]
+fn wakeup_flags(ring: &RingBuf) -> u64 {
+    (if ring.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }) as u64
 }
 
 #[inline(always)]
@@ -160,16 +262,11 @@ fn emit(key: &FlowKey, stats: &FlowStats, reason: u32) {
         core::ptr::copy_nonoverlapping(key, &mut (*rec).key, 1);
         core::ptr::copy_nonoverlapping(stats, &mut (*rec).stats, 1);
     }
-    let flags = if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    entry.submit(wakeup_flags(&FLOW_EVENTS));
 }
 
 #[inline(always)]
-fn count_drop(index: u32) {
+pub fn count_drop(index: u32) {
     if let Some(c) = DROPS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };

@@ -80,10 +80,7 @@ pub fn run(config: &Config) -> Result<i32> {
     })?;
     let result = match config.backend {
         Backend::Rootless => backend::rootless::run(&config, emitter),
-        Backend::Rootful => {
-            drop(emitter);
-            Err(anyhow::anyhow!("--root is not implemented yet"))
-        }
+        Backend::Rootful => backend::rootful::run(&config, emitter),
     };
     let end = now_unix_nanos();
     let collector =

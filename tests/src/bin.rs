@@ -55,6 +55,8 @@ pub fn childflow_as_test_user() -> Command {
         .gid(user.gid.as_raw())
         .current_dir("/")
         .env("HOME", "/")
+        // root's PATH may name directories the user cannot search (execvp then says EACCES).
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("USER", TEST_USER);
     // std drops root's supplementary groups itself when it switches uid from root.
     cmd

@@ -29,29 +29,9 @@ const PYTHON: &str = "/usr/bin/python3";
 fn cf(net: &TestNet, who: As) -> Command {
     let mut cmd = match who {
         As::Root => childflow(),
-        As::TestUser => as_test_user(),
+        As::TestUser => childflow_as_test_user(),
     };
     cmd.env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string());
-    cmd
-}
-
-/// The fixture's `childflow_as_test_user` also calls `setgroups` in `pre_exec`, which runs
-/// after std has switched to the user and so fails with EPERM; std already drops the
-/// supplementary groups when root sets a uid. Same binary copy, without that step.
-fn as_test_user() -> Command {
-    let program = childflow_as_test_user().get_program().to_owned();
-    let user = nix::unistd::User::from_name(childflow_tests::bin::TEST_USER)
-        .expect("look up the test user")
-        .expect("the test user exists (cargo xtask setup)");
-    let mut cmd = Command::new(program);
-    use std::os::unix::process::CommandExt;
-    cmd.uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .current_dir("/")
-        .env("HOME", "/")
-        // root's PATH may name directories the user cannot search (execvp then says EACCES).
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("USER", childflow_tests::bin::TEST_USER);
     cmd
 }
 

@@ -129,14 +129,29 @@ fn grouped(n: u64) -> String {
 }
 
 #[test]
-fn a_real_download_shows_with_its_dns_name_and_byte_count() {
+fn a_real_download_shows_with_its_dns_name_and_byte_count_rootless() {
+    real_download(false);
+}
+
+#[test]
+fn a_real_download_shows_with_its_dns_name_and_byte_count_rootful() {
+    real_download(true);
+}
+
+fn real_download(rootful: bool) {
     if skip(!is_root(), "building the test network needs root") {
         return;
     }
     let net = TestNet::new();
+    let backend = if rootful {
+        format!("--root --dns {}", net.server_v4())
+    } else {
+        // The engine's DNS relay forwards to the test server instead of the host's resolvers.
+        String::new()
+    };
     // curl reports what it received: the response headers and body are the TCP payload.
     let tmux = Tmux::start(&format!(
-        "env CHILDFLOW_UPSTREAM_DNS={} {} --tui -- sh -c \
+        "env -u SUDO_UID -u SUDO_GID CHILDFLOW_UPSTREAM_DNS={} {} --tui {backend} -- sh -c \
          \"curl -4 -sS --fail --max-time 20 -o /dev/null -w 'got %{{size_header}}+%{{size_download}} sent %{{size_request}}\\n' http://example.test/bytes/123456\"",
         net.server_v4(),
         binary().display()
@@ -158,8 +173,10 @@ fn a_real_download_shows_with_its_dns_name_and_byte_count() {
     assert!(row.contains("example.test"), "the DNS name: {row}");
     // (No process column check: the rootless engine cannot see which process owns a socket.)
     assert!(row.contains(&format!("{}:80", net.server_v4())), "{row}");
-    tmux.keys(&["n"]); // sort by name: the HTTP flow (named) comes first, select it
-    tmux.keys(&["Home", "Enter"]);
+    // Filter down to the HTTP flow, then open it.
+    tmux.keys(&["/"]);
+    tmux.keys(&["-l", ":80"]);
+    tmux.keys(&["Enter", "Home", "Enter"]);
     let detail = tmux.wait_for("the detail view", |s| s.contains("flow #"));
     assert!(detail.contains("example.test"), "{detail}");
     assert!(

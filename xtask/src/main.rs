@@ -4,6 +4,7 @@
 //! `cargo xtask test`. Each first makes sure the machine has what it needs (`setup`), so the
 //! same two commands work on a fresh Debian machine and in CI (`.ci/run`).
 
+mod bench_rootful;
 mod leftovers;
 mod setup;
 
@@ -159,7 +160,8 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench(rest: &[String]) -> Result<()> {
-    const KINDS: &str = "flows (the flow table: events/s on one core, memory of 100,000 flows)";
+    const KINDS: &str = "flows (the flow table: events/s on one core, memory of 100,000 flows), \
+                         rootful (--root vs veth+NAT without eBPF and tcpdump -w)";
     let Some(kind) = rest.first() else {
         bail!("usage: cargo xtask bench <kind>; kinds: {KINDS}");
     };
@@ -170,6 +172,14 @@ fn bench(rest: &[String]) -> Result<()> {
             cmd.args(["bench", "--package", "childflow", "--bench", "flow_table", "--"]);
             cmd.args(&rest[1..]);
             status(cmd)
+        }
+        "rootful" => {
+            setup::ensure_quietly()?;
+            let mut build = cargo();
+            build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);
+            status(build)?;
+            let bin = root().join("target/release/childflow");
+            bench_rootful::run(bin.to_str().context("binary path is not UTF-8")?)
         }
         other => bail!("unknown benchmark `{other}`; kinds: {KINDS}"),
     }

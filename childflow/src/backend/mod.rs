@@ -1,4 +1,5 @@
 //! The two backends. Each starts the command in its sandbox, emits [`crate::event::Event`]s
 //! for what the command does on the network, and returns the command's exit status.
 
+pub mod rootful;
 pub mod rootless;

@@ -174,6 +174,10 @@ pub struct FlowTable {
     /// buffers are not ordered with each other). Their first packet still needs the
     /// Community ID, which depends only on the key and who sent first.
     early: Bounded<FlowKey, Flow>,
+    /// The most recent flows that started without a name. A backend whose DNS answers and
+    /// flow starts travel separately (rootful: two ring buffers) may report the answer
+    /// after the flow it named; the answer then names these flows.
+    unnamed: VecDeque<FlowKey>,
     processes: HashMap<u32, Arc<ProcessInfo>>,
     dns: DnsNames,
     output: Vec<Output>,
@@ -186,6 +190,9 @@ pub struct FlowTable {
 /// randomly seeded per table, which keeps collisions out of a peer's reach.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// How many recent unnamed flows a late DNS answer can still name.
+const UNNAMED: usize = 256;
+
 /// At most this many processes are remembered for sharing one `Arc` among their flows.
 const MAX_PROCESSES: usize = 4096;
 
@@ -197,6 +204,7 @@ impl FlowTable {
             retired: Bounded::new(max),
             pending_process: Bounded::new(max.min(1 << 16)),
             early: Bounded::new(max.min(1 << 12)),
+            unnamed: VecDeque::with_capacity(UNNAMED),
             processes: HashMap::new(),
             dns: DnsNames::new(max.min(1 << 16)),
             output: Vec::new(),
@@ -310,6 +318,12 @@ impl FlowTable {
             process,
             policy: None,
         };
+        if flow.dns.is_none() {
+            if self.unnamed.len() == UNNAMED {
+                self.unnamed.pop_front();
+            }
+            self.unnamed.push_back(key);
+        }
         self.next_uid += 1;
         self.stats.flows += 1;
         Some(Entry {
@@ -350,6 +364,12 @@ impl FlowTable {
     /// Learns the addresses in a DNS answer the command received.
     pub fn learn_dns(&mut self, event: &DnsEvent) {
         self.dns.learn(event);
+        let (flows, dns) = (&mut self.flows, &self.dns);
+        self.unnamed.retain(|key| {
+            let Some(entry) = flows.get_mut(key) else { return false };
+            entry.flow.dns = dns.lookup(key.remote_ip());
+            entry.flow.dns.is_none()
+        });
     }
 
     /// What the command resolved to reach `addr`.
@@ -742,6 +762,18 @@ mod tests {
         t.ingest(&Event::Process(ProcessEvent { key: unbound, process: process(7, "wget") }));
         let flow = t.ingest(&established_flow()).unwrap();
         assert_eq!(flow.process.as_deref().map(|p| p.pid), Some(7));
+    }
+
+    #[test]
+    fn a_dns_answer_that_arrives_after_its_flow_still_names_it() {
+        let mut t = table();
+        assert!(t.ingest(&established_flow()).unwrap().dns.is_none());
+        t.ingest(&Event::Dns(dns_response(
+            "example.test",
+            vec![answer("example.test", addr("198.18.0.1"))],
+        )));
+        let flow = t.iter().next().expect("the live flow");
+        assert_eq!(flow.dns.as_deref().map(|d| d.query.as_str()), Some("example.test"));
     }
 
     #[test]

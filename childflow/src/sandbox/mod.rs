@@ -472,6 +472,11 @@ fn exec_command(spec: &Spec, argv: &[CString]) -> i32 {
             {
                 return Errno::last_raw();
             }
+            // The pty was opened by root (rootful): the user must be able to reopen it as
+            // /dev/tty, as with a login terminal.
+            if let Some(creds) = &spec.credentials {
+                libc::fchown(fd, creds.uid, creds.gid);
+            }
         }
     }
     if let Some(creds) = &spec.credentials {

@@ -338,11 +338,7 @@ impl Widget for &Detail<'_> {
             field("state", f.state.clone()),
             field("conn", f.conn_state.clone().unwrap_or_else(dash)),
             field("history", if f.history.is_empty() { dash() } else { f.history.clone() }),
-            field(
-                "closed",
-                f.close_reason
-                    .map_or_else(|| "no (live)".into(), |r| format!("{r:?}").to_lowercase()),
-            ),
+            field("closed", f.close_reason.map_or_else(|| "no (live)".into(), close_reason_name)),
             field(
                 "community",
                 if f.community_id.is_empty() { dash() } else { f.community_id.clone() },
@@ -411,6 +407,11 @@ impl Widget for &Detail<'_> {
             );
         }
     }
+}
+
+/// A close reason as the flow log spells it (`command_exit`, `idle_timeout`).
+fn close_reason_name(r: crate::event::CloseReason) -> String {
+    serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 fn timeline_out(t: &[Rate]) -> Vec<Rate> {

@@ -154,9 +154,10 @@ async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, mut stop: oneshot::Receiver<()>)
             ctx.to_tokio(at)
         };
         run_actions(ctx);
+        // Frames before the stop: the command's last packets (the FIN of a socket it closed
+        // as it exited) are still queued on the tap when its exit is noticed.
         tokio::select! {
             biased;
-            _ = &mut stop => return Ok(()),
             ready = tap.readable() => {
                 let mut guard = ready?;
                 let mut engine = ctx.engine.borrow_mut();
@@ -185,6 +186,7 @@ async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, mut stop: oneshot::Receiver<()>)
                     engine.ingest(buf, ctx.now());
                 }
             }
+            _ = &mut stop => return Ok(()),
             _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }

@@ -1,0 +1,114 @@
+//! cgroup programs on the run's cgroup: which process opened each flow.
+//!
+//! `cf_sock_create` (`cgroup/sock_create`) runs in the creating process for every inet socket
+//! of the command tree: it remembers the creator (tgid, pid, uid, gid, comm) under the
+//! socket's cookie and tells userspace at once (forced wake-up: one record per socket, so
+//! userspace can still read `/proc/PID` of short-lived processes).
+//! `cf_skb_egress` (`cgroup_skb/egress`) sees every packet a socket of the tree sends, with the
+//! socket attached: the first packet of each flow key joins the key with the socket's
+//! creator and goes to userspace as a `SOCK_FLOW` record. Both always allow the packet.
+//!
+//! Flow keys are built by the same parser as the TC programs (IP header at offset 0 here),
+//! from the child's side of the veth, before NAT, so they equal the TC programs' keys.
+
+use aya_ebpf::{
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_socket_cookie,
+    },
+    macros::{cgroup_skb, cgroup_sock, map},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockContext},
+};
+use childflow_common::{
+    event::{DROP_PARSE, DROP_SOCK_RINGBUF, KIND_SOCK, SOCK_CREATE, SOCK_FLOW, SockRecord},
+    flow::{DIR_OUT, FlowKey},
+};
+
+use crate::{
+    parse::{NotParsed, Parsed, parse},
+    tc::count_drop,
+};
+
+/// Sockets (by cookie) and who created them. LRU: sockets close without telling us.
+#[map]
+static OWNERS: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(4096, 0);
+
+/// Flow keys already attributed, with the cookie of the socket they were attributed to.
+#[map]
+static ATTRIBUTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Parse scratch of its own: a TC program may interrupt this one on the same CPU.
+#[map]
+static CG_SCRATCH: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
+
+/// `1` lets the socket be created / the packet through.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock(sock_create)]
+pub fn cf_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: a helper valid in cgroup/sock_create, on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let rec = SockRecord {
+        kind: KIND_SOCK,
+        hook: SOCK_CREATE,
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cookie,
+        key: FlowKey::default(),
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    let _ = OWNERS.insert(&cookie, &rec, 0);
+    if SOCK_EVENTS.output::<SockRecord>(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+        count_drop(DROP_SOCK_RINGBUF);
+    }
+    ALLOW
+}
+
+#[cgroup_skb(egress)]
+pub fn cf_skb_egress(ctx: SkBuffContext) -> i32 {
+    attribute(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn attribute(ctx: &SkBuffContext) {
+    let Some(parsed) = CG_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, this program run's own.
+    let parsed = unsafe { &mut *parsed };
+    let eth_proto = u16::from_be(ctx.skb.protocol() as u16);
+    match parse::<0>(&ctx.skb, eth_proto, DIR_OUT, parsed) {
+        Ok(()) => {}
+        Err(NotParsed::NotIp) => return,
+        Err(NotParsed::Malformed) => {
+            count_drop(DROP_PARSE);
+            return;
+        }
+    }
+    // SAFETY: the skb is the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: plain lookups; the values are copied out at once.
+    if unsafe { ATTRIBUTED.get(&parsed.key) } == Some(&cookie) {
+        return;
+    }
+    let Some(owner) = (unsafe { OWNERS.get(&cookie) }) else {
+        return;
+    };
+    let mut rec = *owner;
+    rec.hook = SOCK_FLOW;
+    rec.key = parsed.key;
+    let _ = ATTRIBUTED.insert(&parsed.key, &cookie, 0);
+    if SOCK_EVENTS.output::<SockRecord>(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+        count_drop(DROP_SOCK_RINGBUF);
+    }
+}

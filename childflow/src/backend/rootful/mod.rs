@@ -1,0 +1,440 @@
+//! The rootful backend (`--root`): the command in its own network namespace joined to the
+//! host by a veth pair, NAT to the host's uplinks, and eBPF programs that account, attribute
+//! and capture its traffic.
+//!
+//! ```text
+//!  childflow (root) ─ sandbox init (pid 1 of new pid+net+mount ns, in cgroup childflow-<id>)
+//!                        └─ the command, as SUDO_UID/SUDO_GID, no capabilities
+//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TC programs on cf<id>h (accounting, capture)
+//!        nft table childflow_<id> (masquerade)  cgroup programs on childflow-<id> (attribution)
+//! ```
+//!
+//! Order of set-up: preflight (root, BTF, TCX, cgroup v2) before touching anything; the
+//! cgroup and its reaper ([`cgroup`]); the sandbox (cloned, waiting); the veth, addresses and
+//! routes ([`net`]); the NAT table ([`nft`]); the programs ([`crate::ebpf`]); then the
+//! sandbox is released and the command starts. While it runs, the kernel's ring buffers are
+//! drained through `AsyncFd` and the flow map is sampled every second ([`flows`]); every
+//! event goes to the [`Emitter`] without blocking.
+//!
+//! Every piece of host state has a lifetime the kernel enforces, so a SIGKILL of childflow
+//! leaves nothing behind: the sandbox's init dies with childflow (PDEATHSIG), taking the
+//! pid namespace, hence the network namespace, hence the veth pair; the nft table is owned
+//! by childflow's netlink socket; TCX and cgroup links and maps die with their fds; the
+//! cgroup directory is removed by the reaper process. On a normal exit everything is also
+//! removed explicitly, so nothing lingers even briefly.
+//!
+//! Raw events: when `CHILDFLOW_RAW_EVENTS=PATH` is set, every event is also written to PATH
+//! as one JSON object per line ([`raw`]); tests use it to check what the backend emits
+//! before the flow log exists. It is a debugging aid, not a stable format.
+
+pub mod cgroup;
+pub mod dns;
+pub mod flows;
+pub mod net;
+pub mod nft;
+mod raw;
+
+use std::{
+    ffi::{CStr, CString},
+    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
+use childflow_common::{
+    event::{
+        CAPTURE_MAX, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF,
+        DROP_PARSE, DROP_SOCK_RINGBUF, Record, decode,
+    },
+    flow::DIR_OUT,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    cli::Config,
+    ebpf::Accounting,
+    event::{Direction, DropReport, Emitter, Event, PacketEvent},
+    sandbox::{self, Credentials, ExitStatus, Namespaces, Spec},
+};
+
+/// Where the command's resolv.conf is written for the moment it takes to bind-mount it.
+const RESOLV_DIR: &str = "/run";
+
+/// How often the flow map is sampled for updates and idle flows.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the rings are drained even without a wake-up (the programs batch wake-ups).
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// Checks, before touching the host, that `--root` can work here.
+pub fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "--root needs root privileges (to create a veth pair, NAT rules, a cgroup and \
+             eBPF programs): run it through sudo, e.g. `sudo childflow --root -- CMD`, or \
+             drop --root to use the rootless backend"
+        );
+    }
+    crate::ebpf::preflight().context("--root cannot run on this kernel")?;
+    cgroup::unified_root()?;
+    Ok(())
+}
+
+/// Who the command runs as: the user who invoked sudo, else childflow's own user.
+pub fn invoking_user() -> Result<Credentials> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let (uid, gid) = match (var("SUDO_UID"), var("SUDO_GID")) {
+        (Some(uid), Some(gid)) => (uid, gid),
+        _ => (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()),
+    };
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
+    let groups = match &user {
+        Some(u) => {
+            let name = std::ffi::CString::new(u.name.as_bytes()).context("user name")?;
+            nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![gid])
+        }
+        None => vec![gid],
+    };
+    Ok(Credentials { uid, gid, groups })
+}
+
+/// Writes the command's resolv.conf to `path`, world-readable (the command reads it as
+/// the invoking user). `init` bind-mounts it and unlinks it at once; the reaper removes it
+/// too if childflow dies before that.
+fn write_resolv_conf(config: &Config, path: &Path) -> Result<()> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (text, skipped) = dns::resolv_conf(&host, config.dns);
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "the host's nameserver(s) {skipped:?} are on loopback, which the command cannot \
+             reach; pass --dns IP to choose a resolver"
+        );
+    }
+    std::fs::write(path, text)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .with_context(|| format!("failed to write the command's resolv.conf {}", path.display()))
+}
+
+/// In `init` (real root, in the new mount and network namespaces): the resolv.conf bind
+/// mount and the namespace's own sysctls.
+fn child_setup(resolv: &CStr) -> Result<(), String> {
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the calls.
+    unsafe {
+        // Private first, so the bind mount never propagates to the host.
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!("cannot make / private: {}", nix::errno::Errno::last()));
+        }
+        let mounted = libc::mount(
+            resolv.as_ptr(),
+            c"/etc/resolv.conf".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        );
+        // The mount holds the inode; the name is not needed any more.
+        libc::unlink(resolv.as_ptr());
+        if mounted != 0 {
+            return Err(format!(
+                "cannot bind-mount the command's resolv.conf over /etc/resolv.conf: {}",
+                nix::errno::Errno::last()
+            ));
+        }
+    }
+    // Unprivileged ICMP echo sockets for everyone, as in the host's default on most
+    // distributions: `ping` then needs no capability (this namespace only).
+    let _ = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
+    Ok(())
+}
+
+/// The kernel's drop counters and what each one counts, as the user reads it.
+const DROP_SOURCES: [(u32, &str); 5] = [
+    (DROP_FLOW_RINGBUF, "kernel flow ring buffer full"),
+    (DROP_PACKET_RINGBUF, "kernel packet ring buffer full"),
+    (DROP_FLOW_MAP_FULL, "kernel flow map full"),
+    (DROP_SOCK_RINGBUF, "kernel socket ring buffer full"),
+    (DROP_PARSE, "malformed packets"),
+];
+
+/// The rings the drain loop reads.
+struct Rings {
+    flows: AsyncFd<RingBuf<MapData>>,
+    packets: AsyncFd<RingBuf<MapData>>,
+    socks: AsyncFd<RingBuf<MapData>>,
+}
+
+/// Everything the drain loop keeps between wake-ups.
+struct Drain {
+    emitter: Emitter,
+    raw: Option<raw::RawEvents>,
+    tracker: flows::FlowTracker,
+    processes: flows::Processes,
+    clock: flows::Clock,
+    capture_all: bool,
+    drops_seen: [u64; childflow_common::event::DROP_COUNTERS as usize],
+    out: Vec<Event>,
+}
+
+impl Drain {
+    fn flush(&mut self) {
+        for ev in self.out.drain(..) {
+            if let Some(raw) = &mut self.raw {
+                raw.write(&ev);
+            }
+            self.emitter.emit(ev);
+        }
+    }
+
+    fn drain_rings(&mut self, rings: &mut Rings) {
+        // Causes before effects: a DNS answer (packet ring) and the socket's owner (socket
+        // ring) are written before the flow's first packet. So the flow ring is read first,
+        // then the other two (which by then hold everything those flows depend on), and the
+        // flow records are applied last: the flow table knows the name and the process
+        // when the flow starts.
+        let mut flow_records = Vec::new();
+        while let Some(item) = rings.flows.get_mut().next() {
+            match decode(&item) {
+                Ok(Record::Flow(rec)) => flow_records.push(rec),
+                other => tracing::debug!("unexpected flow ring record: {other:?}"),
+            }
+        }
+        while let Some(item) = rings.packets.get_mut().next() {
+            let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
+            let ts = self.clock.to_unix(header.ts_ns);
+            if header.direction != DIR_OUT as u32
+                && let Some((server, payload)) = dns::udp_from_port_53(data)
+                && let Some(ev) = dns::parse_response(ts, server, payload)
+            {
+                self.out.push(Event::Dns(ev));
+            }
+            if self.capture_all {
+                self.out.push(Event::Packet(PacketEvent {
+                    ts,
+                    direction: if header.direction == DIR_OUT as u32 {
+                        Direction::Out
+                    } else {
+                        Direction::In
+                    },
+                    orig_len: header.orig_len,
+                    data: data.to_vec(),
+                }));
+            }
+        }
+        while let Some(item) = rings.socks.get_mut().next() {
+            match decode(&item) {
+                Ok(Record::Sock(rec)) => self.processes.on_record(
+                    &rec,
+                    |r| flows::proc_info(r.tgid, r.uid, &r.comm),
+                    &mut self.out,
+                ),
+                other => tracing::debug!("unexpected socket ring record: {other:?}"),
+            }
+        }
+        for rec in flow_records {
+            self.tracker.on_record(&rec, &mut self.out);
+        }
+        self.flush();
+    }
+
+    fn sample(&mut self, accounting: &mut Accounting) {
+        let sample = accounting.flows().unwrap_or_default();
+        let remove = self.tracker.on_sample(&sample, flows::monotonic_ns(), &mut self.out);
+        for key in remove {
+            let _ = accounting.remove_flow(&key);
+        }
+        self.report_drops(accounting);
+        self.flush();
+    }
+
+    /// Says on stderr what the kernel programs lost, whatever the outputs show.
+    fn warn_kernel_drops(&self) {
+        for (index, count) in self.drops_seen.iter().enumerate() {
+            if *count > 0 {
+                let source = DROP_SOURCES.iter().find(|(i, _)| *i as usize == index);
+                let source = source.map_or("kernel", |(_, s)| s);
+                tracing::warn!("lost to {source}: {count}");
+            }
+        }
+    }
+
+    fn report_drops(&mut self, accounting: &Accounting) {
+        let Ok(drops) = accounting.drops() else { return };
+        for (index, source) in DROP_SOURCES {
+            let (now, seen) = (drops[index as usize], &mut self.drops_seen[index as usize]);
+            if now != *seen {
+                *seen = now;
+                self.out.push(Event::Drops(DropReport { source, count: now }));
+            }
+        }
+    }
+}
+
+/// Runs the command of `config` under the rootful backend, reporting to `events`; returns
+/// how the command ended once it has and every event is emitted.
+pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
+    preflight()?;
+    let run_id = format!("{:x}", std::process::id());
+    let credentials = invoking_user()?;
+    let raw = match std::env::var_os("CHILDFLOW_RAW_EVENTS") {
+        Some(path) => Some(raw::RawEvents::create(&path)?),
+        None => None,
+    };
+
+    tracing::debug!("preflight done");
+    // Forks first, while as little as possible exists.
+    let cgroup_root = cgroup::unified_root()?;
+    let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
+    let resolv_path = Path::new(RESOLV_DIR).join(format!("childflow-{run_id}.resolv.conf"));
+    let reaper = cgroup::Reaper::spawn(&cgroup_path, &resolv_path)?;
+    let cg = cgroup::Cgroup::create(&cgroup_root, &run_id)?;
+    write_resolv_conf(config, &resolv_path)?;
+    let resolv = CString::new(resolv_path.as_os_str().as_bytes()).context("resolv.conf path")?;
+    let spec = Spec {
+        namespaces: Namespaces { user: false },
+        argv: config.command.clone(),
+        env: config.command_env.clone(),
+        credentials: Some(credentials),
+        terminal: config.terminal.clone(),
+    };
+    let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
+    cg.add(sandbox.pid().as_raw())?;
+
+    // The verifier and map creation take a while: run them while netlink sets up the veth.
+    let capture = config.capture.as_ref().map_or(
+        CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
+        |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
+    );
+    let loader = std::thread::Builder::new()
+        .name("ebpf-load".into())
+        .spawn(move || Accounting::load(capture))
+        .context("failed to start the eBPF loader thread")?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let init_pid = sandbox.pid().as_raw();
+    let (host, addressing) = runtime.block_on(async {
+        let host = net::host_handle()?;
+        let used = net::host_addresses(&host).await?;
+        let addressing = net::Addressing::pick(&run_id, std::process::id(), &used)?;
+        let child = net::netns_handle(init_pid)?;
+        net::create(&host, &child, &addressing, init_pid).await?;
+        net::enable_forwarding(&addressing.host_if)?;
+        anyhow::Ok((host, addressing))
+    })?;
+    tracing::debug!("veth and routes ready");
+    let nat = nft::NatTable::create(&run_id, &addressing.host_if)?;
+    tracing::debug!(
+        "run {run_id}: {} {} / {}, nft table {}, cgroup {}",
+        addressing.host_if,
+        addressing.child_v4,
+        addressing.child_v6,
+        nat.name(),
+        cg.path().display()
+    );
+    let cgroup_dir = cg.open()?;
+    let mut accounting =
+        loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
+    tracing::debug!("eBPF programs loaded");
+    accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
+    tracing::debug!("eBPF programs attached");
+    let clock = flows::Clock::now();
+    let mut drain = Drain {
+        emitter: events,
+        raw,
+        tracker: flows::FlowTracker::new(clock),
+        processes: flows::Processes::default(),
+        clock,
+        capture_all: capture.capture_all != 0,
+        drops_seen: Default::default(),
+        out: Vec::new(),
+    };
+    let mut rings = runtime.block_on(async {
+        // SAFETY (of `register`): each fd is owned by the RingBuf the AsyncFd owns, so it
+        // stays open exactly as long as its registration.
+        let register = |ring| unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from);
+        anyhow::Ok(Rings {
+            flows: register(accounting.take_flow_events()?)?,
+            packets: register(accounting.take_packets()?)?,
+            socks: register(accounting.take_sock_events()?)?,
+        })
+    })?;
+
+    let released = sandbox.release();
+    tracing::debug!("command started");
+    let _ = std::fs::remove_file(&resolv_path);
+    released?;
+    sandbox::signals::forward_to(sandbox.pid(), |_| {})
+        .context("failed to start the signal forwarder")?;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("wait".into())
+        .spawn(move || {
+            let status = sandbox.wait();
+            let _ = done_tx.send((status, sandbox));
+        })
+        .context("failed to start the waiter thread")?;
+
+    let status = runtime.block_on(async {
+        let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+        let mut sample_tick = tokio::time::interval(SAMPLE_EVERY);
+        loop {
+            tokio::select! {
+                done = &mut done_rx => break done,
+                r = rings.flows.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
+                r = rings.socks.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
+                r = rings.packets.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
+                _ = drain_tick.tick() => {}
+                _ = sample_tick.tick() => {
+                    // Records waiting in the rings come before what the sample adds.
+                    drain.drain_rings(&mut rings);
+                    drain.sample(&mut accounting);
+                }
+            }
+            drain.drain_rings(&mut rings);
+        }
+    });
+    let (status, _sandbox) = status.context("the waiter thread ended without a status")?;
+    let status = status.context("failed to wait for the command")?;
+
+    // The command is gone: kill what is left of its tree, take the last records, end
+    // every flow with its final counters.
+    cg.kill();
+    // Stop observing first, so the last drain and the final counters agree with each
+    // other (and with a capture) to the packet.
+    accounting.detach();
+    drain.drain_rings(&mut rings);
+    let last = accounting.flows().unwrap_or_default();
+    drain.tracker.finish(&last, &mut drain.out);
+    drain.report_drops(&accounting);
+    drain.flush();
+    let lost = drain.emitter.dropped();
+    if lost > 0 {
+        tracing::warn!("{lost} events were dropped because the collector fell behind");
+    }
+    drain.warn_kernel_drops();
+
+    tracing::debug!("command ended, events flushed");
+    // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the
+    // waits overlap.
+    std::thread::scope(|s| {
+        s.spawn(move || drop((rings, accounting)));
+        s.spawn(move || drop(nat));
+        let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
+    });
+    tracing::debug!("programs detached, nft table and veth deleted");
+    drop(cg);
+    reaper.finish();
+    tracing::debug!("cgroup removed");
+    Ok(status)
+}

@@ -1,0 +1,456 @@
+//! What a user reads after a run, end to end through both backends: the flow log (read back
+//! with jq and `childflow report`) and the pcapng capture (read back with tshark and
+//! capinfos), both checked against an independent capture that dumpcap takes on the
+//! command's own interface (the rootless tap, the rootful veth end), entered from the host
+//! with nsenter.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use childflow_tests::{TestNet, childflow, is_root, skip, tool};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    Rootless,
+    Rootful,
+}
+
+const BOTH: [Backend; 2] = [Backend::Rootless, Backend::Rootful];
+
+/// Whether `backend` can run here; prints why not.
+fn can_run(backend: Backend) -> bool {
+    if skip(!is_root(), "needs root to build the test network") {
+        return false;
+    }
+    if backend == Backend::Rootful
+        && let Err(e) = childflow::ebpf::preflight()
+    {
+        skip(true, &format!("the rootful backend cannot run on this kernel: {e}"));
+        return false;
+    }
+    true
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The command's one interface besides `lo`, seen from inside the namespace of `pid`.
+fn child_interface(pid: u32) -> String {
+    let pid = pid.to_string();
+    // netlink, not /sys/class/net: sysfs shows the namespace of whoever mounted it.
+    let out = tool("nsenter").args(["-t", &pid, "-n", "ip", "-o", "link", "show"]).output();
+    let links = String::from_utf8(out.unwrap().stdout).unwrap();
+    links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap())
+        .find(|n| *n != "lo")
+        .expect("the command's interface")
+        .to_owned()
+}
+
+/// dumpcap on `iface` inside the network namespace of process `pid`.
+fn independent_capture(pid: u32, iface: &str, file: &Path) -> Child {
+    let mut child = tool("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "dumpcap", "-i", iface, "-q", "-w"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Capturing on") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "dumpcap ended before capturing");
+    }
+    // dumpcap says so slightly before its socket sees packets.
+    std::thread::sleep(Duration::from_millis(500));
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    child
+}
+
+/// The host pid of a process whose command line contains `marker` and which lives in
+/// another network namespace than ours (childflow's own command line has the marker too).
+fn pid_of(marker: &str) -> u32 {
+    let out = tool("pgrep").args(["-f", marker]).output().unwrap();
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .find(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns != ours))
+        .expect("the command's pid")
+}
+
+/// `tshark -r file -Y filter -T fields -e ...`, one Vec per packet.
+fn tshark_fields(file: &Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = tool("tshark");
+    cmd.arg("-r").arg(file).args(["-n", "-Y", filter, "-T", "fields"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+/// Per flow (proto, remote ip, remote port, local port; ports empty for ICMP), (packets, ip
+/// bytes) sent and received by the command, counted from a capture of the tap.
+type Counts = BTreeMap<(String, String, String, String), [(u64, u64); 2]>;
+
+fn count_capture(file: &Path, child_ip: &str) -> Counts {
+    let mut counts = Counts::new();
+    let rows = tshark_fields(
+        file,
+        "ip && !icmp.type==3",
+        &[
+            "ip.src",
+            "ip.dst",
+            "ip.proto",
+            "ip.len",
+            "tcp.srcport",
+            "tcp.dstport",
+            "udp.srcport",
+            "udp.dstport",
+        ],
+    );
+    for r in rows {
+        let out = r[0] == child_ip;
+        let remote = if out { &r[1] } else { &r[0] };
+        let (sport, dport) = if !r[4].is_empty() { (&r[4], &r[5]) } else { (&r[6], &r[7]) };
+        let (port, local) = if out { (dport, sport) } else { (sport, dport) };
+        let proto = match r[2].as_str() {
+            "6" => "tcp",
+            "17" => "udp",
+            "1" => "icmp",
+            other => other,
+        };
+        let key = (proto.into(), remote.clone(), port.clone(), local.clone());
+        let entry = counts.entry(key).or_default();
+        let dir = usize::from(!out);
+        entry[dir].0 += 1;
+        entry[dir].1 += r[3].parse::<u64>().unwrap();
+    }
+    counts
+}
+
+fn jq(file: &Path, filter: &str) -> Vec<serde_json::Value> {
+    let out = tool("jq").args(["-c", filter]).arg(file).output().unwrap();
+    assert!(out.status.success(), "jq {filter}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+    flows: PathBuf,
+    capture: PathBuf,
+    independent: PathBuf,
+    status: std::process::ExitStatus,
+    /// The command's IPv4 address.
+    child_ip: String,
+}
+
+/// Runs `traffic` under childflow (as root) with a flow log and a capture, while dumpcap
+/// captures the command's interface independently.
+fn observed_run(net: &TestNet, backend: Backend, traffic: &str, extra: &[&str]) -> Run {
+    let dir = tempfile::Builder::new().prefix("childflow-observe").tempdir().unwrap();
+    let d = dir.path();
+    let (flows, capture, independent) =
+        (d.join("flows.jsonl"), d.join("run.pcapng"), d.join("independent.pcapng"));
+    let marker = format!("cf-observe-{}-{}", std::process::id(), net.n);
+    let script = format!(
+        "touch {d}/ready; while [ ! -e {d}/go ]; do sleep 0.02; done; {traffic}; \
+         touch {d}/done; while [ ! -e {d}/end ]; do sleep 0.02; done",
+        d = d.display()
+    );
+    let mut cf = childflow();
+    match backend {
+        // The engine's DNS relay forwards to the test server instead of the host's resolvers.
+        Backend::Rootless => cf.env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string()),
+        Backend::Rootful => cf.args(["--root", "--dns", &net.server_v4().to_string()]),
+    };
+    let mut cf = cf
+        .arg("--flow-log")
+        .arg(&flows)
+        .arg("-c")
+        .arg(&capture)
+        .args(extra)
+        .args(["--", "sh", "-c", &script, &marker])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&d.join("ready"), "the command to start");
+    let pid = pid_of(&marker);
+    let dumpcap = independent_capture(pid, &child_interface(pid), &independent);
+    std::fs::write(d.join("go"), "").unwrap();
+    wait_for(&d.join("done"), "the traffic to finish");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dumpcap.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut dumpcap = dumpcap;
+    dumpcap.wait().unwrap();
+    std::fs::write(d.join("end"), "").unwrap();
+    let status = cf.wait().unwrap();
+    // The command's address, as the flow log names it.
+    let origins = jq(&flows, r#"select(.record == "flow" and .local_orig) | .id.orig_h"#);
+    let child_ip = origins.iter().find_map(|o| o.as_str().filter(|a| a.contains('.')));
+    let child_ip = child_ip.unwrap_or_default().to_owned();
+    Run { dir, flows, capture, independent, status, child_ip }
+}
+
+#[test]
+fn flow_log_and_capture_match_an_independent_capture() {
+    for backend in BOTH {
+        if can_run(backend) {
+            log_and_capture_match(backend);
+        }
+    }
+}
+
+fn log_and_capture_match(backend: Backend) {
+    let net = TestNet::new();
+    let ca = net.ca_pem();
+    let (v4, other) = (net.server_v4(), net.other_v4());
+    let traffic = format!(
+        "curl -sS --fail -o /dev/null http://example.test/bytes/200000 && \
+         curl -sS --fail -o /dev/null --cacert {ca} https://other.example.test/bytes/1234 && \
+         printf 'one' | socat -t1 - UDP4:{v4}:7 >/dev/null && \
+         ping -c 2 -W 2 {v4} >/dev/null",
+        ca = ca.display()
+    );
+    let run = observed_run(&net, backend, &traffic, &["--tls-keylog"]);
+    assert!(run.status.success(), "{backend:?}: childflow: {:?}", run.status);
+
+    // The flow log, read with jq: one end record per flow, names from the command's DNS.
+    let ends = jq(&run.flows, r#"select(.record == "flow" and .event == "end")"#);
+    let flow_to = |proto: &str, ip: &str, port: u64| {
+        ends.iter()
+            .find(|f| f["proto"] == proto && f["id"]["resp_h"] == ip && f["id"]["resp_p"] == port)
+            .unwrap_or_else(|| panic!("no {proto} flow to {ip}:{port} in {ends:#?}"))
+    };
+    let http = flow_to("tcp", &v4.to_string(), 80);
+    let https = flow_to("tcp", &other.to_string(), 443);
+    let names = |f: &serde_json::Value| f["dns"].to_string();
+    assert!(names(http).contains("example.test"), "HTTP flow names: {}", names(http));
+    let dns_records = || jq(&run.flows, r#"select(.record == "dns")"#);
+    assert!(
+        names(https).contains("other.example.test"),
+        "{backend:?} HTTPS names: {}; DNS records: {:#?}",
+        names(https),
+        dns_records()
+    );
+    assert_eq!(http["conn_state"], "SF");
+    assert!(http["resp_bytes"].as_u64().unwrap() > 200_000);
+
+    // Per-flow packets and IP bytes each way equal the independent capture's, exactly.
+    let independent = count_capture(&run.independent, &run.child_ip);
+    // The flows of the traffic (the child's kernel may also send e.g. an MLD report before
+    // dumpcap starts).
+    let net_prefix = format!("198.18.{}.", net.n);
+    for f in ends.iter().filter(|f| f["id"]["resp_h"].as_str().unwrap().starts_with(&net_prefix)) {
+        let proto = f["proto"].as_str().unwrap();
+        let (port, local) = if proto == "icmp" {
+            Default::default()
+        } else {
+            (f["id"]["resp_p"].to_string(), f["id"]["orig_p"].to_string())
+        };
+        let key = (proto.to_owned(), f["id"]["resp_h"].as_str().unwrap().to_owned(), port, local);
+        let Some(want) = independent.get(&key) else {
+            panic!("flow {key:?} of the log is not in the independent capture {independent:?}")
+        };
+        let got = [
+            (f["orig_pkts"].as_u64().unwrap(), f["orig_ip_bytes"].as_u64().unwrap()),
+            (f["resp_pkts"].as_u64().unwrap(), f["resp_ip_bytes"].as_u64().unwrap()),
+        ];
+        assert_eq!(&got, want, "{backend:?} flow {key:?}: (packets, ip bytes) sent, received");
+    }
+    let udp_echo = independent.keys().filter(|k| k.0 == "udp" && k.2 == "7").count();
+    let dns = independent.keys().filter(|k| k.0 == "udp" && k.2 == "53").count();
+    assert!(udp_echo == 1 && dns >= 2, "traffic seen: {independent:?}");
+    assert!(ends.len() >= independent.len(), "every flow is logged: {ends:#?}");
+
+    // The capture: the same packets as the independent one, with direction flags,
+    // names, the Community ID on each flow's first packet, and TLS decrypted.
+    assert_eq!(
+        count_capture(&run.capture, &run.child_ip),
+        independent,
+        "{backend:?}: childflow's capture vs dumpcap's"
+    );
+    let capinfos = tool("capinfos").arg(&run.capture).output().unwrap();
+    assert!(capinfos.status.success() && capinfos.stderr.is_empty(), "{capinfos:?}");
+    let dirs = tshark_fields(&run.capture, "ip", &["ip.src", "frame.packet_flags_direction"]);
+    for d in &dirs {
+        let want = if d[0] == run.child_ip { "0x00000002" } else { "0x00000001" };
+        assert_eq!(d[1], want, "direction flag of a packet from {}", d[0]);
+    }
+    let comments = tshark_fields(&run.capture, "frame.comment", &["frame.comment"]);
+    let http_id = http["community_id"].as_str().unwrap();
+    assert!(
+        comments.iter().any(|c| c[0].contains(http_id)),
+        "no packet comment carries the HTTP flow's {http_id}: {comments:?}"
+    );
+    let uris = tshark_fields(&run.capture, "http.request", &["http.host", "http.request.uri"]);
+    assert!(
+        uris.iter().any(|u| u[0] == "other.example.test" && u[1] == "/bytes/1234"),
+        "the HTTPS request is decrypted with the key log: {uris:?}"
+    );
+    let hosts = tool("tshark").arg("-r").arg(&run.capture).args(["-q", "-z", "hosts"]).output();
+    let hosts = String::from_utf8(hosts.unwrap().stdout).unwrap();
+    assert!(hosts.contains("example.test"), "name resolution block: {hosts}");
+
+    // `childflow report` reads the log back and names the destinations.
+    let report = childflow().arg("report").arg(&run.flows).output().unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    assert!(text.contains("example.test"), "report: {text}");
+    drop(run.dir);
+}
+
+#[test]
+fn a_capture_filter_keeps_only_its_port() {
+    for backend in BOTH {
+        if can_run(backend) {
+            filter_keeps_its_port(backend);
+        }
+    }
+}
+
+fn filter_keeps_its_port(backend: Backend) {
+    let net = TestNet::new();
+    let v4 = net.server_v4();
+    let traffic = format!(
+        "curl -sS --fail -o /dev/null http://{v4}/bytes/3000000 && \
+         printf 'x' | socat -t1 - UDP4:{v4}:7 >/dev/null"
+    );
+    let run = observed_run(&net, backend, &traffic, &["--capture-filter", "tcp port 80"]);
+    assert!(run.status.success(), "{backend:?}");
+    let all = tshark_fields(&run.capture, "", &["tcp.port", "udp.port"]);
+    assert!(all.len() > 10, "the HTTP transfer is captured: {} packets", all.len());
+    assert!(all.iter().all(|p| p[0].contains("80") && p[1].is_empty()), "{all:?}");
+    // The flow log still has every flow: the filter is for the capture only.
+    let ends = jq(&run.flows, r#"select(.record == "flow" and .proto == "udp")"#);
+    assert!(!ends.is_empty(), "the UDP flow is logged");
+}
+
+#[test]
+fn rotation_keeps_a_ring_of_readable_files() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    let traffic = format!("curl -sS --fail -o /dev/null http://{}/bytes/2000000", net.server_v4());
+    let rotate = ["--capture-max-size", "256K", "--capture-files", "3"];
+    let run = observed_run(&net, Backend::Rootless, &traffic, &rotate);
+    assert!(run.status.success());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(run.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("run_"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "a ring of 3 files: {files:?}");
+    for f in &files {
+        let info = tool("capinfos").arg(f).output().unwrap();
+        assert!(info.status.success() && info.stderr.is_empty(), "{f:?}: {info:?}");
+        assert!(std::fs::metadata(f).unwrap().len() <= 300 * 1024, "{f:?} exceeds the size");
+    }
+}
+
+#[test]
+fn a_killed_run_leaves_readable_logs() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    let dir = tempfile::Builder::new().prefix("childflow-killed").tempdir().unwrap();
+    let (flows, capture) = (dir.path().join("flows.jsonl"), dir.path().join("run.pcapng"));
+    let done = dir.path().join("done");
+    let script = format!(
+        "curl -sS --fail -o /dev/null http://{}/bytes/1000000 && touch {} && sleep 30",
+        net.server_v4(),
+        done.display()
+    );
+    let mut cf = childflow()
+        .arg("--flow-log")
+        .arg(&flows)
+        .arg("-c")
+        .arg(&capture)
+        .args(["--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_for(&done, "the download");
+    std::thread::sleep(Duration::from_millis(1500));
+    cf.kill().unwrap();
+    cf.wait().unwrap();
+    let info = tool("capinfos").arg(&capture).output().unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let packets = tshark_fields(&capture, "tcp.port == 80", &["frame.number"]).len();
+    assert!(packets > 20, "the download's packets were flushed before the kill: {packets}");
+    // Every line written is a whole JSON record.
+    let records = jq(&flows, ".record");
+    assert_eq!(records[0], "header");
+}
+
+#[test]
+fn the_csv_log_loads_in_python_and_matches_the_transfer() {
+    for backend in BOTH {
+        if !can_run(backend) {
+            continue;
+        }
+        let net = TestNet::new();
+        let dir = tempfile::Builder::new().prefix("childflow-csv").tempdir().unwrap();
+        let log = dir.path().join("flows.csv");
+        let mut cf = childflow();
+        match backend {
+            Backend::Rootless => cf.env("CHILDFLOW_UPSTREAM_DNS", net.server_v4().to_string()),
+            Backend::Rootful => cf.args(["--root", "--dns", &net.server_v4().to_string()]),
+        };
+        let url = "http://example.test/bytes/123456";
+        let out = cf
+            .args(["--flow-log-format", "csv", "--flow-log"])
+            .arg(&log)
+            .args(["--", "curl", "-sS", "--fail", "-o", "/dev/null", url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&out.stderr));
+        // Python's csv module, as a user's script would read it.
+        let script = format!(
+            "import csv\n\
+             rows = list(csv.DictReader(open({log:?})))\n\
+             web = [r for r in rows if r['proto'] == 'tcp' and r['id.resp_p'] == '80']\n\
+             assert len(web) == 1, rows\n\
+             print(web[0]['resp_bytes'], web[0]['conn_state'], web[0]['dns.query'])\n"
+        );
+        let py = tool("python3").args(["-c", &script]).output().unwrap();
+        assert!(py.status.success(), "{backend:?}: {}", String::from_utf8_lossy(&py.stderr));
+        let fields: Vec<String> =
+            String::from_utf8(py.stdout).unwrap().split_whitespace().map(String::from).collect();
+        let body: u64 = fields[0].parse().unwrap();
+        // The response is the 123456-byte body plus its HTTP head.
+        assert!((123_456..124_000).contains(&body), "{backend:?}: resp_bytes {body}");
+        assert_eq!(fields[1], "SF", "{backend:?}");
+        assert_eq!(fields[2], "example.test", "{backend:?}");
+    }
+}
