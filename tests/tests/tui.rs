@@ -10,37 +10,38 @@
 use std::{
     path::Path,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use childflow_tests::{TestNet, bin::binary, childflow, is_root, skip, tool};
 
-/// A tmux server of our own (its own socket), killed on drop.
+/// A tmux server of our own (its own socket, in a temporary directory), killed on drop.
 struct Tmux {
     socket: String,
+    _dir: tempfile::TempDir,
 }
 
 impl Tmux {
     /// Starts `command` (a shell command line) in an 80×24 session; the shell prints
     /// `EXIT=<code>` when childflow ends and keeps the pane open.
     fn start(command: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let socket = format!("cftui-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let dir =
+            tempfile::Builder::new().prefix("cftui").tempdir().expect("a temporary directory");
+        let socket = dir.path().join("tmux.sock").display().to_string();
         let script = format!("{command}; echo EXIT=$?; sleep 600");
         let status = tool("tmux")
-            .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24"])
+            .args(["-S", &socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24"])
             .args(["sh", "-c", &script])
             .env("TERM", "xterm-256color")
             .status()
             .expect("run tmux");
         assert!(status.success(), "tmux new-session failed");
-        Self { socket }
+        Self { socket, _dir: dir }
     }
 
     fn capture(&self) -> String {
         let out = Command::new("tmux")
-            .args(["-L", &self.socket, "capture-pane", "-p"])
+            .args(["-S", &self.socket, "capture-pane", "-p"])
             .output()
             .expect("tmux capture-pane");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -48,7 +49,7 @@ impl Tmux {
 
     fn keys(&self, keys: &[&str]) {
         let status = Command::new("tmux")
-            .args(["-L", &self.socket, "send-keys"])
+            .args(["-S", &self.socket, "send-keys"])
             .args(keys)
             .status()
             .expect("tmux send-keys");
@@ -71,7 +72,7 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+        let _ = Command::new("tmux").args(["-S", &self.socket, "kill-server"]).status();
     }
 }
 
