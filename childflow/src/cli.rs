@@ -225,6 +225,9 @@ pub struct Config {
     /// Extra environment for the command, set up by the run (e.g. `SSLKEYLOGFILE` for
     /// `--tls-keylog`); empty after validation.
     pub command_env: Vec<(OsString, OsString)>,
+    /// Not an argument: the pty `--tui` gives the command as its terminal, set by
+    /// `run` before the backend starts (see `sandbox::Spec::terminal`).
+    pub terminal: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Capture settings.
@@ -348,6 +351,7 @@ impl RunArgs {
             events: self.events,
             verbose: self.verbose,
             command_env: Vec::new(),
+            terminal: None,
         })
     }
 }

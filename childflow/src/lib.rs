@@ -17,6 +17,7 @@ pub mod run;
 pub mod sandbox;
 pub mod sink;
 pub mod summary;
+pub mod tui;
 
 /// `--version`: says whether the eBPF programs (and so `--root`) are built in.
 #[cfg(feature = "ebpf")]

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::{
     backend,
@@ -20,14 +20,15 @@ use crate::{
     report,
     sandbox::{ExitStatus, SpawnError},
     sink::{FlowLog, Target, schema::RunRecord},
+    tui,
 };
 
 /// Runs what `args` asks for and returns childflow's exit code.
 pub fn main(args: Args) -> Result<i32> {
     match args.subcommand {
         Some(Command::Report(r)) => report::run(&r).map(|()| 0),
-        Some(Command::Attach(_)) => bail!("`childflow attach` is not implemented yet"),
-        Some(Command::Ps) => bail!("`childflow ps` is not implemented yet"),
+        Some(Command::Attach(a)) => tui::attach::attach(a.run.as_deref()),
+        Some(Command::Ps) => tui::attach::ps(),
         None => {
             let config = args.run.into_config()?;
             init_logging(config.verbose);
@@ -47,7 +48,6 @@ const EVENT_QUEUE: usize = 65_536;
 /// flow table and the outputs. Outputs are opened before the command starts, so a bad path
 /// fails the run before anything happens.
 pub fn run(config: &Config) -> Result<i32> {
-    reject_unimplemented(config)?;
     let mut config = config.clone();
     let info = RunInfo {
         command: config.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
@@ -69,6 +69,11 @@ pub fn run(config: &Config) -> Result<i32> {
     }
     let (emitter, events) = event::channel(EVENT_QUEUE);
     collector.count_queue_drops(emitter.drop_counter());
+    // The live views (--tui, --events, the socket for `attach`); with --tui the command gets
+    // the dashboard's pty as its terminal.
+    let mut live = tui::live::Live::start(&config, &emitter)?;
+    config.terminal = live.take_terminal();
+    collector.add(Box::new(live.consumer(emitter.drop_counter())));
     let collector = std::thread::Builder::new().name("collector".into()).spawn(move || {
         collector.drain(events);
         collector
@@ -93,6 +98,7 @@ pub fn run(config: &Config) -> Result<i32> {
         status: result.as_ref().map_or_else(spawn_code, |s| Some(*s)),
         error: result.as_ref().err().map(|e| format!("{e:#}")),
     });
+    live.finish(result.as_ref().ok().copied())?;
     if let Some(stats) = capture_stats.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.as_ref() {
         report_capture(stats);
     }
@@ -249,16 +255,6 @@ fn report_capture(stats: &CaptureStats) {
             stats.dropped, stats.lost_after_error
         );
     }
-}
-
-/// Options that parse but whose feature has not landed yet fail loudly instead of being
-/// silently ignored.
-fn reject_unimplemented(config: &Config) -> Result<()> {
-    let missing = [(config.tui, "--tui"), (config.events.is_some(), "--events")];
-    if let Some((_, flag)) = missing.iter().find(|(set, _)| *set) {
-        bail!("{flag} is not implemented yet");
-    }
-    Ok(())
 }
 
 fn init_logging(verbose: u8) {

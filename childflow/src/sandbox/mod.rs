@@ -27,7 +27,11 @@ use std::{
     ffi::{CString, OsString},
     fs::File,
     io::{Read, Write},
-    os::{fd::OwnedFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    sync::Arc,
 };
 
 use nix::{
@@ -61,6 +65,9 @@ pub struct Spec {
     pub env: Vec<(OsString, OsString)>,
     /// Drop to these credentials before exec (rootful). `None`: keep the mapped user.
     pub credentials: Option<Credentials>,
+    /// A terminal (pty slave) to be the command's stdin, stdout, stderr and controlling
+    /// terminal, in a session of its own (`--tui`). `None`: inherit childflow's stdio.
+    pub terminal: Option<Arc<OwnedFd>>,
 }
 
 /// How the command ended.
@@ -248,6 +255,18 @@ impl Drop for Sandbox {
     }
 }
 
+/// Work queued for right after the next clone, see [`after_clone`].
+type Hook = Box<dyn FnOnce() + Send>;
+static AFTER_CLONE: std::sync::Mutex<Vec<Hook>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `f` in the parent right after the next [`spawn`] cloned the child. Threads must be
+/// started there rather than before: the child is a copy of the process at the clone, and a
+/// lock a running thread holds at that instant (the allocator's) would never be released
+/// in it.
+pub fn after_clone(f: impl FnOnce() + Send + 'static) {
+    AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
+}
+
 /// Clones `init` into new namespaces. It waits for [`Sandbox::release`], runs `setup` inside
 /// the namespaces (as root of the new user namespace, or real root), then starts the command.
 ///
@@ -305,6 +324,10 @@ where
     }
     drop(go_rx);
     drop(report_tx);
+    let hooks = std::mem::take(&mut *AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()));
+    for hook in hooks {
+        hook();
+    }
     Ok(Sandbox {
         init: Pid::from_raw(ret as i32),
         go: Some(File::from(go_tx)),
@@ -435,6 +458,27 @@ pub fn bind_file(src: &std::ffi::CStr, dst: &std::ffi::CStr) -> Result<(), Strin
 /// failure.
 fn exec_command(spec: &Spec, argv: &[CString]) -> i32 {
     signals::reset_for_exec();
+    if let Some(terminal) = &spec.terminal {
+        let fd = terminal.as_raw_fd();
+        // SAFETY: plain syscalls on a descriptor we own, in the single-threaded child. A new
+        // session makes the pty its controlling terminal (TIOCSCTTY), so ^C typed into it
+        // signals the command, and programs opening /dev/tty get the pty.
+        unsafe {
+            if libc::setsid() < 0
+                || libc::ioctl(fd, libc::TIOCSCTTY, 0) != 0
+                || libc::dup2(fd, 0) < 0
+                || libc::dup2(fd, 1) < 0
+                || libc::dup2(fd, 2) < 0
+            {
+                return Errno::last_raw();
+            }
+            // The pty was opened by root (rootful): the user must be able to reopen it as
+            // /dev/tty, as with a login terminal.
+            if let Some(creds) = &spec.credentials {
+                libc::fchown(fd, creds.uid, creds.gid);
+            }
+        }
+    }
     if let Some(creds) = &spec.credentials {
         let groups: Vec<libc::gid_t> = creds.groups.clone();
         // SAFETY: plain credential syscalls; order matters (groups and gid before uid).

@@ -6,6 +6,8 @@
 //! a signal the terminal generated (`SI_KERNEL`, e.g. Ctrl-C) already reached the command,
 //! which shares childflow's foreground process group, so it is not sent a second time.
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use nix::{
     sys::{
         signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask},
@@ -47,6 +49,15 @@ pub fn reset_for_exec() {
 /// `si_code` of a signal the kernel generated (e.g. from the terminal).
 const SI_KERNEL: i32 = 0x80;
 
+/// The last signal [`forward_to`] received, 0 if none.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+/// The last signal sent to childflow (and forwarded), so the dashboard can leave on its own
+/// once the command ended because of it.
+pub fn received() -> Option<Signal> {
+    Signal::try_from(RECEIVED.load(Ordering::Relaxed)).ok()
+}
+
 /// Starts a thread that forwards signals sent to childflow to `target` (the sandbox's init).
 /// `on_signal` is told about each one (to note that the run was interrupted).
 pub fn forward_to(
@@ -61,6 +72,7 @@ pub fn forward_to(
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         while let Ok(Some(info)) = fd.read_signal() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            RECEIVED.store(sig as i32, Ordering::Relaxed);
             on_signal(sig);
             if info.ssi_code != SI_KERNEL {
                 let _ = kill(target, sig);

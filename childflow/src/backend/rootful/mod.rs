@@ -304,6 +304,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         argv: config.command.clone(),
         env: config.command_env.clone(),
         credentials: Some(credentials),
+        terminal: config.terminal.clone(),
     };
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
     cg.add(sandbox.pid().as_raw())?;

@@ -62,6 +62,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         argv: config.command.clone(),
         env: config.command_env.clone(),
         credentials: None,
+        terminal: config.terminal.clone(),
     };
     let setup = move || -> Result<(), String> {
         tap::bring_up_loopback()?;
