@@ -15,11 +15,13 @@
 //! the feature itself.
 
 pub mod bin;
+pub mod capture;
 mod dns;
 mod http;
 pub mod net;
 
 pub use bin::{childflow, childflow_as_test_user, tool};
+pub use capture::Dumpcap;
 pub use net::{TestNet, leftovers};
 
 /// The zone the test DNS server is authoritative for.

@@ -7,9 +7,8 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -18,39 +17,7 @@ use childflow_common::{
     event::{FLOW_END_FIN, FLOW_START, Record, decode},
     flow::{DIR_IN, DIR_OUT, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP},
 };
-use childflow_tests::{TestNet, is_root, pattern, skip, tool};
-
-/// dumpcap (tshark's capture engine) capturing on `iface` into `file`; returns once it is capturing.
-fn start_capture(iface: &str, file: &std::path::Path) -> Child {
-    let mut child = tool("dumpcap")
-        .args(["-i", iface, "-q", "-w"])
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Capturing on") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "tshark ended before capturing");
-    }
-    // dumpcap says so slightly before its socket sees packets.
-    std::thread::sleep(Duration::from_millis(500));
-    // Keep draining stderr so dumpcap never blocks on it.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    child
-}
-
-fn stop_capture(mut child: Child) {
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    child.wait().unwrap();
-}
+use childflow_tests::{Dumpcap, TestNet, is_root, pattern, skip, tool};
 
 /// Per direction (`DIR_OUT` = sent by `local`), packets and IP bytes that tshark saw for
 /// the flow between `local` and `remote`.
@@ -90,7 +57,7 @@ fn tc_programs_count_exactly_what_tshark_sees() {
     let mut accounting = Accounting::attach(&net.host_if).expect("attach the TC programs");
     let mut ring = accounting.take_flow_events().unwrap();
     let pcap = net.dir.path().join("independent.pcapng");
-    let tshark = start_capture(&net.host_if, &pcap);
+    let dumpcap = Dumpcap::start(&net.host_if, &pcap, None);
 
     // TCP: 300 kB echoed back, then an orderly close from both sides.
     let server = SocketAddr::new(net.server_v4().into(), 7);
@@ -119,7 +86,7 @@ fn tc_programs_count_exactly_what_tshark_sees() {
         let mut buf = [0u8; 2048];
         assert_eq!(udp.recv_from(&mut buf).unwrap().0, 100 + i * 50);
     }
-    stop_capture(tshark);
+    dumpcap.stop();
 
     let flows: HashMap<FlowKey, FlowStats> = accounting.flows().unwrap().into_iter().collect();
     let tcp_key = flows

@@ -6,13 +6,12 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
-use childflow_tests::{TestNet, childflow, is_root, skip, tool};
+use childflow_tests::{Dumpcap, TestNet, childflow, is_root, skip, tool};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
@@ -57,27 +56,6 @@ fn child_interface(pid: u32) -> String {
         .find(|n| *n != "lo")
         .expect("the command's interface")
         .to_owned()
-}
-
-/// dumpcap on `iface` inside the network namespace of process `pid`.
-fn independent_capture(pid: u32, iface: &str, file: &Path) -> Child {
-    let mut child = tool("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "dumpcap", "-i", iface, "-q", "-w"])
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Capturing on") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "dumpcap ended before capturing");
-    }
-    // dumpcap says so slightly before its socket sees packets.
-    std::thread::sleep(Duration::from_millis(500));
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    child
 }
 
 /// The host pid of a process whose command line contains `marker` and which lives in
@@ -200,17 +178,10 @@ fn observed_run(net: &TestNet, backend: Backend, traffic: &str, extra: &[&str]) 
         .unwrap();
     wait_for(&d.join("ready"), "the command to start");
     let pid = pid_of(&marker);
-    let dumpcap = independent_capture(pid, &child_interface(pid), &independent);
+    let dumpcap = Dumpcap::start(&child_interface(pid), &independent, Some(pid));
     std::fs::write(d.join("go"), "").unwrap();
     wait_for(&d.join("done"), "the traffic to finish");
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dumpcap.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let mut dumpcap = dumpcap;
-    dumpcap.wait().unwrap();
+    dumpcap.stop();
     std::fs::write(d.join("end"), "").unwrap();
     let status = cf.wait().unwrap();
     // The command's address, as the flow log names it.

@@ -9,11 +9,11 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use childflow_tests::{TestNet, childflow, childflow_as_test_user, is_root, skip, tool};
+use childflow_tests::{Dumpcap, TestNet, childflow, childflow_as_test_user, is_root, skip, tool};
 use serde_json::Value;
 
 /// Skips (with the reason) when this machine cannot run `--root` tests.
@@ -265,25 +265,6 @@ fn sigkill_of_childflow_leaves_nothing_within_two_seconds() {
     eprintln!("host state gone {:?} after SIGKILL", killed.elapsed());
 }
 
-fn start_capture(iface: &str, file: &Path) -> Child {
-    let mut child = tool("dumpcap")
-        .args(["-i", iface, "-B", "64", "-q", "-w"])
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Capturing on") {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "dumpcap ended before capturing");
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    child
-}
-
 /// (packets, IP bytes) per direction (0 = sent by `local`) that tshark saw matching
 /// `filter`.
 fn tshark_count(file: &Path, filter: &str, local: &str) -> [(u64, u64); 2] {
@@ -341,18 +322,14 @@ fn accounting_matches_tshark_on_the_runs_veth_exactly() {
         Path::new("/sys/class/net").join(&veth).exists()
     });
     let pcap = net.dir.path().join("run.pcapng");
-    let dumpcap = start_capture(&veth, &pcap);
+    let dumpcap = Dumpcap::start(&veth, &pcap, None);
     std::fs::write(&go, "").unwrap();
     // The command sleeps a second after its traffic, so dumpcap has written every packet
     // before the run ends and takes the veth with it.
     let out = child.wait_with_output().unwrap();
     assert_eq!(ok(&out), "done\n");
     // The veth is gone with the run: dumpcap has ended or ends now.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dumpcap.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    dumpcap.wait_with_output().unwrap();
+    dumpcap.stop();
 
     let evs = events(&path);
     let flows = final_flows(&evs);

@@ -196,11 +196,37 @@ async fn relay_frames(
                     engine.ingest(buf, ctx.now());
                 }
             }
-            _ = &mut stop => return Ok(()),
+            _ = &mut stop => {
+                // The reactor may not have seen the tap's last frames yet: read what is
+                // queued now, so the command's closing packets are still accounted.
+                drain_tap(ctx, fd);
+                return Ok(());
+            }
             _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// Reads every frame queued on the tap right now (non-blocking) into the engine.
+fn drain_tap(ctx: &Rc<Ctx>, fd: i32) {
+    let mut engine = ctx.engine.borrow_mut();
+    loop {
+        let mut buf = engine.take_buffer();
+        let cap = buf.capacity();
+        // SAFETY: read(2) into the buffer's spare capacity; the length is set to what the
+        // kernel wrote.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), cap) };
+        if n <= 0 {
+            engine.recycle(buf);
+            break;
+        }
+        // SAFETY: the kernel initialized n bytes.
+        unsafe { buf.set_len(n as usize) };
+        engine.ingest(buf, ctx.now());
+    }
+    let now = ctx.now();
+    engine.poll(now);
 }
 
 /// Writes the engine's frames to the tap. `false` when the tap is gone.
