@@ -94,8 +94,9 @@ fn the_dashboard_shows_flows_the_command_pane_and_stays_until_q() {
     assert!(!screen.contains("EXIT="), "the dashboard must stay until q:\n{screen}");
     assert!(screen.contains("flows 0/2"), "both demo flows ended: {screen}");
 
-    // The biggest flow is selected (sort by bytes): its detail has the exact byte counts.
-    tmux.keys(&["Enter"]);
+    // The selection follows its flow while rows re-sort, so go to the top row (the biggest
+    // flow, sorted by bytes): its detail has the exact byte counts.
+    tmux.keys(&["Home", "Enter"]);
     let screen = tmux.wait_for("the detail view", |s| s.contains("flow #"));
     assert!(screen.contains("198.18.0.2:80"), "{screen}");
     assert!(screen.contains("1,048,576 payload"), "the download's size: {screen}");
