@@ -458,20 +458,7 @@ fn rss_with_flows(who: Contender, o: &Options) -> Result<f64> {
 /// `cargo xtask bench rootless [OPTIONS]`.
 pub fn rootless(args: &[String]) -> Result<()> {
     let o = parse(args)?;
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark builds a network namespace: run it as root");
-    }
-    if !o.bin.exists() {
-        bail!(
-            "{} does not exist: build it with `cargo build --release -p childflow`",
-            o.bin.display()
-        );
-    }
-    // The bench user may not be able to reach the build tree: run world-readable copies.
-    let copy = tempfile_dir()?;
-    let bin = copy.join("childflow");
-    std::fs::copy(&o.bin, &bin).context("failed to copy childflow for the bench user")?;
+    let (copy, bin) = prepare(&o.bin)?;
     let probe = copy.join("cfprobe");
     std::fs::copy(std::env::current_exe()?, &probe).context("failed to copy the probe")?;
     let o = Options { bin, probe, ..o };
@@ -597,7 +584,27 @@ fn print_table(rows: &[Row], o: &Options) {
     }
 }
 
-pub(crate) fn tempfile_dir() -> Result<PathBuf> {
+/// Checks that a bench can run (root, a built binary) and copies the binary into a
+/// world-readable directory, since the bench user may not reach the build tree. Returns the
+/// directory and the copy.
+pub(crate) fn prepare(built: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark builds network namespaces: run it as root");
+    }
+    if !built.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p childflow`",
+            built.display()
+        );
+    }
+    let dir = tempfile_dir()?;
+    let bin = dir.join("childflow");
+    std::fs::copy(built, &bin).context("failed to copy childflow for the bench user")?;
+    Ok((dir, bin))
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("childflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

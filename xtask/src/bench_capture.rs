@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{BenchNet, Destination, children_of, comm, lookup_user, tempfile_dir};
+use crate::bench::{BenchNet, Destination, children_of, comm, lookup_user, prepare};
 
 const NET: BenchNet = BenchNet {
     netns: "cfbenchcap",
@@ -369,21 +369,8 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
 /// `cargo xtask bench capture [OPTIONS]`.
 pub fn capture(args: &[String]) -> Result<()> {
     let o = parse(args)?;
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark builds a network namespace and joins the command's: run it as root");
-    }
-    if !o.bin.exists() {
-        bail!(
-            "{} does not exist: build it with `cargo build --release -p childflow`",
-            o.bin.display()
-        );
-    }
-    // The bench user runs a world-readable copy and writes its captures into a directory
-    // of its own.
-    let copy = tempfile_dir()?;
-    let bin = copy.join("childflow");
-    std::fs::copy(&o.bin, &bin).context("failed to copy childflow for the bench user")?;
+    // The bench user writes its captures into a directory of its own.
+    let (copy, bin) = prepare(&o.bin)?;
     let files = o.dir.as_deref().unwrap_or(&copy).join("childflow-bench-captures");
     std::fs::create_dir_all(&files)?;
     if let Some((uid, gid)) = o.user {
