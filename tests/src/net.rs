@@ -256,10 +256,9 @@ impl Drop for TestNet {
         if std::thread::panicking() {
             return;
         }
-        let left: Vec<String> = leftovers()
-            .into_iter()
-            .filter(|l| l.contains(&self.netns) || l.contains(&self.host_if))
-            .collect();
+        // Exact names: `cfh24` must not match another live net's `cfh247`.
+        let mine = [format!("netns {}", self.netns), format!("link {}", self.host_if)];
+        let left: Vec<String> = leftovers().into_iter().filter(|l| mine.contains(l)).collect();
         assert!(left.is_empty(), "test network left host state behind: {left:?}");
     }
 }

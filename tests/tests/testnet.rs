@@ -105,8 +105,11 @@ fn dropping_the_net_removes_everything() {
     }
     let net = TestNet::new();
     let (ns, link) = (net.netns.clone(), net.host_if.clone());
-    assert!(leftovers().iter().any(|l| l.contains(&ns)));
+    assert!(leftovers().contains(&format!("netns {ns}")));
     drop(net);
     let left = leftovers();
-    assert!(!left.iter().any(|l| l.contains(&ns) || l.contains(&link)), "{left:?}");
+    assert!(
+        !left.contains(&format!("netns {ns}")) && !left.contains(&format!("link {link}")),
+        "{left:?}"
+    );
 }
