@@ -18,7 +18,7 @@ use crate::{
     exit,
     flow::{FlowTable, PacketFlow, TableConfig},
     report,
-    sandbox::{ExitStatus, SpawnError},
+    sandbox::{self, ExitStatus, SpawnError},
     sink::{FlowLog, Target, schema::RunRecord},
     tui,
 };
@@ -74,14 +74,23 @@ pub fn run(config: &Config) -> Result<i32> {
     let mut live = tui::live::Live::start(&config, &emitter)?;
     config.terminal = live.take_terminal();
     collector.add(Box::new(live.consumer(emitter.drop_counter())));
-    let collector = std::thread::Builder::new().name("collector".into()).spawn(move || {
-        collector.drain(events);
-        collector
-    })?;
+    // The collector thread starts right after the sandbox's clone, like every other thread:
+    // a thread alive at the clone could leave a lock (the allocator's) held in the child.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    sandbox::after_clone(move || {
+        let thread = std::thread::Builder::new().name("collector".into()).spawn(move || {
+            collector.drain(events);
+            collector
+        });
+        let _ = started_tx.send(thread);
+    });
     let result = match config.backend {
         Backend::Rootless => backend::rootless::run(&config, emitter),
         Backend::Rootful => backend::rootful::run(&config, emitter),
     };
+    // A run that failed before its clone has not started the collector yet.
+    sandbox::run_after_clone_hooks();
+    let collector = started_rx.recv().context("the collector was never started")??;
     let end = now_unix_nanos();
     let collector =
         collector.join().map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;

@@ -267,6 +267,16 @@ pub fn after_clone(f: impl FnOnce() + Send + 'static) {
     AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(f));
 }
 
+/// Runs the queued [`after_clone`] work now. [`spawn`] does so right after its clone; a
+/// caller whose run failed before any clone calls it so the queued work still happens
+/// (e.g. a collector thread that must drain and finish).
+pub fn run_after_clone_hooks() {
+    let hooks = std::mem::take(&mut *AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()));
+    for hook in hooks {
+        hook();
+    }
+}
+
 /// Clones `init` into new namespaces. It waits for [`Sandbox::release`], runs `setup` inside
 /// the namespaces (as root of the new user namespace, or real root), then starts the command.
 ///
@@ -324,10 +334,7 @@ where
     }
     drop(go_rx);
     drop(report_tx);
-    let hooks = std::mem::take(&mut *AFTER_CLONE.lock().unwrap_or_else(|e| e.into_inner()));
-    for hook in hooks {
-        hook();
-    }
+    run_after_clone_hooks();
     Ok(Sandbox {
         init: Pid::from_raw(ret as i32),
         go: Some(File::from(go_tx)),
