@@ -53,3 +53,28 @@ pub fn sha256_hex(data: &[u8]) -> String {
     let digest = sha2::Sha256::digest(data);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The addresses `traceroute -n` (or `tracepath -n`) printed for each hop, in hop order:
+/// one entry per hop line, with every address on it (probes may be answered by several).
+pub fn trace_hops(output: &str) -> Vec<Vec<std::net::IpAddr>> {
+    let mut hops: Vec<(u32, Vec<std::net::IpAddr>)> = Vec::new();
+    for line in output.lines() {
+        let mut words = line.split_whitespace();
+        // "1  198.18.5.2  0.1 ms" (traceroute) or " 1:  198.18.5.2  0.1ms" (tracepath).
+        let Some(hop) = words.next().and_then(|w| w.trim_end_matches([':', '?']).parse().ok())
+        else {
+            continue;
+        };
+        let addrs: Vec<std::net::IpAddr> = words.filter_map(|w| w.parse().ok()).collect();
+        if addrs.is_empty() {
+            continue;
+        }
+        match hops.last_mut() {
+            Some((n, list)) if *n == hop => {
+                list.extend(addrs.into_iter().filter(|a| !list.contains(a)).collect::<Vec<_>>())
+            }
+            _ => hops.push((hop, addrs)),
+        }
+    }
+    hops.into_iter().map(|(_, a)| a).collect()
+}

@@ -4,6 +4,11 @@
 //! - link: host end `cfh<n>` 198.18.n.1/24, 2001:db8:n::1/64; upstream end `cfu<n>`;
 //! - upstream: `server` 198.18.n.2 / 2001:db8:n::2 (every service), `other` 198.18.n.3 /
 //!   2001:db8:n::3 (HTTP, a second name), `silent` 198.18.n.4 (a DNS server that never answers).
+//! - one router hop further (for traceroute): the upstream namespace forwards 198.19.n.0/24
+//!   and 2001:db8:n:1::/64 (routed there from the host) over a veth `cfr0`–`cfr1` to namespace
+//!   `cfnet<n>hop`, which holds `far` 198.19.n.2 / 2001:db8:n:1::2 and no servers: a probe
+//!   with TTL 1 gets "time exceeded" from 198.18.n.2, one with TTL 2 "port unreachable"
+//!   from the far address. Both namespaces answer ICMP errors without rate limit.
 //!
 //! A number is claimed by creating its veth: creation fails if another net (another test
 //! thread, or another test process) holds it, and the next number is tried.
@@ -28,6 +33,8 @@ pub struct TestNet {
     pub n: u8,
     /// The upstream network namespace (`ip netns` name).
     pub netns: String,
+    /// The namespace one router hop behind it (`ip netns` name).
+    pub hop_netns: String,
     /// The host end of the veth, where a capture or a TC program can watch the traffic.
     pub host_if: String,
     /// Directory with the test CA (`ca.pem`) and other files of this net.
@@ -82,9 +89,11 @@ impl TestNet {
         let netns = format!("cfnet{n}");
         let host_if = format!("cfh{n}");
         // From here on the guard owns whatever exists, so a failing step still cleans up.
+        let hop_netns = format!("{netns}hop");
         let mut net = TestNet {
             n,
             netns: netns.clone(),
+            hop_netns: hop_netns.clone(),
             host_if: host_if.clone(),
             dir: tempfile::Builder::new().prefix("childflow-net").tempdir().unwrap(),
             dns_queries: Arc::new(AtomicU32::new(0)),
@@ -108,8 +117,49 @@ impl TestNet {
             ns(&["addr", "add", &format!("2001:db8:{n:x}::{host}/64"), "dev", &up_if, "nodad"]);
         }
         ns(&["link", "set", &up_if, "up"]);
+        net.add_far_hop();
         net.start_servers();
         net
+    }
+
+    /// The namespace one hop behind the upstream one, and the routes to it (see the module
+    /// documentation). The host's routes go with `cfh<n>`; the veth with the namespaces.
+    fn add_far_hop(&self) {
+        let n = self.n;
+        let (up, hop) = (self.netns.as_str(), self.hop_netns.as_str());
+        let _ = sh(&["ip", "netns", "del", hop]);
+        must(&["ip", "netns", "add", hop]);
+        must(&[
+            "ip", "-n", up, "link", "add", "cfr0", "type", "veth", "peer", "name", "cfr1", "netns",
+            hop,
+        ]);
+        for (ns, dev, host) in [(up, "cfr0", 1), (hop, "cfr1", 2)] {
+            must(&["ip", "-n", ns, "addr", "add", &format!("198.19.{n}.{host}/24"), "dev", dev]);
+            let v6 = format!("2001:db8:{n:x}:1::{host}/64");
+            must(&["ip", "-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            must(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.icmp_ratelimit=0",
+                "net.ipv6.icmp.ratelimit=0",
+            ]);
+        }
+        must(&["ip", "-n", hop, "link", "set", "lo", "up"]);
+        must(&["ip", "-n", hop, "route", "add", "default", "via", &format!("198.19.{n}.1")]);
+        let gw6 = format!("2001:db8:{n:x}:1::1");
+        must(&["ip", "-n", hop, "-6", "route", "add", "default", "via", &gw6]);
+        let forward = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"];
+        must(&["ip", "netns", "exec", up, "sysctl", "-qw", forward[0], forward[1]]);
+        let (gw4, gw6) = (self.server_v4().to_string(), self.server_v6().to_string());
+        let host_if = self.host_if.as_str();
+        must(&["ip", "route", "add", &format!("198.19.{n}.0/24"), "via", &gw4, "dev", host_if]);
+        let far6 = format!("2001:db8:{n:x}:1::/64");
+        must(&["ip", "-6", "route", "add", &far6, "via", &gw6, "dev", host_if]);
     }
 
     /// The address every service listens on.
@@ -118,6 +168,13 @@ impl TestNet {
     }
     pub fn server_v6(&self) -> Ipv6Addr {
         Ipv6Addr::new(0x2001, 0xdb8, self.n as u16, 0, 0, 0, 0, 2)
+    }
+    /// An address one router hop behind the upstream namespace (nothing listens there).
+    pub fn far_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.n, 2)
+    }
+    pub fn far_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.n as u16, 1, 0, 0, 0, 2)
     }
     /// The second HTTP server (`other.example.test`).
     pub fn other_v4(&self) -> Ipv4Addr {
@@ -252,12 +309,17 @@ impl Drop for TestNet {
         }
         // Deleting the namespace destroys its veth end, which destroys the host end too.
         let _ = sh(&["ip", "netns", "del", &self.netns]);
+        let _ = sh(&["ip", "netns", "del", &self.hop_netns]);
         let _ = sh(&["ip", "link", "del", &self.host_if]);
         if std::thread::panicking() {
             return;
         }
         // Exact names: `cfh24` must not match another live net's `cfh247`.
-        let mine = [format!("netns {}", self.netns), format!("link {}", self.host_if)];
+        let mine = [
+            format!("netns {}", self.netns),
+            format!("netns {}", self.hop_netns),
+            format!("link {}", self.host_if),
+        ];
         let left: Vec<String> = leftovers().into_iter().filter(|l| mine.contains(l)).collect();
         assert!(left.is_empty(), "test network left host state behind: {left:?}");
     }

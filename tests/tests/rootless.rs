@@ -417,3 +417,104 @@ fn exit_codes_and_signals_pass_through() {
     }
     assert_no_leftovers();
 }
+
+/// A tool from a system directory the test user's PATH may not have (`/usr/sbin`).
+fn system_tool(name: &str) -> String {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .map(|d| format!("{d}/{name}"))
+        .find(|p| Path::new(p).exists())
+        .unwrap_or_else(|| panic!("{name} is not installed: run `cargo xtask setup`"))
+}
+
+#[test]
+fn traceroute_and_tracepath_see_the_router_hop() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    let (traceroute, tracepath) = (system_tool("traceroute"), system_tool("tracepath"));
+    let cases: [(&str, std::net::IpAddr, std::net::IpAddr); 2] = [
+        ("-4", net.server_v4().into(), net.far_v4().into()),
+        ("-6", net.server_v6().into(), net.far_v6().into()),
+    ];
+    for who in BOTH {
+        for (flag, router, far) in cases {
+            // UDP probes with TTL 1, 2, …: "time exceeded" from the upstream namespace's
+            // router, then "port unreachable" from the far address.
+            let out = sh_ok(&net, who, &format!("{traceroute} {flag} -n -m 5 -w 3 {far}"), 60);
+            let want = [vec![router], vec![far]];
+            assert_eq!(childflow_tests::trace_hops(&out), want, "{who:?} traceroute:\n{out}");
+            let out = sh_ok(&net, who, &format!("{tracepath} {flag} -n -m 5 {far}"), 60);
+            assert_eq!(childflow_tests::trace_hops(&out), want, "{who:?} tracepath:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn each_flow_in_the_flow_log_names_its_own_process() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    for who in BOTH {
+        let dir = tempfile::Builder::new().prefix("childflow-rl").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let log = dir.path().join("flows.jsonl");
+        let script = format!(
+            "curl -sS --fail -o /dev/null http://{}/ && echo hello | socat -T2 - UDP:{}:7",
+            net.other_v4(),
+            net.server_v4()
+        );
+        let mut cmd = cf(&net, who);
+        cmd.arg("--flow-log").arg(&log).args(["--", "sh", "-c", &script]);
+        let out = run(cmd, 60);
+        assert!(out.status.success(), "{who:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hello\n", "{who:?}: the echo came back");
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .expect("read the flow log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let process_of = |proto: &str, port: u16| {
+            let flow = records
+                .iter()
+                .find(|r| {
+                    r["record"] == "flow"
+                        && r["event"] == "end"
+                        && r["proto"] == proto
+                        && r["id"]["resp_p"] == port
+                })
+                .unwrap_or_else(|| panic!("{who:?}: no {proto}/{port} flow in {records:#?}"));
+            flow["process"].clone()
+        };
+        let curl = process_of("tcp", 80);
+        let socat = process_of("udp", 7);
+        assert_eq!(curl["comm"], "curl", "{who:?}: {curl}");
+        assert!(curl["exe"].as_str().is_some_and(|e| e.ends_with("/curl")), "{who:?}: {curl}");
+        assert_eq!(curl["cmdline"][0], "curl", "{who:?}: {curl}");
+        assert_eq!(socat["comm"], "socat", "{who:?}: {socat}");
+        assert_ne!(curl["pid"], socat["pid"], "{who:?}: two processes");
+    }
+}
+
+#[test]
+fn udp_echo_through_ip_fragments_at_mtu_1500() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    let dir = shared_dir();
+    let script = shared_file(dir.path(), "udp.py", UDP_ECHO.as_bytes());
+    for who in BOTH {
+        for host in [net.server_v4().to_string(), net.server_v6().to_string()] {
+            // Datagrams up to 65,000 bytes leave the command's tap in fragments and come
+            // back in fragments.
+            let mut cmd = cf(&net, who);
+            cmd.args(["--mtu", "1500", "--", PYTHON, &script.display().to_string(), &host]);
+            let out = run(cmd, 120);
+            assert!(out.status.success(), "{who:?} to {host}: {}", text(&out.stderr));
+            assert_eq!(text(&out.stdout).trim(), "ok 13 of 13", "{who:?} to {host}");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use childflow_tests::{TestNet, is_root, leftovers, pattern, sha256_hex, skip, tool};
+use childflow_tests::{TestNet, is_root, leftovers, pattern, sha256_hex, skip, tool, trace_hops};
 use hickory_proto::{
     op::{Message, Query},
     rr::{Name, RData, RecordType},
@@ -104,12 +104,32 @@ fn dropping_the_net_removes_everything() {
         return;
     }
     let net = TestNet::new();
-    let (ns, link) = (net.netns.clone(), net.host_if.clone());
+    let (ns, hop, link) = (net.netns.clone(), net.hop_netns.clone(), net.host_if.clone());
     assert!(leftovers().contains(&format!("netns {ns}")));
+    assert!(leftovers().contains(&format!("netns {hop}")));
     drop(net);
     let left = leftovers();
-    assert!(
-        !left.contains(&format!("netns {ns}")) && !left.contains(&format!("link {link}")),
-        "{left:?}"
-    );
+    for gone in [format!("netns {ns}"), format!("netns {hop}"), format!("link {link}")] {
+        assert!(!left.contains(&gone), "{gone} is left: {left:?}");
+    }
+}
+
+#[test]
+fn the_far_address_is_one_router_hop_behind_the_server() {
+    if skip(!is_root(), "needs root to build the test network") {
+        return;
+    }
+    let net = TestNet::new();
+    for (flag, router, far) in [
+        ("-4", net.server_v4().into(), std::net::IpAddr::from(net.far_v4())),
+        ("-6", net.server_v6().into(), net.far_v6().into()),
+    ] {
+        let out = tool("traceroute")
+            .args([flag, "-n", "-m", "5", "-w", "2", &far.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "traceroute {far}: {text}");
+        assert_eq!(trace_hops(&text), [vec![router], vec![far]], "traceroute {far}:\n{text}");
+    }
 }

@@ -20,7 +20,7 @@ use std::{
     future::poll_fn,
     io::{self, ErrorKind},
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     rc::Rc,
     task::Poll,
     time::Duration as StdDuration,
@@ -38,6 +38,7 @@ use super::{
     dns,
     engine::{Action, ConnectFailure, Engine, EngineConfig, FlowId, RelayEnd, Target},
     packet::{Unreachable, unspecified_like},
+    recverr,
 };
 use crate::event::Emitter;
 
@@ -66,8 +67,21 @@ impl Default for DriverConfig {
 const READ_BATCH: usize = 64;
 
 enum UdpSession {
-    Socket { sock: Rc<UdpSocket>, task: AbortHandle },
+    /// `recverr`: ICMP errors arrive on the socket's error queue with the router's address
+    /// ([`recverr`]); otherwise only as errnos.
+    Socket {
+        sock: Rc<UdpSocket>,
+        task: AbortHandle,
+        recverr: bool,
+    },
     Dns,
+}
+
+/// An ICMP echo flow's socket, and the hop limit it sends with (0: the host's default).
+struct PingSession {
+    sock: Rc<UdpSocket>,
+    task: AbortHandle,
+    hops: Cell<u8>,
 }
 
 struct Ctx {
@@ -78,7 +92,7 @@ struct Ctx {
     tokio_start: tokio::time::Instant,
     cfg: DriverConfig,
     udp: RefCell<HashMap<FlowId, UdpSession>>,
-    pings: RefCell<HashMap<FlowId, (Rc<UdpSocket>, AbortHandle)>>,
+    pings: RefCell<HashMap<FlowId, PingSession>>,
     ping_unavailable: Cell<bool>,
 }
 
@@ -259,13 +273,23 @@ fn run_actions(ctx: &Rc<Ctx>) {
             }
             Action::UdpOpen { id, target } => udp_open(ctx, id, target),
             Action::UdpSend { id, payload } => udp_send(ctx, id, payload),
-            Action::Ping { id, remote, seq, payload } => ping(ctx, id, remote, seq, &payload),
+            Action::Ping { id, remote, seq, hops, payload } => {
+                ping(ctx, id, remote, seq, hops, &payload)
+            }
+            Action::SetHopLimit { id, hops } => {
+                if let Some(UdpSession::Socket { sock, .. }) = ctx.udp.borrow().get(&id) {
+                    let v6 = sock.peer_addr().is_ok_and(|a| a.is_ipv6());
+                    if let Err(e) = recverr::set_hop_limit(sock.as_fd(), v6, hops) {
+                        tracing::debug!("flow {id}: cannot set the hop limit to {hops}: {e}");
+                    }
+                }
+            }
             Action::Close { id } => {
                 if let Some(UdpSession::Socket { task, .. }) = ctx.udp.borrow_mut().remove(&id) {
                     task.abort();
                 }
-                if let Some((_, task)) = ctx.pings.borrow_mut().remove(&id) {
-                    task.abort();
+                if let Some(p) = ctx.pings.borrow_mut().remove(&id) {
+                    p.task.abort();
                 }
             }
         }
@@ -454,9 +478,18 @@ fn udp_open(ctx: &Rc<Ctx>, id: FlowId, target: Target) {
     };
     match open() {
         Ok(sock) => {
+            let recverr = match recverr::enable(sock.as_fd(), addr.is_ipv6()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("flow {id}: no ICMP errors with their source: {e}");
+                    false
+                }
+            };
             let sock = Rc::new(sock);
-            let task = tokio::task::spawn_local(udp_receive(ctx.clone(), id, sock.clone()));
-            ctx.udp.borrow_mut().insert(id, UdpSession::Socket { sock, task: task.abort_handle() });
+            let task =
+                tokio::task::spawn_local(udp_receive(ctx.clone(), id, sock.clone(), recverr));
+            let task = task.abort_handle();
+            ctx.udp.borrow_mut().insert(id, UdpSession::Socket { sock, task, recverr });
         }
         Err(e) => {
             tracing::debug!("flow {id}: cannot open a UDP socket to {addr}: {e}");
@@ -482,39 +515,80 @@ fn udp_error(e: &io::Error) -> Option<Unreachable> {
 }
 
 fn udp_send(ctx: &Rc<Ctx>, id: FlowId, payload: Vec<u8>) {
-    let sock = match ctx.udp.borrow().get(&id) {
-        Some(UdpSession::Socket { sock, .. }) => sock.clone(),
+    let (sock, recverr) = match ctx.udp.borrow().get(&id) {
+        Some(UdpSession::Socket { sock, recverr, .. }) => (sock.clone(), *recverr),
         Some(UdpSession::Dns) => {
             tokio::task::spawn_local(dns_query(ctx.clone(), id, payload));
             return;
         }
         None => return,
     };
-    if let Err(e) = send_now(&sock, &payload) {
+    let mut sent = send_now(&sock, &payload);
+    if recverr && sent.as_ref().is_err_and(|e| udp_error(e).is_some()) {
+        // The socket's pending error from an earlier ICMP message failed this send (and is
+        // now cleared); that message is passed on from the error queue. Send again.
+        sent = send_now(&sock, &payload);
+    }
+    if let Err(e) = sent {
         // WouldBlock: the host's send buffer is full; the datagram is lost as on a wire.
-        if let Some(why) = udp_error(&e) {
+        if !recverr && let Some(why) = udp_error(&e) {
             ctx.engine.borrow_mut().udp_unreachable(id, why, ctx.now());
             ctx.poke();
         }
     }
 }
 
-async fn udp_receive(ctx: Rc<Ctx>, id: FlowId, sock: Rc<UdpSocket>) {
+/// Passes each ICMP error queued on `sock` to the engine (`on_error`) until the queue is
+/// empty. Called when the socket reports an error condition.
+fn drain_error_queue(sock: &UdpSocket, mut on_error: impl FnMut(recverr::QueuedError)) {
+    loop {
+        // Through try_io, so tokio clears the socket's error readiness once it is empty.
+        match sock.try_io(tokio::io::Interest::ERROR, || recverr::read_queued(sock.as_fd())) {
+            Ok(Some(queued)) => on_error(queued),
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+async fn udp_receive(ctx: Rc<Ctx>, id: FlowId, sock: Rc<UdpSocket>, recverr: bool) {
+    use tokio::io::Interest;
     let mut buf = vec![0u8; 65536];
     loop {
-        match sock.recv(&mut buf).await {
-            Ok(n) => {
-                ctx.engine.borrow_mut().udp_reply(id, &buf[..n], ctx.now());
-                ctx.poke();
-            }
+        let ready = match sock.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(r) => r,
             Err(e) => {
-                if let Some(why) = udp_error(&e) {
-                    ctx.engine.borrow_mut().udp_unreachable(id, why, ctx.now());
+                tracing::debug!("flow {id}: UDP socket failed: {e}");
+                return;
+            }
+        };
+        if ready.is_error() {
+            // Also without `recverr`: draining clears tokio's error readiness (the queue is
+            // empty then), which would otherwise wake this loop forever.
+            drain_error_queue(&sock, |q| {
+                ctx.engine.borrow_mut().udp_icmp_error(id, q.offender, q.error, ctx.now());
+                ctx.poke();
+            });
+        }
+        loop {
+            match sock.try_recv(&mut buf) {
+                Ok(n) => {
+                    ctx.engine.borrow_mut().udp_reply(id, &buf[..n], ctx.now());
                     ctx.poke();
-                } else {
-                    tracing::debug!("flow {id}: UDP receive failed: {e}");
-                    return;
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => match udp_error(&e) {
+                    // Already passed on, with its source, from the error queue.
+                    Some(_) if recverr => {}
+                    Some(why) => {
+                        ctx.engine.borrow_mut().udp_unreachable(id, why, ctx.now());
+                        ctx.poke();
+                    }
+                    None => {
+                        tracing::debug!("flow {id}: UDP receive failed: {e}");
+                        return;
+                    }
+                },
             }
         }
     }
@@ -595,18 +669,20 @@ async fn tcp_exchange(
 /// Sends one echo request of ICMP flow `id` through an unprivileged ICMP socket
 /// (`SOCK_DGRAM`, `IPPROTO_ICMP`; icmp(7) "ping sockets"). The kernel picks the identifier;
 /// the engine puts the command's back in the reply.
-fn ping(ctx: &Rc<Ctx>, id: FlowId, remote: IpAddr, seq: u16, payload: &[u8]) {
+fn ping(ctx: &Rc<Ctx>, id: FlowId, remote: IpAddr, seq: u16, hops: u8, payload: &[u8]) {
     if ctx.ping_unavailable.get() {
         return;
     }
-    let existing = ctx.pings.borrow().get(&id).map(|(s, _)| s.clone());
+    let existing = ctx.pings.borrow().get(&id).map(|p| p.sock.clone());
     let sock = match existing {
         Some(s) => s,
         None => match open_ping_socket(remote) {
             Ok(sock) => {
                 let sock = Rc::new(sock);
                 let task = tokio::task::spawn_local(ping_receive(ctx.clone(), id, sock.clone()));
-                ctx.pings.borrow_mut().insert(id, (sock.clone(), task.abort_handle()));
+                let task = task.abort_handle();
+                let session = PingSession { sock: sock.clone(), task, hops: Cell::new(0) };
+                ctx.pings.borrow_mut().insert(id, session);
                 sock
             }
             Err(e) => {
@@ -621,6 +697,14 @@ fn ping(ctx: &Rc<Ctx>, id: FlowId, remote: IpAddr, seq: u16, payload: &[u8]) {
             }
         },
     };
+    if let Some(p) = ctx.pings.borrow().get(&id)
+        && p.hops.get() != hops
+    {
+        p.hops.set(hops);
+        if let Err(e) = recverr::set_hop_limit(sock.as_fd(), remote.is_ipv6(), hops) {
+            tracing::debug!("flow {id}: cannot set the hop limit to {hops}: {e}");
+        }
+    }
     let mut msg = Vec::with_capacity(8 + payload.len());
     msg.push(if remote.is_ipv4() { 8 } else { 128 });
     msg.extend_from_slice(&[0, 0, 0, 0, 0]);
@@ -643,17 +727,37 @@ fn open_ping_socket(remote: IpAddr) -> io::Result<UdpSocket> {
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
     };
     let sock = Socket::new(domain, Type::DGRAM, Some(proto))?;
+    // Errors for our echo requests (time exceeded: `traceroute -I`, `ping -t`) with the
+    // router's address; a socket without it still pings.
+    if let Err(e) = recverr::enable(sock.as_fd(), remote.is_ipv6()) {
+        tracing::debug!("ping socket to {remote}: no ICMP errors with their source: {e}");
+    }
     sock.connect(&SocketAddr::new(remote, 0).into())?;
     sock.set_nonblocking(true)?;
     UdpSocket::from_std(std::net::UdpSocket::from(sock))
 }
 
 async fn ping_receive(ctx: Rc<Ctx>, id: FlowId, sock: Rc<UdpSocket>) {
+    use tokio::io::Interest;
     let mut buf = vec![0u8; 65536];
     loop {
-        let n = match sock.recv(&mut buf).await {
+        let ready = match sock.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if ready.is_error() {
+            drain_error_queue(&sock, |q| {
+                // The error quotes our echo request: its sequence number is the command's.
+                let Some(seq) = q.payload.get(6..8) else { return };
+                let seq = u16::from_be_bytes([seq[0], seq[1]]);
+                ctx.engine.borrow_mut().icmp_echo_error(id, seq, q.offender, q.error, ctx.now());
+                ctx.poke();
+            });
+        }
+        let n = match sock.try_recv(&mut buf) {
             Ok(n) => n,
-            // An ICMP error for our echo (e.g. host unreachable): nothing to relay.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            // An ICMP error for our echo: passed on from the error queue above.
             Err(e) if udp_error(&e).is_some() => continue,
             Err(_) => return,
         };

@@ -49,8 +49,8 @@ use smoltcp::{
 };
 
 use super::{
-    dns,
-    packet::{self, Builder, ETH_HEADER_LEN, Headers, Mac, Unreachable},
+    dns, frag,
+    packet::{self, Builder, ETH_HEADER_LEN, Headers, IcmpError, Mac, Unreachable},
 };
 use crate::capture::filter::{Fields, Program};
 use crate::event::{
@@ -139,6 +139,9 @@ pub struct EngineConfig {
     pub tcp_linger: Duration,
     /// Wall-clock time ([`UnixNanos`]) at `Instant::ZERO` of the engine's clock.
     pub unix_base_ns: UnixNanos,
+    /// Where the key of every new flow goes, to find its process
+    /// ([`super::attribution`]); never blocks.
+    pub new_flows: Option<crossbeam_channel::Sender<FlowKey>>,
 }
 
 impl EngineConfig {
@@ -155,6 +158,7 @@ impl EngineConfig {
             icmp_idle: Duration::from_secs(10),
             tcp_linger: Duration::from_secs(30),
             unix_base_ns,
+            new_flows: None,
         }
     }
 }
@@ -180,8 +184,13 @@ pub enum Action {
     UdpOpen { id: FlowId, target: Target },
     /// Send one datagram of the session.
     UdpSend { id: FlowId, payload: Vec<u8> },
-    /// Send one ICMP echo request to `remote`; answer with `icmp_echo_reply`.
-    Ping { id: FlowId, remote: IpAddr, seq: u16, payload: Vec<u8> },
+    /// Send one ICMP echo request to `remote` with TTL / hop limit `hops` (the command's);
+    /// answer with `icmp_echo_reply` or `icmp_echo_error`.
+    Ping { id: FlowId, remote: IpAddr, seq: u16, hops: u8, payload: Vec<u8> },
+    /// Send the UDP session's next datagrams with TTL / hop limit `hops`: the command
+    /// changed it (traceroute), or the session is new. Errors the host socket receives come
+    /// back through `udp_icmp_error`.
+    SetHopLimit { id: FlowId, hops: u8 },
     /// The UDP or ICMP flow ended: drop its sockets.
     Close { id: FlowId },
 }
@@ -216,10 +225,11 @@ enum FlowState {
     /// TCP: a smoltcp socket terminates the connection.
     TcpOpen { handle: SocketHandle, child_rst: bool, end: Option<(CloseReason, Instant)> },
     /// UDP session. `last_out` is the start of the last datagram the command sent (quoted
-    /// in ICMP errors).
-    Udp { last_out: Vec<u8> },
-    /// ICMP echo.
-    Icmp,
+    /// in ICMP errors); `hops` the TTL / hop limit the host socket sends with (0: not set).
+    Udp { last_out: Vec<u8>, hops: u8 },
+    /// ICMP echo: the start of the command's last few requests, by sequence number (quoted
+    /// when one of them draws an ICMP error, e.g. `traceroute -I`).
+    Icmp { sent: VecDeque<(u16, Vec<u8>)> },
 }
 
 impl fmt::Display for FlowState {
@@ -230,7 +240,7 @@ impl fmt::Display for FlowState {
             FlowState::TcpOpen { end: None, .. } => f.write_str("ESTABLISHED"),
             FlowState::TcpOpen { end: Some(_), .. } => f.write_str("CLOSING"),
             FlowState::Udp { .. } => f.write_str("UDP"),
-            FlowState::Icmp => f.write_str("ICMP"),
+            FlowState::Icmp { .. } => f.write_str("ICMP"),
         }
     }
 }
@@ -358,6 +368,9 @@ impl phy::Device for Queues {
     }
 }
 
+/// Echo requests per ICMP flow whose start is kept to quote in an ICMP error about them.
+const ICMP_QUOTES_KEPT: usize = 16;
+
 /// How often idle timeouts and periodic flow updates are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -377,6 +390,10 @@ pub struct Engine {
     events: Emitter,
     peer_mac: Option<Mac>,
     next_housekeeping: Instant,
+    /// Datagrams the command sent in fragments, being put back together.
+    frags: frag::Reassembler,
+    /// Identification of the next datagram the engine fragments towards the command.
+    next_frag_ident: u32,
 }
 
 impl Engine {
@@ -414,6 +431,8 @@ impl Engine {
             events,
             peer_mac: None,
             next_housekeeping: now,
+            frags: frag::Reassembler::default(),
+            next_frag_ident: 1,
         }
     }
 
@@ -484,6 +503,11 @@ impl Engine {
 
     fn emit_flow(&mut self, id: FlowId, phase: FlowPhase) {
         if let Some(flow) = self.flows.get_mut(&id) {
+            if phase == FlowPhase::Start
+                && let Some(tx) = &self.cfg.new_flows
+            {
+                let _ = tx.send(flow.key);
+            }
             flow.packets_reported = flow.stats.packets[0] + flow.stats.packets[1];
             self.events.emit(Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase }));
         }
@@ -558,17 +582,79 @@ impl Engine {
             self.peer_mac = Some(h.src_mac);
         }
         if h.fragment {
-            // Only reachable with an MTU below the command's datagrams; not reassembled.
-            tracing::debug!("dropping an IP fragment from {}", h.src);
+            let whole = self.frags.push(&frame, &h, now);
             self.dev.recycle(frame);
+            let Some(whole) = whole else { return };
+            let Some(h) = packet::parse(&whole.frame) else { return };
+            self.dispatch(whole.frame, &h, now);
+            // The datagram was counted as one packet; each further fragment is one more,
+            // and adds its headers to the bytes on the wire.
+            if let Some(id) = self.flow_of_outbound(&h) {
+                for &extra in &whole.extra_headers {
+                    self.account_headers(id, DIR_OUT, extra, now);
+                }
+            }
             return;
         }
+        self.dispatch(frame, &h, now);
+    }
+
+    /// Hands one whole packet from the command to the handler of its protocol.
+    fn dispatch(&mut self, frame: Vec<u8>, h: &Headers, now: Instant) {
+        let h = *h;
         match h.proto {
             PROTO_TCP => self.ingest_tcp(frame, &h, now),
             PROTO_UDP => self.ingest_udp(frame, &h, now),
             PROTO_ICMP if h.icmp_type == ICMP_ECHO_REQUEST => self.ingest_ping(frame, &h, now),
             PROTO_ICMPV6 if h.icmp_type == ICMPV6_ECHO_REQUEST => self.ingest_ping(frame, &h, now),
             _ => self.dev.rx.push_back(frame),
+        }
+    }
+
+    /// The flow a packet from the command belongs to.
+    fn flow_of_outbound(&self, h: &Headers) -> Option<FlowId> {
+        let key = match h.proto {
+            PROTO_TCP | PROTO_UDP => FlowKey::new(h.proto, h.src_addr(), h.dst_addr()),
+            PROTO_ICMP | PROTO_ICMPV6 => {
+                let family = if h.src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+                let (local, remote) =
+                    FlowKey::icmp_ports(family, h.icmp_type, h.icmp_code, h.src_port);
+                FlowKey::new(h.proto, SocketAddr::new(h.src, local), SocketAddr::new(h.dst, remote))
+            }
+            _ => return None,
+        };
+        self.by_key.get(&key).copied()
+    }
+
+    /// Counts one more packet of `ip_bytes` header bytes and no payload to flow `id`: a
+    /// fragment after the first of a datagram already counted whole.
+    fn account_headers(&mut self, id: FlowId, dir: usize, ip_bytes: u32, now: Instant) {
+        let ns = self.unix(now);
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.stats.account(dir, ip_bytes, 0, 0, ns);
+        }
+    }
+
+    /// Queues the whole IP packet `frame` (built by the engine) for the command, in
+    /// fragments if it does not fit the tap's MTU, counted to flow `id`.
+    fn send_datagram(&mut self, frame: Vec<u8>, id: FlowId, now: Instant) {
+        if frame.len() <= self.cfg.mtu + ETH_HEADER_LEN {
+            self.send_frame(frame, Some(id), now);
+            return;
+        }
+        let Some(h) = packet::parse(&frame) else { return };
+        let ident = self.next_frag_ident;
+        self.next_frag_ident = self.next_frag_ident.wrapping_add(1);
+        let pieces = frag::fragment(&frame, self.cfg.mtu, ident);
+        self.dev.recycle(frame);
+        self.account(id, DIR_IN, &h, now);
+        let wire = pieces.iter().map(|p| p.len() - ETH_HEADER_LEN).sum();
+        for extra in frag::extra_header_bytes(wire, h.ip_len as usize, pieces.len()) {
+            self.account_headers(id, DIR_IN, extra, now);
+        }
+        for piece in pieces {
+            self.emit_packet(&piece, crate::event::Direction::In, now);
+            self.out.push_back(piece);
         }
     }
 
@@ -679,7 +765,7 @@ impl Engine {
                     return;
                 }
                 let route = self.route(PROTO_UDP, h.dst_addr());
-                let id = self.new_flow(key, FlowState::Udp { last_out: Vec::new() }, now);
+                let id = self.new_flow(key, FlowState::Udp { last_out: Vec::new(), hops: 0 }, now);
                 self.account(id, DIR_OUT, h, now);
                 self.emit_flow(id, FlowPhase::Start);
                 match route {
@@ -696,10 +782,15 @@ impl Engine {
                 }
             }
         };
-        if let Some(Flow { state: FlowState::Udp { last_out }, .. }) = self.flows.get_mut(&id) {
+        if let Some(Flow { state: FlowState::Udp { last_out, hops }, .. }) = self.flows.get_mut(&id)
+        {
             // Enough of the datagram for an ICMP error to quote (IP header + 8 bytes).
             last_out.clear();
             last_out.extend_from_slice(&frame[..frame.len().min(h.payload_offset + 8)]);
+            if *hops != h.ttl {
+                *hops = h.ttl;
+                self.actions.push_back(Action::SetHopLimit { id, hops: h.ttl });
+            }
         }
         self.actions.push_back(Action::UdpSend { id, payload });
         self.dev.recycle(frame);
@@ -730,14 +821,21 @@ impl Engine {
                     self.dev.recycle(frame);
                     return;
                 }
-                let id = self.new_flow(key, FlowState::Icmp, now);
+                let id = self.new_flow(key, FlowState::Icmp { sent: VecDeque::new() }, now);
                 self.account(id, DIR_OUT, h, now);
                 self.emit_flow(id, FlowPhase::Start);
                 id
             }
         };
+        if let Some(Flow { state: FlowState::Icmp { sent }, .. }) = self.flows.get_mut(&id) {
+            if sent.len() == ICMP_QUOTES_KEPT {
+                sent.pop_front();
+            }
+            sent.push_back((h.icmp_seq, frame[..frame.len().min(h.payload_offset)].to_vec()));
+        }
         let payload = h.payload(&frame).to_vec();
-        self.actions.push_back(Action::Ping { id, remote: h.dst, seq: h.icmp_seq, payload });
+        let (remote, seq, hops) = (h.dst, h.icmp_seq, h.ttl);
+        self.actions.push_back(Action::Ping { id, remote, seq, hops, payload });
         self.dev.recycle(frame);
     }
 
@@ -815,14 +913,6 @@ impl Engine {
         }
         let (from, to) = (flow.key.remote(), flow.key.local());
         let Some(b) = self.builder() else { return };
-        if payload.len() + 48 > self.cfg.mtu {
-            // Would need IP fragmentation towards the command, which the engine does not do.
-            tracing::debug!(
-                "dropping a {}-byte datagram from {from}: above the MTU",
-                payload.len()
-            );
-            return;
-        }
         if from.port() == 53
             && let Some(ev) = dns::parse_response(payload, from, DnsTransport::Udp, self.unix(now))
         {
@@ -830,7 +920,7 @@ impl Engine {
         }
         let mut out = self.dev.take();
         b.udp(from, to, payload, &mut out);
-        self.send_frame(out, Some(id), now);
+        self.send_datagram(out, id, now);
     }
 
     /// A DNS response the command received over TCP on flow `id` (already delimited).
@@ -845,13 +935,67 @@ impl Engine {
 
     /// The upstream of UDP flow `id` is unreachable (ICMP error on the host socket).
     pub fn udp_unreachable(&mut self, id: FlowId, why: Unreachable, now: Instant) {
-        let Some(Flow { state: FlowState::Udp { last_out }, .. }) = self.flows.get(&id) else {
+        let Some(Flow { state: FlowState::Udp { last_out, .. }, .. }) = self.flows.get(&id) else {
             return;
         };
         let original = last_out.clone();
         if let Some(h) = packet::parse_prefix(&original) {
             self.reject(id, &h, &original, why, now);
         }
+    }
+
+    /// The host socket of UDP flow `id` received ICMP error `err` from `from` (a router on
+    /// the path, or the destination; `None`: the destination): the command gets the same
+    /// error from the same address, quoting its last datagram.
+    pub fn udp_icmp_error(
+        &mut self,
+        id: FlowId,
+        from: Option<IpAddr>,
+        err: IcmpError,
+        now: Instant,
+    ) {
+        let Some(Flow { state: FlowState::Udp { last_out, .. }, key, .. }) = self.flows.get(&id)
+        else {
+            return;
+        };
+        let (original, from) = (last_out.clone(), from.unwrap_or(key.remote_ip()));
+        self.forward_icmp_error(id, from, &original, err, now);
+    }
+
+    /// Echo request `seq` of ICMP flow `id` drew ICMP error `err` from `from`.
+    pub fn icmp_echo_error(
+        &mut self,
+        id: FlowId,
+        seq: u16,
+        from: Option<IpAddr>,
+        err: IcmpError,
+        now: Instant,
+    ) {
+        let Some(Flow { state: FlowState::Icmp { sent }, key, .. }) = self.flows.get(&id) else {
+            return;
+        };
+        let Some((_, original)) = sent.iter().rev().find(|(s, _)| *s == seq) else { return };
+        let (original, from) = (original.clone(), from.unwrap_or(key.remote_ip()));
+        self.forward_icmp_error(id, from, &original, err, now);
+    }
+
+    /// Sends the command ICMP error `err` from `from` about `original` (a stored prefix of
+    /// a frame it sent), counted to flow `id`.
+    fn forward_icmp_error(
+        &mut self,
+        id: FlowId,
+        from: IpAddr,
+        original: &[u8],
+        err: IcmpError,
+        now: Instant,
+    ) {
+        let (Some(b), Some(h)) = (self.builder(), packet::parse_prefix(original)) else { return };
+        if from.is_ipv4() != h.src.is_ipv4() {
+            return;
+        }
+        let mut out = self.dev.take();
+        b.icmp_error(from, &h, original, err, &mut out);
+        self.send_frame(out, Some(id), now);
     }
 
     /// An echo reply to ICMP flow `id`.
@@ -861,7 +1005,7 @@ impl Engine {
         let Some(b) = self.builder() else { return };
         let mut out = self.dev.take();
         b.echo_reply(from, to, ident, seq, payload, &mut out);
-        self.send_frame(out, Some(id), now);
+        self.send_datagram(out, id, now);
     }
 
     /// Runs smoltcp, collects what it sends, and does the periodic work.
@@ -910,12 +1054,13 @@ impl Engine {
     }
 
     fn housekeeping(&mut self, now: Instant) {
+        self.frags.expire(now);
         let mut idle = Vec::new();
         let mut updates = Vec::new();
         for (&id, flow) in &self.flows {
             let timeout = match flow.state {
                 FlowState::Udp { .. } => Some(self.cfg.udp_idle),
-                FlowState::Icmp => Some(self.cfg.icmp_idle),
+                FlowState::Icmp { .. } => Some(self.cfg.icmp_idle),
                 _ => None,
             };
             if timeout.is_some_and(|t| now >= flow.last_seen + t) {
@@ -1095,6 +1240,7 @@ mod tests {
             acts,
             [
                 Action::UdpOpen { id: 1, target: Target::Direct("198.18.0.2:7".parse().unwrap()) },
+                Action::SetHopLimit { id: 1, hops: 64 },
                 Action::UdpSend { id: 1, payload: b"ping".to_vec() },
                 Action::UdpSend { id: 1, payload: b"ping2".to_vec() },
             ]
@@ -1131,6 +1277,125 @@ mod tests {
         // The quote holds the original destination port.
         let quote = h.payload(&out[0]);
         assert_eq!(&quote[22..24], &9u16.to_be_bytes());
+    }
+
+    #[test]
+    fn a_udp_probe_takes_the_commands_ttl_and_its_time_exceeded_comes_from_the_router() {
+        let (mut e, rx) = engine();
+        let mut probe = udp_from_child("10.0.2.100:40000", "198.19.0.2:33434", &[0; 32]);
+        probe[14 + 8] = 1; // TTL 1, as traceroute's first probe
+        let probe = fix_ipv4_checksum(probe);
+        e.ingest(probe.clone(), t(0));
+        let acts = actions(&mut e);
+        assert_eq!(acts[1], Action::SetHopLimit { id: 1, hops: 1 }, "before the datagram");
+        assert!(matches!(acts[2], Action::UdpSend { id: 1, .. }));
+        let router: IpAddr = "198.18.0.2".parse().unwrap();
+        e.udp_icmp_error(1, Some(router), IcmpError::time_exceeded(true), t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).expect("the ICMP error parses");
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMP, 11, 0));
+        assert_eq!(h.src, router, "from the router, not the gateway");
+        assert_eq!(h.dst, IpAddr::V4(Addressing::default().child_v4));
+        let quote = &out[0][h.l4_offset + 8..];
+        assert_eq!(quote, &probe[14..14 + 28], "the probe's IP header and UDP header");
+        let flows = flow_events(&rx);
+        assert_eq!(flows[0].phase, FlowPhase::Start);
+        // A second probe with the same TTL sets nothing; another TTL sets it again.
+        e.ingest(udp_from_child("10.0.2.100:40000", "198.19.0.2:33434", &[0; 32]), t(2));
+        assert_eq!(actions(&mut e)[0], Action::SetHopLimit { id: 1, hops: 64 });
+    }
+
+    #[test]
+    fn a_v6_port_unreachable_comes_from_the_destination() {
+        let (mut e, _rx) = engine();
+        e.ingest(udp_from_child("[fd00:cf::100]:40000", "[2001:db8:1:1::2]:33434", b"x"), t(0));
+        let _ = actions(&mut e);
+        e.udp_icmp_error(1, None, IcmpError { icmp_type: 1, code: 4 }, t(1));
+        let h = packet::parse(&outputs(&mut e)[0]).unwrap();
+        assert_eq!((h.proto, h.icmp_type, h.icmp_code), (PROTO_ICMPV6, 1, 4));
+        assert_eq!(h.src, "2001:db8:1:1::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_echo_requests_time_exceeded_quotes_that_request() {
+        let (mut e, _rx) = engine();
+        for seq in [1, 2] {
+            let mut req = Vec::new();
+            etherparse::PacketBuilder::ethernet2(CHILD_MAC, Addressing::default().gateway_mac)
+                .ipv4([10, 0, 2, 100], [198, 19, 0, 2], seq as u8)
+                .icmpv4_echo_request(0x77, seq)
+                .write(&mut req, b"abc")
+                .unwrap();
+            e.ingest(req, t(0));
+        }
+        let acts = actions(&mut e);
+        assert!(matches!(acts[1], Action::Ping { seq: 2, hops: 2, .. }), "{acts:?}");
+        let router: IpAddr = "198.18.0.2".parse().unwrap();
+        e.icmp_echo_error(1, 1, Some(router), IcmpError::time_exceeded(true), t(1));
+        e.icmp_echo_error(1, 9, Some(router), IcmpError::time_exceeded(true), t(1));
+        let out = outputs(&mut e);
+        assert_eq!(out.len(), 1, "an unknown sequence number draws nothing");
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.src), (11, router));
+        let quote = &out[0][h.l4_offset + 8..];
+        assert_eq!(quote[8], 1, "the quoted TTL is request 1's");
+        assert_eq!(&quote[20..28], &[8, 0, quote[22], quote[23], 0, 0x77, 0, 1]);
+    }
+
+    #[test]
+    fn fragmented_datagrams_are_relayed_whole_and_replies_fragmented() {
+        for (from, to) in
+            [("10.0.2.100:5000", "198.18.0.2:7"), ("[fd00:cf::100]:5000", "[2001:db8::2]:7")]
+        {
+            let (mut e, rx) = engine();
+            let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+            let whole = udp_from_child(from, to, &payload);
+            let frags = frag::fragment(&whole, 1500, 42);
+            assert_eq!(frags.len(), 3);
+            let wire: u64 = frags.iter().map(|f| (f.len() - ETH_HEADER_LEN) as u64).sum();
+            for f in frags {
+                e.ingest(f, t(0));
+            }
+            let acts = actions(&mut e);
+            let sent: Vec<&Vec<u8>> = acts
+                .iter()
+                .filter_map(|a| match a {
+                    Action::UdpSend { payload, .. } => Some(payload),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(sent, [&payload], "{from}: one datagram, whole");
+            e.udp_reply(1, &payload, t(1));
+            let out = outputs(&mut e);
+            assert_eq!(out.len(), 3, "{from}: the reply in fragments");
+            let mut r = frag::Reassembler::default();
+            let back = out
+                .iter()
+                .filter_map(|f| {
+                    assert!(f.len() <= 1500 + ETH_HEADER_LEN, "fits the tap");
+                    r.push(f, &packet::parse(f).unwrap(), t(1))
+                })
+                .next()
+                .expect("the command can reassemble the reply");
+            let h = packet::parse(&back.frame).unwrap();
+            assert_eq!(h.payload(&back.frame), &payload[..]);
+            e.shutdown();
+            let end = flow_events(&rx).pop().unwrap();
+            assert_eq!(end.stats.packets, [3, 3], "{from}: each fragment is a packet");
+            assert_eq!(end.stats.bytes[0], wire, "{from}: IP bytes as on the wire");
+            assert_eq!(end.stats.payload_bytes, [4000, 4000]);
+        }
+    }
+
+    fn fix_ipv4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+        let ip = &mut frame[14..34];
+        ip[10] = 0;
+        ip[11] = 0;
+        let sum = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
+        frame[24..26].copy_from_slice(&sum.to_be_bytes());
+        frame
     }
 
     #[test]
@@ -1181,6 +1446,7 @@ mod tests {
                 id: 1,
                 remote: "198.18.0.2".parse().unwrap(),
                 seq: 3,
+                hops: 64,
                 payload: b"abc".to_vec()
             }]
         );

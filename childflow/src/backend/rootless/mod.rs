@@ -13,10 +13,13 @@
 //! does childflow start the engine thread on the descriptor. The command's first frames wait
 //! in the tap's queue meanwhile.
 
+pub mod attribution;
 pub mod dns;
 pub mod driver;
 pub mod engine;
+pub mod frag;
 pub mod packet;
+pub mod recverr;
 pub mod tap;
 
 use std::{
@@ -101,6 +104,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         ),
         None => None,
     };
+    // Which process opened each flow, looked up in /proc off the engine's thread.
+    let (new_flows, attribution) =
+        attribution::spawn(sandbox.pid().as_raw() as u32, events.clone())
+            .context("failed to start the process attribution thread")?;
+    engine_cfg.new_flows = Some(new_flows);
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
     // Every connection of the command is a host socket here. Raised only now, after the
     // command was forked: its own limits stay what the user set.
@@ -119,6 +127,10 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("the network engine failed: {e}"),
         Err(_) => tracing::warn!("the network engine panicked"),
+    }
+    // The engine's end dropped the sender: the thread finishes its queue and stops.
+    if attribution.join().is_err() {
+        tracing::warn!("the process attribution thread panicked");
     }
     Ok(status)
 }

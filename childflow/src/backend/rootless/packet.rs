@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use childflow_common::flow::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
-use etherparse::{PacketBuilder, icmpv4, icmpv6};
+use etherparse::PacketBuilder;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -50,8 +50,11 @@ pub struct Headers {
     pub icmp_code: u8,
     /// ICMP echo sequence number.
     pub icmp_seq: u16,
-    /// An IPv4 fragment (only the first carries transport headers; the engine drops these).
+    /// An IPv4 fragment or an IPv6 packet with a Fragment header (RFC 8200 §4.5): the
+    /// transport fields are unset (0) and the engine reassembles it ([`super::frag`]).
     pub fragment: bool,
+    /// The IPv4 TTL or IPv6 hop limit the command sent the packet with.
+    pub ttl: u8,
 }
 
 impl Headers {
@@ -98,7 +101,7 @@ pub fn parse_prefix(frame: &[u8]) -> Option<Headers> {
 fn parse_inner(frame: &[u8], prefix: bool) -> Option<Headers> {
     let src_mac: Mac = frame.get(6..12)?.try_into().ok()?;
     let ip = ETH_HEADER_LEN;
-    let (proto, src, dst, ip_len, l4, fragment) = match ethertype(frame)? {
+    let (proto, src, dst, ip_len, l4, fragment, ttl) = match ethertype(frame)? {
         ETHERTYPE_IPV4 => {
             let vihl = *frame.get(ip)?;
             let ihl = usize::from(vihl & 0x0f) * 4;
@@ -113,7 +116,9 @@ fn parse_inner(frame: &[u8], prefix: bool) -> Option<Headers> {
             let fragment = frag & 0x3fff != 0;
             let src: [u8; 4] = frame.get(ip + 12..ip + 16)?.try_into().ok()?;
             let dst: [u8; 4] = frame.get(ip + 16..ip + 20)?.try_into().ok()?;
-            (*frame.get(ip + 9)?, IpAddr::from(src), IpAddr::from(dst), total, ip + ihl, fragment)
+            let ttl = *frame.get(ip + 8)?;
+            let proto = *frame.get(ip + 9)?;
+            (proto, IpAddr::from(src), IpAddr::from(dst), total, ip + ihl, fragment, ttl)
         }
         ETHERTYPE_IPV6 => {
             if frame.get(ip)? >> 4 != 6 {
@@ -125,7 +130,10 @@ fn parse_inner(frame: &[u8], prefix: bool) -> Option<Headers> {
             }
             let src: [u8; 16] = frame.get(ip + 8..ip + 24)?.try_into().ok()?;
             let dst: [u8; 16] = frame.get(ip + 24..ip + 40)?.try_into().ok()?;
-            (*frame.get(ip + 6)?, IpAddr::from(src), IpAddr::from(dst), total, ip + 40, false)
+            let chain = ipv6_chain(frame, ip, ip + total)?;
+            let ttl = *frame.get(ip + 7)?;
+            let fragment = chain.fragment.is_some_and(|f| f.offset != 0 || f.more);
+            (chain.proto, IpAddr::from(src), IpAddr::from(dst), total, chain.l4, fragment, ttl)
         }
         _ => return None,
     };
@@ -148,6 +156,7 @@ fn parse_inner(frame: &[u8], prefix: bool) -> Option<Headers> {
         icmp_code: 0,
         icmp_seq: 0,
         fragment,
+        ttl,
     };
     if fragment {
         return Some(h);
@@ -180,6 +189,89 @@ fn parse_inner(frame: &[u8], prefix: bool) -> Option<Headers> {
     h.payload_offset = l4 + header_len;
     h.payload_len = (end - h.payload_offset) as u32;
     Some(h)
+}
+
+/// IPv6 extension headers that sit between the fixed header and the transport header
+/// and are skipped to reach it (RFC 8200 §4): Hop-by-Hop Options, Routing, Destination
+/// Options (all `(len + 1) * 8` bytes), Fragment (8 bytes) and Authentication (RFC 4302,
+/// `(len + 2) * 4` bytes).
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+/// More extension headers than any sane packet carries: a chain longer than this is
+/// treated as malformed rather than walked.
+const IPV6_MAX_EXT_HEADERS: usize = 8;
+
+/// What a Fragment header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Fragment {
+    /// Offset of the Fragment header in the frame.
+    pub header_offset: usize,
+    /// Offset of the Next Header byte that names the Fragment header (in the IPv6 header
+    /// or the extension header before it), which reassembly rewrites.
+    pub named_at: usize,
+    /// Offset of the fragment's data, in bytes from the start of the fragmentable part.
+    pub offset: usize,
+    /// The M flag: more fragments follow.
+    pub more: bool,
+    pub ident: u32,
+}
+
+/// The end of an IPv6 header chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Chain {
+    /// The upper-layer protocol (or the Fragment header's next header for a fragment).
+    pub proto: u8,
+    /// Offset of the upper-layer header (for a fragment: of the fragment's data).
+    pub l4: usize,
+    pub fragment: Option<Ipv6Fragment>,
+}
+
+/// Walks the extension headers of the IPv6 packet at `ip` (ending at `end`) to its
+/// upper-layer header.
+pub fn ipv6_chain(frame: &[u8], ip: usize, end: usize) -> Option<Ipv6Chain> {
+    let mut next_header_at = ip + 6;
+    let mut next = *frame.get(next_header_at)?;
+    let mut at = ip + 40;
+    let mut fragment = None;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                (usize::from(*frame.get(at + 1)?) + 1) * 8
+            }
+            IPV6_AUTH => (usize::from(*frame.get(at + 1)?) + 2) * 4,
+            IPV6_FRAGMENT => {
+                let field = u16_at(frame, at + 2)?;
+                fragment = Some(Ipv6Fragment {
+                    header_offset: at,
+                    named_at: next_header_at,
+                    offset: usize::from(field & 0xfff8),
+                    more: field & 1 != 0,
+                    ident: u32_at(frame, at + 4)?,
+                });
+                8
+            }
+            _ => {
+                if at > end {
+                    return None;
+                }
+                return Some(Ipv6Chain { proto: next, l4: at, fragment });
+            }
+        };
+        if at + len > end {
+            return None;
+        }
+        next_header_at = at;
+        next = *frame.get(at)?;
+        at += len;
+        if fragment.is_some_and(|f| f.offset != 0 || f.more) {
+            // The rest of the chain may be in the first fragment only.
+            return Some(Ipv6Chain { proto: next, l4: at, fragment });
+        }
+    }
+    None
 }
 
 /// Frame builders. Each appends one complete Ethernet frame to `out` (cleared first).
@@ -216,6 +308,21 @@ pub enum Unreachable {
     Port,
     /// Policy forbids it (host loopback without `--allow-host-loopback`).
     Prohibited,
+}
+
+/// An ICMP error message for the command: type and code in the family of the packet it
+/// answers (ICMPv4 for IPv4, ICMPv6 for IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    pub icmp_type: u8,
+    pub code: u8,
+}
+
+impl IcmpError {
+    /// ICMP time exceeded in transit (RFC 792) / hop limit exceeded (RFC 4443 §3.3).
+    pub fn time_exceeded(v4: bool) -> IcmpError {
+        IcmpError { icmp_type: if v4 { 11 } else { 3 }, code: 0 }
+    }
 }
 
 impl Builder {
@@ -256,8 +363,7 @@ impl Builder {
     }
 
     /// An ICMP destination-unreachable from `from` about the packet `original` (a whole
-    /// frame from the command, whose headers are `h`), quoting as much of it as RFC 792
-    /// (IP header + 64 bits) or RFC 4443 §2.4 (as much as fits in 1280 bytes) asks.
+    /// frame from the command, whose headers are `h`).
     pub fn unreachable(
         &self,
         from: IpAddr,
@@ -266,37 +372,61 @@ impl Builder {
         why: Unreachable,
         out: &mut Vec<u8>,
     ) {
+        let v4 = h.src.is_ipv4();
+        let err = match why {
+            // RFC 792: host unreachable; RFC 4443 §3.1: address unreachable.
+            Unreachable::Host if v4 => IcmpError { icmp_type: 3, code: 1 },
+            Unreachable::Host => IcmpError { icmp_type: 1, code: 3 },
+            Unreachable::Port if v4 => IcmpError { icmp_type: 3, code: 3 },
+            Unreachable::Port => IcmpError { icmp_type: 1, code: 4 },
+            // RFC 1812 §5.2.7.1: communication with destination host administratively
+            // prohibited; RFC 4443: communication with destination administratively prohibited.
+            Unreachable::Prohibited if v4 => IcmpError { icmp_type: 3, code: 10 },
+            Unreachable::Prohibited => IcmpError { icmp_type: 1, code: 1 },
+        };
+        self.icmp_error(from, h, original, err, out);
+    }
+
+    /// An ICMP error `err` (of the packet's family) from `from` about the packet `original`
+    /// (a frame from the command, or a stored prefix of one, whose headers are `h`),
+    /// quoting as much of it as RFC 792 (IP header + 64 bits) or RFC 4443 §2.4 (as much as
+    /// fits in 1280 bytes) asks. Bytes 5–8 of the ICMP header are zero, which is what
+    /// destination unreachable (other than "fragmentation needed"), time exceeded and
+    /// their ICMPv6 counterparts carry.
+    pub fn icmp_error(
+        &self,
+        from: IpAddr,
+        h: &Headers,
+        original: &[u8],
+        err: IcmpError,
+        out: &mut Vec<u8>,
+    ) {
         out.clear();
-        // `original` may be a stored prefix of the frame (see the engine's UDP flows).
         let end = (h.ip_offset + h.ip_len as usize).min(original.len());
         let ip_packet = original.get(h.ip_offset..end).unwrap_or_default();
         match h.src {
             IpAddr::V4(_) => {
                 let quote =
                     &ip_packet[..ip_packet.len().min(h.l4_offset.saturating_sub(h.ip_offset) + 8)];
-                let code = match why {
-                    Unreachable::Host => icmpv4::DestUnreachableHeader::Host,
-                    Unreachable::Port => icmpv4::DestUnreachableHeader::Port,
-                    Unreachable::Prohibited => icmpv4::DestUnreachableHeader::HostProhibited,
-                };
-                let b = self
-                    .eth()
-                    .ipv4(ipv4(from), ipv4(h.src), HOP_LIMIT)
-                    .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(code));
+                let b = self.eth().ipv4(ipv4(from), ipv4(h.src), HOP_LIMIT).icmpv4(
+                    etherparse::Icmpv4Type::Unknown {
+                        type_u8: err.icmp_type,
+                        code_u8: err.code,
+                        bytes5to8: [0; 4],
+                    },
+                );
                 let _ = b.write(out, quote);
             }
             IpAddr::V6(_) => {
                 // 1280 minus the IPv6 (40) and ICMPv6 (8) headers.
                 let quote = &ip_packet[..ip_packet.len().min(1232)];
-                let code = match why {
-                    Unreachable::Host => icmpv6::DestUnreachableCode::Address,
-                    Unreachable::Port => icmpv6::DestUnreachableCode::Port,
-                    Unreachable::Prohibited => icmpv6::DestUnreachableCode::Prohibited,
-                };
-                let b = self
-                    .eth()
-                    .ipv6(ipv6(from), ipv6(h.src), HOP_LIMIT)
-                    .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(code));
+                let b = self.eth().ipv6(ipv6(from), ipv6(h.src), HOP_LIMIT).icmpv6(
+                    etherparse::Icmpv6Type::Unknown {
+                        type_u8: err.icmp_type,
+                        code_u8: err.code,
+                        bytes5to8: [0; 4],
+                    },
+                );
                 let _ = b.write(out, quote);
             }
         }
