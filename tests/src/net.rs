@@ -114,7 +114,11 @@ impl TestNet {
         ns(&["link", "set", "lo", "up"]);
         for host in 2..=4 {
             ns(&["addr", "add", &format!("198.18.{n}.{host}/24"), "dev", &up_if]);
-            ns(&["addr", "add", &format!("2001:db8:{n:x}::{host}/64"), "dev", &up_if, "nodad"]);
+            let v6 = format!("2001:db8:{n:x}::{host}/64");
+            // Only ::2 is preferred, so the namespace's own messages (ICMPv6 errors as a
+            // router) come from it, like IPv4's primary .2; ::3 and ::4 still serve.
+            let lft = if host == 2 { "forever" } else { "0" };
+            ns(&["addr", "add", &v6, "dev", &up_if, "nodad", "preferred_lft", lft]);
         }
         ns(&["link", "set", &up_if, "up"]);
         net.add_far_hop();
@@ -129,25 +133,29 @@ impl TestNet {
         let (up, hop) = (self.netns.as_str(), self.hop_netns.as_str());
         let _ = sh(&["ip", "netns", "del", hop]);
         must(&["ip", "netns", "add", hop]);
-        must(&[
-            "ip", "-n", up, "link", "add", "cfr0", "type", "veth", "peer", "name", "cfr1", "netns",
-            hop,
-        ]);
-        for (ns, dev, host) in [(up, "cfr0", 1), (hop, "cfr1", 2)] {
+        // Fixed MACs and permanent neighbour entries: no address resolution on this link,
+        // which loses the first probes while the new veth's carrier comes up.
+        let macs = ["02:cf:00:00:00:01", "02:cf:00:00:00:02"];
+        let add = "link add cfr0 address MAC0 type veth peer name cfr1 address MAC1 netns HOP";
+        let add = add.replace("MAC0", macs[0]).replace("MAC1", macs[1]).replace("HOP", hop);
+        let mut args = vec!["ip", "-n", up];
+        args.extend(add.split(' '));
+        must(&args);
+        let ends = [(up, "cfr0", 1, 2, macs[1]), (hop, "cfr1", 2, 1, macs[0])];
+        for (ns, dev, host, peer, peer_mac) in ends {
             must(&["ip", "-n", ns, "addr", "add", &format!("198.19.{n}.{host}/24"), "dev", dev]);
             let v6 = format!("2001:db8:{n:x}:1::{host}/64");
             must(&["ip", "-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
             must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-            must(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.icmp_ratelimit=0",
-                "net.ipv6.icmp.ratelimit=0",
-            ]);
+            for ip in [format!("198.19.{n}.{peer}"), format!("2001:db8:{n:x}:1::{peer}")] {
+                let neigh = ["neigh", "replace", &ip, "lladdr", peer_mac, "dev", dev];
+                let mut args = vec!["ip", "-n", ns];
+                args.extend(neigh);
+                args.extend(["nud", "permanent"]);
+                must(&args);
+            }
+            let no_limit = ["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"];
+            must(&["ip", "netns", "exec", ns, "sysctl", "-qw", no_limit[0], no_limit[1]]);
         }
         must(&["ip", "-n", hop, "link", "set", "lo", "up"]);
         must(&["ip", "-n", hop, "route", "add", "default", "via", &format!("198.19.{n}.1")]);
