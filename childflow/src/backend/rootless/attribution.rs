@@ -1,8 +1,15 @@
-//! Which process of the command tree opened each flow, found in procfs the way `ss -p` and
-//! bandwhich do it: the flow's command-side address names a socket in the command's network
-//! namespace (`/proc/<init>/net/{tcp,udp,icmp}{,6}`, proc(5)), the socket's inode names the
-//! process holding it (`/proc/<pid>/fd/* -> socket:[inode]`), and `/proc/<pid>` tells its
-//! comm, uid, exe and command line. The rootful backend learns the same from eBPF; both emit
+//! Which process of the command tree opened each flow, found the way `ss -p` and bandwhich
+//! do it: the flow's command-side address names a socket in the command's network namespace,
+//! the socket's inode names the process holding it (`/proc/<pid>/fd/* -> socket:[inode]`),
+//! and `/proc/<pid>` tells its comm, uid, exe and command line.
+//!
+//! The socket is found with one sock_diag request for exactly that address pair
+//! (sock_diag(7), `SOCK_DIAG_BY_FAMILY` without `NLM_F_DUMP`: a hash lookup in the kernel),
+//! over a netlink socket the sandbox's init opened in the command's namespace and passed
+//! out. `/proc/<init>/net/{tcp,udp}{,6}` would do too, but the kernel walks its whole
+//! connection hash table for each read (4–8 ms each here), long enough for a quick `curl`
+//! to be gone; it remains the fallback, and the only way for ping sockets
+//! (`/proc/<init>/net/icmp{,6}`, a small table), which sock_diag does not cover. The rootful backend learns the same from eBPF; both emit
 //! [`ProcessEvent`]s, so the flow table, logs, TUI and pcapng comments do not know which ran.
 //!
 //! Runs on a thread of its own, fed the key of every new flow by the engine, so a slow
@@ -11,14 +18,20 @@
 //! gone by the time of the lookup (a command that sends one datagram and exits at once), the
 //! flow gets no process: nothing is guessed.
 //!
-//! Invariants: only processes in the command's pid namespace are looked at (same
-//! `/proc/<pid>/ns/pid` as its init), and `pid` is the host's view of the pid (this runs in
-//! childflow, outside that namespace). No function here panics on the content of `/proc`.
+//! The processes looked at are the descendants of the sandbox's init, found through
+//! `/proc/<pid>/task/<tid>/children` (proc(5)): a handful of reads for a command tree, where
+//! a walk of all of `/proc` takes long enough on a busy host for a short-lived `curl` to be
+//! gone before its turn. Orphans are re-parented to init (pid 1 of the namespace), so the
+//! walk still finds them.
+//!
+//! Invariants: `pid` is the host's view of the pid (this runs in childflow, outside the
+//! command's pid namespace). No function here panics on the content of `/proc`.
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::PathBuf,
     thread::JoinHandle,
 };
@@ -31,11 +44,19 @@ use crate::event::{Emitter, Event, FlowKey, ProcessEvent, ProcessInfo};
 /// Starts the attribution thread for the command tree whose pid namespace `init` (a host
 /// pid) leads. Returns the sender the engine gives each new flow's key to, and the thread,
 /// which ends once every sender is dropped and its queue is done.
-pub fn spawn(init: u32, events: Emitter) -> std::io::Result<(Sender<FlowKey>, JoinHandle<()>)> {
+///
+/// `diag` is a `NETLINK_SOCK_DIAG` socket opened in the command's network namespace.
+pub fn spawn(
+    init: u32,
+    diag: Option<OwnedFd>,
+    events: Emitter,
+) -> std::io::Result<(Sender<FlowKey>, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let thread = std::thread::Builder::new()
-        .name("attribution".into())
-        .spawn(move || run(Procfs::new(PathBuf::from("/proc"), init), &rx, &events))?;
+    let thread = std::thread::Builder::new().name("attribution".into()).spawn(move || {
+        let mut procfs = Procfs::new(PathBuf::from("/proc"), init);
+        procfs.diag = diag;
+        run(procfs, &rx, &events)
+    })?;
     Ok((tx, thread))
 }
 
@@ -68,37 +89,37 @@ struct SocketEntry {
 struct Procfs {
     root: PathBuf,
     init: u32,
-    /// `/proc/<init>/ns/pid`'s link text, which every process of the tree shares.
-    pid_ns: Option<PathBuf>,
-    /// Socket inode → pid, from the last fd scan.
+    /// A sock_diag socket in the command's network namespace.
+    diag: Option<OwnedFd>,
+    /// Socket inode → pid, from the fd scans so far.
     inodes: HashMap<u64, u32>,
-    /// Pids found outside the namespace (or unreadable): not looked at again.
-    foreign: HashSet<u32>,
     /// Everything read about each process, kept after it exits.
     processes: HashMap<u32, ProcessInfo>,
 }
 
 impl Procfs {
     fn new(root: PathBuf, init: u32) -> Procfs {
-        let pid_ns = fs::read_link(root.join(format!("{init}/ns/pid"))).ok();
-        Procfs {
-            root,
-            init,
-            pid_ns,
-            inodes: HashMap::new(),
-            foreign: HashSet::new(),
-            processes: HashMap::new(),
-        }
+        Procfs { root, init, diag: None, inodes: HashMap::new(), processes: HashMap::new() }
     }
 
     /// The process holding the command-side socket of flow `key`, if it can still be told.
     fn process_of(&mut self, key: &FlowKey) -> Option<ProcessInfo> {
-        let inode = self.socket_inode(key)?;
+        let Some(inode) = self.socket_inode(key) else {
+            tracing::debug!("{key}: no socket of the command has this address");
+            return None;
+        };
         let pid = match self.inodes.get(&inode) {
             Some(&pid) => pid,
             None => {
                 self.scan_fds();
-                *self.inodes.get(&inode)?
+                let Some(&pid) = self.inodes.get(&inode) else {
+                    tracing::debug!(
+                        "{key}: no process of the command holds socket {inode} (tree {:?})",
+                        self.tree()
+                    );
+                    return None;
+                };
+                pid
             }
         };
         // Read afresh: the pid may have exec'd since it was cached (a shell's fork runs
@@ -112,8 +133,21 @@ impl Procfs {
         }
     }
 
-    /// The inode of the command's socket for `key`, from the namespace's socket tables.
+    /// The inode of the command's socket for `key`.
     fn socket_inode(&self, key: &FlowKey) -> Option<u64> {
+        if let Some(diag) = &self.diag
+            && (key.proto == PROTO_TCP || key.proto == PROTO_UDP)
+        {
+            match sock_diag_inode(diag.as_fd(), key) {
+                Ok(found) => return found,
+                Err(e) => tracing::debug!("{key}: sock_diag failed ({e}); reading /proc"),
+            }
+        }
+        self.socket_inode_from_tables(key)
+    }
+
+    /// The inode of the command's socket for `key`, from the namespace's socket tables.
+    fn socket_inode_from_tables(&self, key: &FlowKey) -> Option<u64> {
         let v4 = key.local_ip().is_ipv4();
         let table = match key.proto {
             PROTO_TCP => "tcp",
@@ -139,22 +173,10 @@ impl Procfs {
         best.map(|(_, inode)| inode)
     }
 
-    /// Walks the fds of every process of the namespace, refreshing the inode → pid cache.
+    /// Walks the fds of every process of the command tree, refreshing the inode → pid cache.
     fn scan_fds(&mut self) {
-        let Ok(dir) = fs::read_dir(&self.root) else { return };
-        for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if pid == self.init || self.foreign.contains(&pid) {
-                continue;
-            }
-            let ns = fs::read_link(entry.path().join("ns/pid")).ok();
-            if ns.is_none() || ns != self.pid_ns {
-                self.foreign.insert(pid);
-                continue;
-            }
-            let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
+        for pid in self.tree() {
+            let Ok(fds) = fs::read_dir(self.root.join(format!("{pid}/fd"))) else { continue };
             for fd in fds.flatten() {
                 if let Ok(target) = fs::read_link(fd.path())
                     && let Some(inode) = socket_inode_of_link(&target.to_string_lossy())
@@ -164,6 +186,127 @@ impl Procfs {
             }
         }
     }
+
+    /// The live descendants of init (not init itself: childflow's own code, no sockets of
+    /// the command).
+    fn tree(&self) -> Vec<u32> {
+        let mut found = Vec::new();
+        let mut queue = vec![self.init];
+        let mut seen = HashSet::new();
+        while let Some(pid) = queue.pop() {
+            let Ok(tasks) = fs::read_dir(self.root.join(format!("{pid}/task"))) else { continue };
+            for task in tasks.flatten() {
+                let Ok(children) = fs::read_to_string(task.path().join("children")) else {
+                    continue;
+                };
+                for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                    if seen.insert(child) {
+                        found.push(child);
+                        queue.push(child);
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `INET_DIAG_NOCOOKIE` (linux/inet_diag.h): match any socket.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+/// `sizeof(struct nlmsghdr)` + `sizeof(struct inet_diag_req_v2)`.
+const DIAG_REQUEST_LEN: usize = 16 + 56;
+/// Offset of `idiag_inode` in `struct inet_diag_msg` (family, state, timer, retrans, the
+/// 48-byte `inet_diag_sockid`, expires, rqueue, wqueue, uid, then inode).
+const DIAG_MSG_INODE: usize = 4 + 48 + 16;
+
+/// Asks the kernel for the socket of `key` (sock_diag(7), one exact lookup). `Ok(None)`
+/// when there is none. Tries the flow's own family, then (IPv4 flows) an `AF_INET6`
+/// socket with v4-mapped addresses. TCP takes the pair as (local, remote); UDP as
+/// (remote, local): `udp_dump_one` (net/ipv4/udp_diag.c) looks the socket up the way an
+/// arriving datagram would, with the pair "swapped for historical reasons".
+fn sock_diag_inode(diag: BorrowedFd, key: &FlowKey) -> std::io::Result<Option<u64>> {
+    let (local, remote) = (key.local(), key.remote());
+    let mut pairs = vec![(local, remote)];
+    if let (IpAddr::V4(l), IpAddr::V4(r)) = (local.ip(), remote.ip()) {
+        let mapped = |a: Ipv4Addr, port| SocketAddr::new(IpAddr::V6(a.to_ipv6_mapped()), port);
+        pairs.push((mapped(l, local.port()), mapped(r, remote.port())));
+    }
+    for (l, r) in pairs {
+        let (src, dst) = if key.proto == PROTO_UDP { (r, l) } else { (l, r) };
+        if let Some(inode) = sock_diag_one(diag, key.proto, src, dst)? {
+            return Ok(Some(inode));
+        }
+    }
+    Ok(None)
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` request for the socket `src` → `dst` of `proto`.
+fn sock_diag_one(
+    diag: BorrowedFd,
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> std::io::Result<Option<u64>> {
+    let mut req = [0u8; DIAG_REQUEST_LEN];
+    req[0..4].copy_from_slice(&(DIAG_REQUEST_LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    let r = &mut req[16..];
+    r[0] = if src.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    r[1] = proto;
+    r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every TCP state
+    let id = &mut r[8..];
+    id[0..2].copy_from_slice(&src.port().to_be_bytes());
+    id[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => [&a.octets()[..], &[0; 12]].concat(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    id[4..20].copy_from_slice(&octets(src.ip()));
+    id[20..36].copy_from_slice(&octets(dst.ip()));
+    id[40..48].copy_from_slice(&NO_COOKIE);
+    // SAFETY: send(2) on a netlink socket we own, from a buffer that outlives the call.
+    let sent = unsafe { libc::send(diag.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = [0u64; 128];
+    // SAFETY: recv(2) into a 1,024-byte buffer that outlives the call.
+    let n = unsafe { libc::recv(diag.as_raw_fd(), buf.as_mut_ptr().cast(), 1024, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote n bytes into `buf`, which is 1,024 bytes long.
+    let reply = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+    Ok(parse_diag_reply(reply))
+}
+
+/// The socket inode in a sock_diag reply; `None` for an error reply (`ENOENT`: no such
+/// socket) or anything malformed.
+fn parse_diag_reply(reply: &[u8]) -> Option<u64> {
+    let msg_type = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
+    if msg_type != SOCK_DIAG_BY_FAMILY {
+        return None;
+    }
+    let at = 16 + DIAG_MSG_INODE;
+    let inode = u32::from_ne_bytes(reply.get(at..at + 4)?.try_into().ok()?);
+    (inode != 0).then_some(u64::from(inode))
+}
+
+/// Opens a sock_diag socket in the calling thread's network namespace (the sandbox's init
+/// calls it, to pass it out).
+pub fn open_diag_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2); the descriptor is owned from here on.
+    let fd = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `socket:[12345]` → 12345.
@@ -296,22 +439,49 @@ mod tests {
 
     #[test]
     fn finds_this_tests_own_socket_and_process() {
-        // This process stands in for the command tree: its own /proc, its own pid namespace.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (local, remote) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
-        // Another process as init: its netns and pid ns are ours too, and it is skipped in
-        // the fd scan (childflow's init holds no sockets of the command).
-        let mut init = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        let mut procfs = Procfs::new(PathBuf::from("/proc"), init.id());
-        let info = procfs
-            .process_of(&FlowKey::new(PROTO_TCP, local, remote))
-            .expect("the test's connected socket is found");
-        assert_eq!(info.pid, std::process::id());
-        assert!(info.cmdline.is_some_and(|c| !c.is_empty()));
+        // This test process stands in for init, and a python child of it for the command,
+        // holding a connected UDP socket to a loopback port.
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let script = format!(
+            "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             s.connect(('127.0.0.1',{}))\nprint(s.getsockname()[1],flush=True)\ntime.sleep(5)",
+            peer.local_addr().unwrap().port()
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port: u16 = line.trim().parse().expect("the child's port");
+        let mut procfs = Procfs::new(PathBuf::from("/proc"), std::process::id());
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        let flow = FlowKey::new(PROTO_UDP, local, peer.local_addr().unwrap());
+        let info = procfs.process_of(&flow).expect("the child's connected socket is found");
+        assert_eq!(info.pid, child.id());
+        assert_eq!(info.comm, "python3");
+        assert_eq!(info.cmdline.as_ref().map(|c| c[1].as_str()), Some("-c"));
         let unknown = key(PROTO_TCP, "127.0.0.1:1", "127.0.0.1:2");
         assert_eq!(procfs.process_of(&unknown), None, "no such socket: no guess");
-        let _ = init.kill();
-        let _ = init.wait();
+        // The same through sock_diag, and both ways agree.
+        let diag = open_diag_socket().expect("a sock_diag socket");
+        let by_diag = sock_diag_inode(diag.as_fd(), &flow).expect("sock_diag answers");
+        assert!(by_diag.is_some(), "sock_diag finds the socket");
+        assert_eq!(by_diag, procfs.socket_inode_from_tables(&flow));
+        assert_eq!(sock_diag_inode(diag.as_fd(), &unknown).unwrap(), None);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let tcp =
+            FlowKey::new(PROTO_TCP, client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let by_diag = sock_diag_inode(diag.as_fd(), &tcp).unwrap();
+        assert!(by_diag.is_some(), "a TCP connection too");
+        assert_eq!(by_diag, procfs.socket_inode_from_tables(&tcp));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Gone: what was read stays.
+        assert_eq!(procfs.process_of(&flow), None, "the socket is gone with its process");
+        assert_eq!(procfs.processes.get(&info.pid), Some(&info), "kept after the exit");
     }
 }

@@ -72,6 +72,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let tap = tap::create(&net, mtu)?;
         fdpass::send(child_end.as_fd(), tap.as_raw_fd()).map_err(|e| e.to_string())?;
         drop(tap);
+        // For process attribution: a netlink socket stays in the namespace it was made in.
+        let diag = attribution::open_diag_socket()
+            .map_err(|e| format!("failed to open a sock_diag socket: {e}"))?;
+        fdpass::send(child_end.as_fd(), diag.as_raw_fd()).map_err(|e| e.to_string())?;
+        drop(diag);
         drop(child_end);
         sandbox::make_mounts_private()?;
         sandbox::bind_file(&resolv_path, c"/etc/resolv.conf")
@@ -85,6 +90,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The bind mount keeps the file alive for the command; nothing is left in /tmp.
     drop(resolv);
     let tap = fdpass::recv(parent_end.as_fd()).context("failed to set up the command's network")?;
+    let diag = fdpass::recv(parent_end.as_fd())
+        .context("failed to receive the command's sock_diag socket")?;
     drop(parent_end);
 
     let mut engine_cfg = EngineConfig::new(mtu as usize, now_unix_nanos());
@@ -106,7 +113,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     };
     // Which process opened each flow, looked up in /proc off the engine's thread.
     let (new_flows, attribution) =
-        attribution::spawn(sandbox.pid().as_raw() as u32, events.clone())
+        attribution::spawn(sandbox.pid().as_raw() as u32, Some(diag), events.clone())
             .context("failed to start the process attribution thread")?;
     engine_cfg.new_flows = Some(new_flows);
     let driver_cfg = DriverConfig { upstream_dns, ..DriverConfig::default() };
