@@ -447,6 +447,17 @@ fn traceroute_and_tracepath_see_the_router_hop() {
             assert_eq!(childflow_tests::trace_hops(&out), want, "{who:?} traceroute:\n{out}");
             let out = sh_ok(&net, who, &format!("{tracepath} {flag} -n -m 5 {far}"), 60);
             assert_eq!(childflow_tests::trace_hops(&out), want, "{who:?} tracepath:\n{out}");
+            if matches!(who, As::Root) {
+                // TCP SYN probes (a raw socket: root in the sandbox only). The far address
+                // answers the last one with RST.
+                let tcp = format!("{traceroute} {flag} -T -p 80 -n -m 5 -w 3 {far}");
+                let out = sh_ok(&net, who, &tcp, 60);
+                assert_eq!(
+                    childflow_tests::trace_hops(&out),
+                    want,
+                    "{who:?} traceroute -T:\n{out}"
+                );
+            }
         }
     }
 }

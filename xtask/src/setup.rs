@@ -39,6 +39,9 @@ const PACKAGES: &[&str] = &[
     "procps",
     "socat",
     "iputils-ping",
+    // The rootless traceroute tests (UDP, ICMP and TCP probes; tracepath).
+    "traceroute",
+    "iputils-tracepath",
     "tmux",
     "python3",
 ];

@@ -93,6 +93,8 @@ struct Ctx {
     cfg: DriverConfig,
     udp: RefCell<HashMap<FlowId, UdpSession>>,
     pings: RefCell<HashMap<FlowId, PingSession>>,
+    /// Hop limits for TCP connects about to start ([`Action::TcpHopLimit`]).
+    tcp_hops: RefCell<HashMap<FlowId, u8>>,
     ping_unavailable: Cell<bool>,
 }
 
@@ -131,6 +133,7 @@ pub fn run(
             cfg,
             udp: RefCell::new(HashMap::new()),
             pings: RefCell::new(HashMap::new()),
+            tcp_hops: RefCell::new(HashMap::new()),
             ping_unavailable: Cell::new(false),
         });
         let result = main_loop(&ctx, tap, stop).await;
@@ -276,6 +279,9 @@ fn run_actions(ctx: &Rc<Ctx>) {
             Action::Ping { id, remote, seq, hops, payload } => {
                 ping(ctx, id, remote, seq, hops, &payload)
             }
+            Action::TcpHopLimit { id, hops } => {
+                ctx.tcp_hops.borrow_mut().insert(id, hops);
+            }
             Action::SetHopLimit { id, hops } => {
                 if let Some(UdpSession::Socket { sock, .. }) = ctx.udp.borrow().get(&id) {
                     let v6 = sock.peer_addr().is_ok_and(|a| a.is_ipv6());
@@ -311,8 +317,16 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
     };
     let mut failure = ConnectFailure::Unreachable;
     let mut stream = None;
+    let hops = ctx.tcp_hops.borrow_mut().remove(&id);
+    let mut icmp = None;
     for addr in candidates {
-        match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(addr)).await {
+        let connect = async {
+            match hops {
+                Some(hops) => connect_with_hop_limit(addr, hops, &mut icmp).await,
+                None => TcpStream::connect(addr).await,
+            }
+        };
+        match tokio::time::timeout(ctx.cfg.connect_timeout, connect).await {
             Ok(Ok(s)) => {
                 stream = Some(s);
                 break;
@@ -325,7 +339,12 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
         }
     }
     let Some(stream) = stream else {
-        ctx.engine.borrow_mut().tcp_connect_failed(id, failure, ctx.now());
+        let mut engine = ctx.engine.borrow_mut();
+        match icmp {
+            Some(q) => engine.tcp_connect_icmp_error(id, q.offender, q.error, ctx.now()),
+            None => engine.tcp_connect_failed(id, failure, ctx.now()),
+        }
+        drop(engine);
         ctx.poke();
         return;
     };
@@ -341,6 +360,40 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
     drop(stream);
     ctx.engine.borrow_mut().tcp_relay_done(id, end, ctx.now());
     ctx.poke();
+}
+
+/// Connects to `addr` with the command's TTL / hop limit `hops` on the SYN, then goes back
+/// to the host's default for the connection. When the connect fails because of an ICMP
+/// error (a router's "time exceeded" aborts a connect in SYN-SENT: `tcp_v4_err` in
+/// net/ipv4/tcp_ipv4.c), that error, with its source, is left in `icmp`.
+async fn connect_with_hop_limit(
+    addr: SocketAddr,
+    hops: u8,
+    icmp: &mut Option<recverr::QueuedError>,
+) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = addr.is_ipv6();
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let sock = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    recverr::enable(sock.as_fd(), v6)?;
+    recverr::set_hop_limit(sock.as_fd(), v6, hops)?;
+    // The connect consumes the socket; a duplicate descriptor reads its error queue after.
+    let probe = sock.try_clone()?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+    match socket.connect(addr).await {
+        Ok(stream) => {
+            let _ = recverr::reset_hop_limit(stream.as_fd(), v6);
+            Ok(stream)
+        }
+        Err(e) => {
+            while let Ok(queued) = recverr::read_queued(probe.as_fd()) {
+                if queued.is_some() {
+                    *icmp = queued;
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Whether the command has closed its sending side (FIN received and all data read).

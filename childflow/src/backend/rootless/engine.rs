@@ -191,6 +191,10 @@ pub enum Action {
     /// changed it (traceroute), or the session is new. Errors the host socket receives come
     /// back through `udp_icmp_error`.
     SetHopLimit { id: FlowId, hops: u8 },
+    /// The command's SYN for the `TcpConnect` that follows has TTL / hop limit `hops`, not
+    /// the usual [`DEFAULT_HOPS`] (`traceroute -T`): connect with it, and report an ICMP
+    /// error for the SYN with `tcp_connect_icmp_error`.
+    TcpHopLimit { id: FlowId, hops: u8 },
     /// The UDP or ICMP flow ended: drop its sockets.
     Close { id: FlowId },
 }
@@ -367,6 +371,10 @@ impl phy::Device for Queues {
         caps
     }
 }
+
+/// The TTL / hop limit Linux sends with by default (`net.ipv4.ip_default_ttl`,
+/// `net.ipv6.conf.*.hop_limit`): a SYN with any other asks for [`Action::TcpHopLimit`].
+pub const DEFAULT_HOPS: u8 = 64;
 
 /// Echo requests per ICMP flow whose start is kept to quote in an ICMP error about them.
 const ICMP_QUOTES_KEPT: usize = 16;
@@ -717,6 +725,9 @@ impl Engine {
                 let id = self.new_flow(key, FlowState::TcpConnecting { syn: frame }, now);
                 self.account(id, DIR_OUT, h, now);
                 self.emit_flow(id, FlowPhase::Start);
+                if h.ttl != DEFAULT_HOPS {
+                    self.actions.push_back(Action::TcpHopLimit { id, hops: h.ttl });
+                }
                 self.actions.push_back(Action::TcpConnect { id, target });
             }
             Err(why) => {
@@ -880,6 +891,23 @@ impl Engine {
             };
             self.reject(id, &h, &syn, why, now);
         }
+        self.end_flow(id, CloseReason::Failed);
+    }
+
+    /// The upstream connect of TCP flow `id` drew ICMP error `err` from `from` (a router,
+    /// when the command's SYN had a small TTL): the command gets that error, quoting its SYN.
+    pub fn tcp_connect_icmp_error(
+        &mut self,
+        id: FlowId,
+        from: Option<IpAddr>,
+        err: IcmpError,
+        now: Instant,
+    ) {
+        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let FlowState::TcpConnecting { syn } = &mut flow.state else { return };
+        let syn = std::mem::take(syn);
+        let from = from.unwrap_or(flow.key.remote_ip());
+        self.forward_icmp_error(id, from, &syn, err, now);
         self.end_flow(id, CloseReason::Failed);
     }
 
@@ -1303,6 +1331,28 @@ mod tests {
         // A second probe with the same TTL sets nothing; another TTL sets it again.
         e.ingest(udp_from_child("10.0.2.100:40000", "198.19.0.2:33434", &[0; 32]), t(2));
         assert_eq!(actions(&mut e)[0], Action::SetHopLimit { id: 1, hops: 64 });
+    }
+
+    #[test]
+    fn a_syn_with_a_small_ttl_connects_with_it_and_gets_the_routers_time_exceeded() {
+        let (mut e, rx) = engine();
+        let mut syn = tcp_from_child("10.0.2.100:40000", "198.19.0.2:80", 7, true, b"");
+        syn[14 + 8] = 2;
+        let syn = fix_ipv4_checksum(syn);
+        e.ingest(syn.clone(), t(0));
+        let acts = actions(&mut e);
+        assert_eq!(acts[0], Action::TcpHopLimit { id: 1, hops: 2 });
+        assert!(matches!(acts[1], Action::TcpConnect { id: 1, .. }));
+        let router: IpAddr = "198.18.0.2".parse().unwrap();
+        e.tcp_connect_icmp_error(1, Some(router), IcmpError::time_exceeded(true), t(1));
+        let out = outputs(&mut e);
+        let h = packet::parse(&out[0]).unwrap();
+        assert_eq!((h.icmp_type, h.src), (11, router));
+        assert_eq!(&out[0][h.l4_offset + 8..], &syn[14..14 + 28], "quotes the SYN");
+        assert_eq!(flow_events(&rx).last().unwrap().phase, FlowPhase::End(CloseReason::Failed));
+        // The usual TTL asks for nothing special.
+        e.ingest(tcp_from_child("10.0.2.100:40001", "198.19.0.2:80", 7, true, b""), t(2));
+        assert!(matches!(actions(&mut e)[..], [Action::TcpConnect { .. }]));
     }
 
     #[test]

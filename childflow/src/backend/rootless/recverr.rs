@@ -76,6 +76,16 @@ pub fn set_hop_limit(fd: BorrowedFd, v6: bool, hops: u8) -> io::Result<()> {
     }
 }
 
+/// Sends the socket's next packets with the host's default TTL / hop limit again.
+pub fn reset_hop_limit(fd: BorrowedFd, v6: bool) -> io::Result<()> {
+    // -1: the default (ip(7) IP_TTL, ipv6(7) IPV6_UNICAST_HOPS).
+    if v6 {
+        setsockopt_int(fd, libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS, -1)
+    } else {
+        setsockopt_int(fd, libc::SOL_IP, libc::IP_TTL, -1)
+    }
+}
+
 /// Reads one entry of the socket's error queue without blocking. `Err(WouldBlock)` when the
 /// queue is empty; `Ok(None)` for an entry that is not an ICMP error the command should see
 /// (a local error such as `EMSGSIZE`, "fragmentation needed", "packet too big": the host
