@@ -457,6 +457,11 @@ fn traceroute_and_tracepath_see_the_router_hop() {
                     want,
                     "{who:?} traceroute -T:\n{out}"
                 );
+                // ICMP echo probes: through the engine's ping sockets, TTL and all.
+                let icmp = format!("{traceroute} {flag} -I -n -m 5 -w 3 {far}");
+                let out = sh_ok(&net, who, &icmp, 60);
+                let hops = childflow_tests::trace_hops(&out);
+                assert_eq!(hops, want, "{who:?} traceroute -I:\n{out}");
             }
         }
     }
