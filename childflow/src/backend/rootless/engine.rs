@@ -17,7 +17,16 @@
 //!   socket through [`Engine::tcp_socket`].
 //! - UDP and ICMP echo: handled without smoltcp sockets (smoltcp binds by port, we need
 //!   per-flow sessions to any address): datagrams become [`Action::UdpSend`]/[`Action::Ping`],
-//!   replies are framed here. Idle flows end after a timeout.
+//!   replies are framed here. Idle flows end after a timeout. The command's TTL / hop limit
+//!   goes to the host socket ([`Action::SetHopLimit`], [`Action::TcpHopLimit`] for a SYN),
+//!   and the ICMP errors the host socket gets come back from the router that sent them
+//!   ([`Engine::udp_icmp_error`], [`Engine::icmp_echo_error`],
+//!   [`Engine::tcp_connect_icmp_error`]; see [`super::recverr`]): traceroute works.
+//! - IP fragments from the command are reassembled before anything else looks at them, and
+//!   datagrams for it larger than the tap's MTU are fragmented ([`super::frag`]); every
+//!   fragment is counted as the packet it is on the wire.
+//! - New flows' keys go to [`super::attribution`] (when configured), which reports the
+//!   process behind each.
 //! - ARP, NDP and everything else go to smoltcp, which answers for the gateway and resolver
 //!   addresses (`any_ip`).
 //! - Accounting: every frame in either direction is counted to its flow and reported as a
