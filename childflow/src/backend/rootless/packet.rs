@@ -536,6 +536,46 @@ pub(crate) mod tests {
         assert_eq!(h.payload_len, 0);
     }
 
+    /// `frame` (an IPv6 frame without extension headers) with `ext` (whose first byte, the
+    /// Next Header, is filled in) inserted after the fixed header as header type `kind`.
+    fn with_ipv6_ext(frame: &[u8], kind: u8, mut ext: Vec<u8>) -> Vec<u8> {
+        let ip = ETH_HEADER_LEN;
+        let mut out = frame[..ip + 40].to_vec();
+        ext[0] = out[ip + 6];
+        out[ip + 6] = kind;
+        let payload = u16::from_be_bytes([out[ip + 4], out[ip + 5]]) + ext.len() as u16;
+        out[ip + 4..ip + 6].copy_from_slice(&payload.to_be_bytes());
+        out.extend_from_slice(&ext);
+        out.extend_from_slice(&frame[ip + 40..]);
+        out
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_walked_to_the_transport_header() {
+        let f = udp_from_child("[fd00:cf::100]:5000", "[2001:db8::1]:53", b"hello");
+        // Hop-by-Hop with a PadN option (8 bytes), then Destination Options (16 bytes).
+        let f = with_ipv6_ext(
+            &f,
+            IPV6_DEST_OPTS,
+            vec![0, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        let f = with_ipv6_ext(&f, IPV6_HOP_BY_HOP, vec![0, 0, 1, 4, 0, 0, 0, 0]);
+        let h = parse(&f).expect("parses through the extension headers");
+        assert_eq!((h.proto, h.dst_port, h.fragment), (PROTO_UDP, 53, false));
+        assert_eq!(h.payload(&f), b"hello");
+        assert_eq!(h.ip_len as usize, 40 + 8 + 16 + 8 + 5);
+        // A chain that runs past the packet does not parse.
+        let mut bad = f.clone();
+        bad[ETH_HEADER_LEN + 40 + 1] = 200;
+        assert!(parse(&bad).is_none());
+        // An atomic fragment (offset 0, no more fragments) is a whole packet.
+        let atomic = with_ipv6_ext(&f, IPV6_FRAGMENT, vec![0, 0, 0, 0, 0, 0, 0, 9]);
+        let h = parse(&atomic).expect("an atomic fragment parses");
+        assert_eq!((h.proto, h.fragment), (PROTO_UDP, false));
+        assert_eq!(h.payload(&atomic), b"hello");
+        assert_eq!(h.ttl, 64);
+    }
+
     #[test]
     fn truncated_frames_do_not_parse() {
         let f = udp_from_child("10.0.2.100:5000", "198.18.0.1:53", b"hello");
