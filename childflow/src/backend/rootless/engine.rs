@@ -375,6 +375,8 @@ pub struct Engine {
     /// TCP flows whose relay ended; removed once their socket is closed.
     closing: Vec<FlowId>,
     events: Emitter,
+    /// Events held back until [`Engine::flush_events`] (see [`Engine::defer_events`]).
+    deferred: Option<Vec<Event>>,
     peer_mac: Option<Mac>,
     next_housekeeping: Instant,
 }
@@ -412,6 +414,7 @@ impl Engine {
             out: VecDeque::new(),
             closing: Vec::new(),
             events,
+            deferred: None,
             peer_mac: None,
             next_housekeeping: now,
         }
@@ -465,7 +468,33 @@ impl Engine {
         Some(Builder { our_mac: self.cfg.net.gateway_mac, peer_mac: self.peer_mac? })
     }
 
-    fn emit_packet(&self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
+    /// Holds events back until [`Engine::flush_events`] instead of sending each at once.
+    /// The driver flushes them after its writes to the tap: a send can wake the collector
+    /// thread (a futex wake, and on a busy machine a context switch), which must not sit
+    /// between a frame of the command and the engine's answer to it (a SYN and its SYN-ACK).
+    pub fn defer_events(&mut self) {
+        self.deferred.get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the events held back since the last flush (see [`Engine::defer_events`]).
+    pub fn flush_events(&mut self) {
+        if let Some(held) = &mut self.deferred {
+            for ev in held.drain(..) {
+                self.events.emit(ev);
+            }
+        }
+    }
+
+    fn emit(&mut self, ev: Event) {
+        match &mut self.deferred {
+            Some(held) => held.push(ev),
+            None => {
+                self.events.emit(ev);
+            }
+        }
+    }
+
+    fn emit_packet(&mut self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
         let Some(snaplen) = self.cfg.snaplen else { return };
         let mut snap = frame.len().min(snaplen);
         if let Some(filter) = &self.cfg.capture_filter
@@ -474,7 +503,7 @@ impl Engine {
             // Still reported, so the capture counts it as received and filtered out.
             snap = 0;
         }
-        self.events.emit(Event::Packet(PacketEvent {
+        self.emit(Event::Packet(PacketEvent {
             ts: self.unix(now),
             direction: dir,
             orig_len: frame.len() as u32,
@@ -485,7 +514,8 @@ impl Engine {
     fn emit_flow(&mut self, id: FlowId, phase: FlowPhase) {
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.packets_reported = flow.stats.packets[0] + flow.stats.packets[1];
-            self.events.emit(Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase }));
+            let ev = Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase });
+            self.emit(ev);
         }
     }
 
@@ -826,7 +856,7 @@ impl Engine {
         if from.port() == 53
             && let Some(ev) = dns::parse_response(payload, from, DnsTransport::Udp, self.unix(now))
         {
-            self.events.emit(Event::Dns(ev));
+            self.emit(Event::Dns(ev));
         }
         let mut out = self.dev.take();
         b.udp(from, to, payload, &mut out);
@@ -839,7 +869,7 @@ impl Engine {
         if let Some(ev) =
             dns::parse_response(message, flow.key.remote(), DnsTransport::Tcp, self.unix(now))
         {
-            self.events.emit(Event::Dns(ev));
+            self.emit(Event::Dns(ev));
         }
     }
 
@@ -944,6 +974,7 @@ impl Engine {
         for id in ids {
             self.end_flow(id, CloseReason::CommandExit);
         }
+        self.flush_events();
     }
 
     /// The state of flow `id`, for diagnostics (`SYN-RECEIVED (connecting upstream)`, ...).
@@ -1344,6 +1375,31 @@ mod tests {
             })
             .collect();
         assert_eq!(dirs, [Direction::Out, Direction::In]);
+    }
+
+    #[test]
+    fn deferred_events_wait_for_the_flush_in_order() {
+        let (mut e, rx) = engine();
+        e.defer_events();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"x"), t(0));
+        e.udp_reply(1, b"y", t(1));
+        assert_eq!(rx.try_iter().count(), 0, "nothing is sent before the flush");
+        e.flush_events();
+        let kinds: Vec<&str> = rx
+            .try_iter()
+            .map(|e| match e {
+                Event::Packet(p) if p.direction == Direction::Out => "out",
+                Event::Packet(_) => "in",
+                Event::Flow(_) => "flow",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["out", "flow", "in"], "the events keep their order");
+        e.shutdown();
+        assert!(
+            matches!(rx.try_iter().last(), Some(Event::Flow(f)) if f.phase == FlowPhase::End(CloseReason::CommandExit)),
+            "shutdown flushes the flows' ends"
+        );
     }
 
     #[test]
