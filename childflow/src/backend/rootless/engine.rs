@@ -24,14 +24,23 @@
 //!   [`PacketEvent`]; flows are reported when they start, every `flow_update_interval`, and
 //!   when they end ([`FlowUpdate`]).
 //!
-//! Invariants: at most one smoltcp socket is in LISTEN at any time (a held SYN is fed with
-//! `poll_ingress_single` right after its socket starts listening), so a SYN can never be
+//! Each TCP connection's smoltcp socket lives in a socket set of its own ([`Conn`]): smoltcp
+//! visits every socket of the set it polls (ingress searches for the socket that accepts a
+//! segment; egress and `poll_at` scan them all), so with one shared set every frame cost
+//! O(open connections), which made connects slow once a few hundred were open and starved
+//! the engine with thousands. The engine already knows each segment's flow: it hands the
+//! segment to that flow's set, and polls only the connections that received something,
+//! were touched by their relay ([`Engine::tcp_socket`]), or have a timer due (a heap of
+//! their `poll_at` deadlines).
+//!
+//! Invariants: a flow's socket set holds exactly its one socket, so a SYN can never be
 //! accepted by another flow's socket. No function here panics on bytes from the command:
 //! frames are parsed with checked reads ([`super::packet::parse`]) and smoltcp's checked
 //! parsers.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
@@ -41,7 +50,7 @@ use childflow_common::flow::{
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN,
 };
 use smoltcp::{
-    iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet},
+    iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet},
     phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium},
     socket::tcp,
     time::{Duration, Instant},
@@ -358,6 +367,16 @@ impl phy::Device for Queues {
     }
 }
 
+/// One TCP connection's smoltcp socket, in a set of its own (see the module documentation).
+struct Conn {
+    set: SocketSet<'static>,
+    /// Listed in [`Engine::dirty`] for the next poll's egress.
+    dirty: bool,
+    /// The socket's deadline as last armed in [`Engine::timers`] (older entries there for
+    /// this connection are stale and skipped).
+    poll_at: Option<Instant>,
+}
+
 /// How often idle timeouts and periodic flow updates are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -366,7 +385,15 @@ pub struct Engine {
     cfg: EngineConfig,
     iface: Interface,
     dev: Queues,
+    /// No sockets: smoltcp answers ARP, NDP, pings to its addresses and segments of
+    /// unknown connections (RST) with it.
     sockets: SocketSet<'static>,
+    /// The smoltcp side of each open TCP flow.
+    conns: HashMap<FlowId, Conn>,
+    /// Connections to poll for egress at the next [`Engine::poll`].
+    dirty: Vec<FlowId>,
+    /// Connections' `poll_at` deadlines (retransmissions, keep-alives, TIME-WAIT).
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     flows: HashMap<FlowId, Flow>,
     by_key: HashMap<FlowKey, FlowId>,
     next_id: FlowId,
@@ -407,6 +434,9 @@ impl Engine {
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
             flows: HashMap::new(),
             by_key: HashMap::new(),
             next_id: 1,
@@ -456,8 +486,52 @@ impl Engine {
 
     /// When [`Engine::poll`] must run next at the latest.
     pub fn poll_at(&mut self, now: Instant) -> Instant {
+        if !self.dirty.is_empty() {
+            return now;
+        }
         let smol = self.iface.poll_at(now, &self.sockets).unwrap_or(self.next_housekeeping);
-        smol.min(self.next_housekeeping)
+        let timer = self.timers.peek().map_or(self.next_housekeeping, |Reverse((at, _))| *at);
+        smol.min(timer).min(self.next_housekeeping)
+    }
+
+    /// Lists connection `id` for the next poll's egress.
+    fn mark_dirty(&mut self, id: FlowId) {
+        if let Some(conn) = self.conns.get_mut(&id)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Lets connection `id` send everything it has to send now, and re-arms its timer.
+    fn egress(&mut self, id: FlowId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.dirty = false;
+        // One segment per round: smoltcp dispatches each socket once per call.
+        while self.iface.poll_egress(now, &mut self.dev, &mut conn.set)
+            == PollResult::SocketStateChanged
+        {}
+        let at = self.iface.poll_at(now, &conn.set);
+        if at != conn.poll_at {
+            conn.poll_at = at;
+            if let Some(at) = at {
+                self.timers.push(Reverse((at, id)));
+            }
+        }
+    }
+
+    /// Hands one segment of connection `id` straight to its socket.
+    fn conn_ingress(&mut self, id: FlowId, frame: Vec<u8>, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            // No socket (cannot happen for an open flow): smoltcp answers it with RST.
+            self.dev.rx.push_back(frame);
+            return;
+        };
+        // The front of the queue, so this call processes exactly this frame.
+        self.dev.rx.push_front(frame);
+        self.iface.poll_ingress_single(now, &mut self.dev, &mut conn.set);
+        self.mark_dirty(id);
     }
 
     fn unix(&self, now: Instant) -> UnixNanos {
@@ -539,9 +613,7 @@ impl Engine {
             if self.by_key.get(&flow.key) == Some(&id) {
                 self.by_key.remove(&flow.key);
             }
-            if let FlowState::TcpOpen { handle, .. } = flow.state {
-                self.sockets.remove(handle);
-            }
+            self.conns.remove(&id);
         }
     }
 
@@ -645,7 +717,7 @@ impl Engine {
                     if h.tcp_flags & TCP_RST != 0 {
                         *child_rst = true;
                     }
-                    self.dev.rx.push_back(frame);
+                    self.conn_ingress(id, frame, now);
                 }
                 _ => self.dev.rx.push_back(frame),
             }
@@ -789,13 +861,15 @@ impl Engine {
             self.end_flow(id, CloseReason::Failed);
             return;
         }
-        let handle = self.sockets.add(socket);
+        let mut set = SocketSet::new(Vec::new());
+        let handle = set.add(socket);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.state = FlowState::TcpOpen { handle, child_rst: false, end: None };
         }
-        // Feed exactly the held SYN, so this socket leaves LISTEN before any other frame.
-        self.dev.rx.push_front(syn);
-        self.iface.poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        self.conns.insert(id, Conn { set, dirty: false, poll_at: None });
+        // The held SYN, then the SYN-ACK at once (the command's connect waits for it).
+        self.conn_ingress(id, syn, now);
+        self.egress(id, now);
         self.collect_tx(now);
     }
 
@@ -819,7 +893,10 @@ impl Engine {
     pub fn tcp_socket(&mut self, id: FlowId) -> Option<(&mut tcp::Socket<'static>, bool)> {
         let flow = self.flows.get(&id)?;
         let FlowState::TcpOpen { handle, child_rst, .. } = flow.state else { return None };
-        Some((self.sockets.get_mut::<tcp::Socket>(handle), child_rst))
+        // The relay may queue data or read (opening the window): poll it next time.
+        self.mark_dirty(id);
+        let conn = self.conns.get_mut(&id)?;
+        Some((conn.set.get_mut::<tcp::Socket>(handle), child_rst))
     }
 
     /// The relay of TCP flow `id` is over.
@@ -830,10 +907,13 @@ impl Engine {
             RelayEnd::Fin => CloseReason::Fin,
             RelayEnd::UpstreamReset | RelayEnd::ChildReset => CloseReason::Rst,
         };
-        if how == RelayEnd::UpstreamReset && !*child_rst {
-            self.sockets.get_mut::<tcp::Socket>(*handle).abort();
-        }
+        let abort = how == RelayEnd::UpstreamReset && !*child_rst;
+        let handle = *handle;
         *end = Some((reason, now + self.cfg.tcp_linger));
+        if abort && let Some(conn) = self.conns.get_mut(&id) {
+            conn.set.get_mut::<tcp::Socket>(handle).abort();
+        }
+        self.mark_dirty(id);
         self.closing.push(id);
     }
 
@@ -897,6 +977,21 @@ impl Engine {
     /// Runs smoltcp, collects what it sends, and does the periodic work.
     pub fn poll(&mut self, now: Instant) {
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(conn) = self.conns.get_mut(&id)
+                && conn.poll_at == Some(at)
+            {
+                conn.poll_at = None;
+                self.mark_dirty(id);
+            }
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            self.egress(id, now);
+        }
         self.collect_tx(now);
         self.reap_closing(now);
         if now >= self.next_housekeeping {
@@ -924,12 +1019,16 @@ impl Engine {
             else {
                 continue;
             };
-            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            let Some(conn) = self.conns.get_mut(&id) else {
+                self.end_flow(id, reason);
+                continue;
+            };
+            let socket = conn.set.get_mut::<tcp::Socket>(handle);
             let done = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
             if done || now >= deadline {
                 if !done {
                     socket.abort();
-                    self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                    self.egress(id, now);
                     self.collect_tx(now);
                 }
                 self.end_flow(id, reason);
@@ -1357,7 +1456,9 @@ mod tests {
         assert_eq!(end.phase, FlowPhase::End(CloseReason::Fin));
         assert_eq!(end.stats.payload_bytes, [100_000, 200_000]);
         assert_eq!(end.stats.tcp_flags[0] & TCP_FIN, TCP_FIN);
-        assert_eq!(end.stats.history(), b"ShADdaFf");
+        // First occurrences on this lossless link: the engine's ACKs ride on its data until
+        // the command's FIN, which it acknowledges alone.
+        assert_eq!(end.stats.history(), b"ShADdFaf");
         let packets = rx.try_iter().count();
         assert_eq!(packets, 0, "events were drained above");
     }
