@@ -2,11 +2,14 @@
 //!
 //! One single-threaded tokio runtime with a `LocalSet` runs:
 //! - the main loop: reads batches of frames from the tap into [`Engine::ingest`], calls
-//!   [`Engine::poll`], writes [`Engine::pop_out`] frames to the tap, and starts the work of
-//!   each [`Action`];
-//! - one task per TCP flow: connects upstream (with a timeout), tells the engine, then relays
-//!   bytes directly between the host socket and the smoltcp socket's buffers (no
-//!   intermediate copy), woken by tokio readiness and smoltcp's socket wakers;
+//!   [`Engine::poll`], starts the work of each [`Action`], lets the relays that poll woke
+//!   run, then writes [`Engine::pop_out`] frames to the tap and only after them sends the
+//!   engine's events (a send may wake the collector thread). Consecutive datagrams of a UDP
+//!   session leave in one system call (UDP GSO for runs of equal size, else `sendmmsg`);
+//! - one task per TCP flow: connects upstream (with a timeout), tells the engine and writes
+//!   its SYN-ACK to the tap at once, then relays bytes directly between the host socket and
+//!   the smoltcp socket's buffers (no intermediate copy), woken by tokio readiness and
+//!   smoltcp's socket wakers;
 //! - one receive task per UDP session and per ICMP echo flow, and one task per DNS query
 //!   relayed to the host's resolvers.
 //!
