@@ -17,7 +17,10 @@
 //! - `start`: median wall time of `CONTENDER -- true`;
 //! - `rss`: the resident memory of the contender's own process (childflow, pasta,
 //!   slirp4netns) while the command holds 1,000 open connections;
-//! - `many`: how many of 10,000 connects in flight at once succeed.
+//! - `many`: how many of 10,000 connects in flight at once succeed;
+//! - `udp`: 64-byte UDP datagrams per second that reach the destination (`iperf3 -u -b 0
+//!   -l 64`, the small-packet rate of each relay; the sender is not paced, so every
+//!   contender is offered more than it can carry).
 //!
 //! The latency and connection rows use `xtask bench-probe` ([`crate::probe`]) as server
 //! (in the destination namespace) and client (under each contender).
@@ -49,7 +52,7 @@ const NET: BenchNet = BenchNet {
     server: "198.18.251.2",
 };
 const SERVER: &str = NET.server;
-const ALL_TESTS: [&str; 7] = ["up", "down", "rr", "connect", "start", "rss", "many"];
+const ALL_TESTS: [&str; 8] = ["up", "down", "rr", "connect", "start", "rss", "many", "udp"];
 
 /// Options of the rootless benchmark.
 struct Options {
@@ -58,7 +61,7 @@ struct Options {
     bin: PathBuf,
     only: Option<String>,
     startup_runs: usize,
-    /// Which measurements to run (`up,down,rr,connect,start,rss,many`).
+    /// Which measurements to run (`up,down,rr,connect,start,rss,many,udp`).
     tests: Vec<String>,
     /// Connections held for the `rss` row, and in flight for the `many` row.
     flows: usize,
@@ -115,7 +118,7 @@ fn parse(args: &[String]) -> Result<Options> {
                     "usage: cargo xtask bench rootless [--time SECONDS] [--mtu BYTES] \
                      [--bin PATH] [--only host|childflow|pasta|slirp4netns] [--startup-runs N] \
                      [--user NAME (default childflow-test)] \
-                     [--tests up,down,rr,connect,start,rss,many] [--flows N] [--conns N]"
+                     [--tests up,down,rr,connect,start,rss,many,udp] [--flows N] [--conns N]"
                 );
                 std::process::exit(0);
             }
@@ -345,6 +348,41 @@ fn throughput(who: Contender, o: &Options, reverse: bool) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
+/// Length of the datagrams of the `udp` row (UDP payload bytes).
+const SMALL_UDP_LEN: u32 = 64;
+
+/// Datagrams per second that reach the destination when the command sends 64-byte UDP
+/// datagrams as fast as it can (iperf3's receiver count over its run).
+fn small_udp(who: Contender, o: &Options) -> Result<f64> {
+    let argv: Vec<String> = [
+        "iperf3",
+        "-c",
+        SERVER,
+        "-J",
+        "-t",
+        &o.seconds.to_string(),
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        &SMALL_UDP_LEN.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let json = run_under(who, o, &argv)?;
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .with_context(|| format!("iperf3 under {} printed no JSON: {json}", who.name()))?;
+    let received = &v["end"]["sum_received"];
+    let (Some(bytes), Some(seconds)) = (received["bytes"].as_f64(), received["seconds"].as_f64())
+    else {
+        bail!("no end.sum_received in iperf3 output under {}", who.name());
+    };
+    if seconds <= 0.0 {
+        bail!("iperf3 under {} ran for no time", who.name());
+    }
+    Ok(bytes / f64::from(SMALL_UDP_LEN) / seconds)
+}
+
 /// Median wall time of `who -- true`.
 fn startup(who: Contender, o: &Options) -> Result<Duration> {
     let mut times = Vec::new();
@@ -478,6 +516,7 @@ struct Row {
     start: Measured<Duration>,
     rss: Measured<f64>,
     many: Measured<f64>,
+    udp: Measured<f64>,
 }
 
 fn bench_all(o: &Options) -> Result<()> {
@@ -524,6 +563,7 @@ fn bench_all(o: &Options) -> Result<()> {
             },
             rss: if host { None } else { measure("rss", &|| rss_with_flows(c, o)) },
             many: measure("many", &|| probe_number(c, o, "many", o.conns)),
+            udp: measure("udp", &|| small_udp(c, o)),
         };
         rows.push(row);
     }
@@ -548,7 +588,7 @@ fn print_table(rows: &[Row], o: &Options) {
         _ => "-".into(),
     };
     println!(
-        "\n{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11}",
+        "\n{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11} {:>10} {:>6}",
         "",
         "up Gb/s",
         "ratio",
@@ -560,6 +600,8 @@ fn print_table(rows: &[Row], o: &Options) {
         "-- true",
         "RSS MiB",
         format!("{}k conns", o.conns / 1000),
+        format!("udp{SMALL_UDP_LEN} kpps"),
+        "ratio",
     );
     for r in rows {
         let start = match &r.start {
@@ -568,7 +610,7 @@ fn print_table(rows: &[Row], o: &Options) {
             Some(Ok(d)) => format!("{:.1} ms", d.as_secs_f64() * 1e3),
         };
         println!(
-            "{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11}",
+            "{:<12} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>9} {:>9} {:>11} {:>10} {:>6}",
             r.who.name(),
             cell(&r.up, &|v| format!("{v:.2}")),
             ratio(&r.up, &host.up),
@@ -580,6 +622,8 @@ fn print_table(rows: &[Row], o: &Options) {
             start,
             cell(&r.rss, &|v| format!("{v:.1}")),
             cell(&r.many, &|v| format!("{v:.0}/{}", o.conns)),
+            cell(&r.udp, &|v| format!("{:.0}", v / 1e3)),
+            ratio(&r.udp, &host.udp),
         );
     }
 }

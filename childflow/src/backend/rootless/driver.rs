@@ -2,11 +2,14 @@
 //!
 //! One single-threaded tokio runtime with a `LocalSet` runs:
 //! - the main loop: reads batches of frames from the tap into [`Engine::ingest`], calls
-//!   [`Engine::poll`], writes [`Engine::pop_out`] frames to the tap, and starts the work of
-//!   each [`Action`];
-//! - one task per TCP flow: connects upstream (with a timeout), tells the engine, then relays
-//!   bytes directly between the host socket and the smoltcp socket's buffers (no
-//!   intermediate copy), woken by tokio readiness and smoltcp's socket wakers;
+//!   [`Engine::poll`], starts the work of each [`Action`], lets the relays that poll woke
+//!   run, then writes [`Engine::pop_out`] frames to the tap and only after them sends the
+//!   engine's events (a send may wake the collector thread). Consecutive datagrams of a UDP
+//!   session leave in one system call (UDP GSO for runs of equal size, else `sendmmsg`);
+//! - one task per TCP flow: connects upstream (with a timeout), tells the engine and writes
+//!   its SYN-ACK to the tap at once, then relays bytes directly between the host socket and
+//!   the smoltcp socket's buffers (no intermediate copy), woken by tokio readiness and
+//!   smoltcp's socket wakers;
 //! - one receive task per UDP session and per ICMP echo flow, and one task per DNS query
 //!   relayed to the host's resolvers.
 //!
@@ -66,6 +69,15 @@ impl Default for DriverConfig {
 /// Frames read from the tap before the engine polls (bounds the latency of a burst).
 const READ_BATCH: usize = 64;
 
+/// Datagrams of one UDP session handed to the kernel in one `sendmmsg(2)` at most; also
+/// the most one UDP GSO send carries (the kernel's `UDP_MAX_SEGMENTS` is 64 or more).
+const SEND_BATCH: usize = 64;
+
+/// Largest datagram sent with UDP GSO: every segment must fit the path's MTU, which the
+/// engine does not know (a larger one fails with EINVAL instead of being fragmented).
+/// 1,232 bytes fit IPv6's minimum MTU (1,280 minus the IPv6 and UDP headers).
+const GSO_MAX_DATAGRAM: usize = 1232;
+
 enum UdpSession {
     /// `recverr`: ICMP errors arrive on the socket's error queue with the router's address
     /// ([`recverr`]); otherwise only as errnos.
@@ -96,6 +108,11 @@ struct Ctx {
     /// Hop limits for TCP connects about to start ([`Action::TcpHopLimit`]).
     tcp_hops: RefCell<HashMap<FlowId, u8>>,
     ping_unavailable: Cell<bool>,
+    /// The tap's descriptor while the main loop runs (-1 before and after), for tasks that
+    /// write the engine's answer at once instead of waiting for the main loop's next turn.
+    tap_fd: Cell<i32>,
+    /// Whether the host takes UDP GSO sends (cleared when the kernel refuses one).
+    udp_gso: Cell<bool>,
 }
 
 impl Ctx {
@@ -135,7 +152,10 @@ pub fn run(
             pings: RefCell::new(HashMap::new()),
             tcp_hops: RefCell::new(HashMap::new()),
             ping_unavailable: Cell::new(false),
+            tap_fd: Cell::new(-1),
+            udp_gso: Cell::new(true),
         });
+        ctx.engine.borrow_mut().defer_events();
         let result = main_loop(&ctx, tap, stop).await;
         ctx.engine.borrow_mut().shutdown();
         result
@@ -160,7 +180,10 @@ async fn main_loop(ctx: &Rc<Ctx>, tap: OwnedFd, stop: oneshot::Receiver<()>) -> 
         .map_err(|e| io::Error::other(e.to_string()))?;
     // The tap is persistent (see `tap::create`): dropping it at the end only detaches the
     // queue, instead of unregistering the device under RCU waits (~20 ms).
-    relay_frames(ctx, &tap, stop).await
+    ctx.tap_fd.set(tap.as_raw_fd());
+    let result = relay_frames(ctx, &tap, stop).await;
+    ctx.tap_fd.set(-1);
+    result
 }
 
 async fn relay_frames(
@@ -169,23 +192,37 @@ async fn relay_frames(
     mut stop: oneshot::Receiver<()>,
 ) -> io::Result<()> {
     let fd = tap.as_raw_fd();
+    let mut read_frames = false;
     loop {
         let deadline = {
             let mut engine = ctx.engine.borrow_mut();
             let now = ctx.now();
             engine.poll(now);
-            if !flush(&mut engine, fd) {
-                return Ok(());
-            }
             let at = engine.poll_at(ctx.now());
             ctx.to_tokio(at)
         };
         run_actions(ctx);
+        if std::mem::take(&mut read_frames) {
+            // Let the relays this poll woke (bytes from the command for their host sockets)
+            // run before the tap is written: the bytes go upstream before the engine spends
+            // a write (and the command's kernel its processing) on the ACK for them.
+            tokio::task::yield_now().await;
+        }
+        {
+            let mut engine = ctx.engine.borrow_mut();
+            if !flush(&mut engine, fd) {
+                return Ok(());
+            }
+            // After the writes: sending may wake the collector thread (see
+            // `Engine::defer_events`).
+            engine.flush_events();
+        }
         // Frames before the stop: the command's last packets (the FIN of a socket it closed
         // as it exited) are still queued on the tap when its exit is noticed.
         tokio::select! {
             biased;
             ready = tap.readable() => {
+                read_frames = true;
                 let mut guard = ready?;
                 let mut engine = ctx.engine.borrow_mut();
                 for _ in 0..READ_BATCH {
@@ -267,39 +304,213 @@ fn flush(engine: &mut Engine, fd: i32) -> bool {
     true
 }
 
+/// Datagrams of one UDP session, sent together by [`send_batch`].
+struct UdpBatch {
+    id: FlowId,
+    sock: Rc<UdpSocket>,
+    /// The session's socket reports ICMP errors on its error queue (see [`UdpSession`]).
+    recverr: bool,
+    payloads: Vec<Vec<u8>>,
+}
+
 fn run_actions(ctx: &Rc<Ctx>) {
+    // Consecutive datagrams of one session go out with one system call: at small packet
+    // sizes the per-call cost (and the receiver woken per datagram) is most of the relay's.
+    let mut batch: Option<UdpBatch> = None;
     loop {
-        let Some(action) = ctx.engine.borrow_mut().pop_action() else { return };
-        match action {
-            Action::TcpConnect { id, target } => {
-                tokio::task::spawn_local(tcp_flow(ctx.clone(), id, target));
+        let Some(action) = ctx.engine.borrow_mut().pop_action() else { break };
+        let Action::UdpSend { id, payload } = action else {
+            if let Some(b) = batch.take() {
+                send_batch(ctx, b);
             }
-            Action::UdpOpen { id, target } => udp_open(ctx, id, target),
-            Action::UdpSend { id, payload } => udp_send(ctx, id, payload),
-            Action::Ping { id, remote, seq, hops, payload } => {
-                ping(ctx, id, remote, seq, hops, &payload)
+            run_action(ctx, action);
+            continue;
+        };
+        if let Some(b) = &mut batch
+            && b.id == id
+            && b.payloads.len() < SEND_BATCH
+        {
+            b.payloads.push(payload);
+            continue;
+        }
+        if let Some(b) = batch.take() {
+            send_batch(ctx, b);
+        }
+        let sock = match ctx.udp.borrow().get(&id) {
+            Some(UdpSession::Socket { sock, recverr, .. }) => Some((sock.clone(), *recverr)),
+            _ => None,
+        };
+        match sock {
+            Some((sock, recverr)) => {
+                batch = Some(UdpBatch { id, sock, recverr, payloads: vec![payload] })
             }
-            Action::TcpHopLimit { id, hops } => {
-                ctx.tcp_hops.borrow_mut().insert(id, hops);
-            }
-            Action::SetHopLimit { id, hops } => {
-                if let Some(UdpSession::Socket { sock, .. }) = ctx.udp.borrow().get(&id) {
-                    let v6 = sock.peer_addr().is_ok_and(|a| a.is_ipv6());
-                    if let Err(e) = recverr::set_hop_limit(sock.as_fd(), v6, hops) {
-                        tracing::debug!("flow {id}: cannot set the hop limit to {hops}: {e}");
-                    }
-                }
-            }
-            Action::Close { id } => {
-                if let Some(UdpSession::Socket { task, .. }) = ctx.udp.borrow_mut().remove(&id) {
-                    task.abort();
-                }
-                if let Some(p) = ctx.pings.borrow_mut().remove(&id) {
-                    p.task.abort();
+            None => udp_send(ctx, id, payload),
+        }
+    }
+    if let Some(b) = batch.take() {
+        send_batch(ctx, b);
+    }
+}
+
+fn run_action(ctx: &Rc<Ctx>, action: Action) {
+    match action {
+        Action::TcpConnect { id, target } => {
+            tokio::task::spawn_local(tcp_flow(ctx.clone(), id, target));
+        }
+        Action::UdpOpen { id, target } => udp_open(ctx, id, target),
+        Action::UdpSend { id, payload } => udp_send(ctx, id, payload),
+        Action::Ping { id, remote, seq, hops, payload } => {
+            ping(ctx, id, remote, seq, hops, &payload)
+        }
+        Action::TcpHopLimit { id, hops } => {
+            ctx.tcp_hops.borrow_mut().insert(id, hops);
+        }
+        Action::SetHopLimit { id, hops } => {
+            if let Some(UdpSession::Socket { sock, .. }) = ctx.udp.borrow().get(&id) {
+                let v6 = sock.peer_addr().is_ok_and(|a| a.is_ipv6());
+                if let Err(e) = recverr::set_hop_limit(sock.as_fd(), v6, hops) {
+                    tracing::debug!("flow {id}: cannot set the hop limit to {hops}: {e}");
                 }
             }
         }
+        Action::Close { id } => {
+            if let Some(UdpSession::Socket { task, .. }) = ctx.udp.borrow_mut().remove(&id) {
+                task.abort();
+            }
+            if let Some(p) = ctx.pings.borrow_mut().remove(&id) {
+                p.task.abort();
+            }
+        }
     }
+}
+
+/// Sends a batch of datagrams: runs of equal-sized ones as one UDP GSO send (`UDP_SEGMENT`,
+/// udp(7): the kernel builds one buffer and cuts it into the datagrams at the last moment,
+/// instead of running its whole output path per datagram), the rest with `sendmmsg(2)`.
+/// The peer receives the same datagrams either way. A datagram the kernel refuses is sent
+/// again alone, so its error is handled like any single send's (see [`udp_send`]); when
+/// the host's send buffer is full, the rest of the batch is lost, as on a wire.
+fn send_batch(ctx: &Rc<Ctx>, mut b: UdpBatch) {
+    let n = b.payloads.len();
+    let mut at = 0;
+    while at < n {
+        let run = if ctx.udp_gso.get() { gso_run(&b.payloads[at..]) } else { 0 };
+        if run > 1 {
+            match send_gso(&b.sock, &b.payloads[at..at + run]) {
+                Ok(()) => {
+                    at += run;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if let Some(why) = udp_error(&e) => {
+                    // A pending ICMP error of the session failed the send (and is now
+                    // cleared). With IP_RECVERR it was passed on, with its source, from the
+                    // error queue; without, it is passed on here. The run is sent again.
+                    if !b.recverr {
+                        ctx.engine.borrow_mut().udp_unreachable(b.id, why, ctx.now());
+                        ctx.poke();
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("UDP GSO send failed ({e}); sending datagrams singly");
+                    ctx.udp_gso.set(false);
+                }
+            }
+        } else if n - at > 1 {
+            at += send_many(&b.sock, &b.payloads[at..]);
+            if at == n {
+                break;
+            }
+        }
+        // One datagram alone: the last of the batch, or the one sendmmsg stopped at. Its
+        // error is handled like any single send's.
+        udp_send(ctx, b.id, std::mem::take(&mut b.payloads[at]));
+        at += 1;
+    }
+}
+
+/// How many datagrams from the start of `payloads` one GSO send can carry: all of the
+/// first one's size, and one shorter last one (the kernel's rule for segments), within
+/// the 64 KiB of one UDP send.
+fn gso_run(payloads: &[Vec<u8>]) -> usize {
+    let size = payloads[0].len();
+    if size == 0 || size > GSO_MAX_DATAGRAM {
+        return 0;
+    }
+    let max = SEND_BATCH.min(65_000 / size);
+    let mut run = 0;
+    for p in payloads.iter().take(max) {
+        if p.len() == size {
+            run += 1;
+        } else {
+            if !p.is_empty() && p.len() < size {
+                run += 1;
+            }
+            break;
+        }
+    }
+    run
+}
+
+/// One `sendmsg(2)` of `payloads` (see [`gso_run`]) with `UDP_SEGMENT` set to the first
+/// one's size, on the connected socket `sock`.
+fn send_gso(sock: &UdpSocket, payloads: &[Vec<u8>]) -> io::Result<()> {
+    let mut iovs: Vec<libc::iovec> = payloads
+        .iter()
+        .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+        .collect();
+    let size = payloads[0].len() as u16;
+    // Room for one cmsghdr with a u16, 8-byte aligned as cmsghdr needs.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovs.as_mut_ptr();
+    msg.msg_iovlen = iovs.len();
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one cmsghdr and its u16 (checked above); the
+    // iovecs point at live payloads; the socket is connected, so no address is needed.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_DONTWAIT)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One `sendmmsg(2)` of `payloads` on the connected socket `sock`; how many went out (0 on
+/// an error, which the caller learns by sending the first datagram alone).
+fn send_many(sock: &UdpSocket, payloads: &[Vec<u8>]) -> usize {
+    let mut iovs: Vec<libc::iovec> = payloads
+        .iter()
+        .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid (empty) header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: every header points at one iovec over a live payload; the socket is
+    // connected, so no addresses are needed.
+    let sent = unsafe {
+        libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT)
+    };
+    usize::try_from(sent).unwrap_or(0)
 }
 
 fn classify(e: &io::Error) -> ConnectFailure {
@@ -323,7 +534,7 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
         let connect = async {
             match hops {
                 Some(hops) => connect_with_hop_limit(addr, hops, &mut icmp).await,
-                None => TcpStream::connect(addr).await,
+                None => connect(addr).await,
             }
         };
         match tokio::time::timeout(ctx.cfg.connect_timeout, connect).await {
@@ -350,7 +561,14 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
     };
     let _ = stream.set_nodelay(true);
     let dns = ctx.engine.borrow().flow_key(id).is_some_and(|k| k.remote_port == 53);
-    ctx.engine.borrow_mut().tcp_connected(id, ctx.now());
+    {
+        let mut engine = ctx.engine.borrow_mut();
+        engine.tcp_connected(id, ctx.now());
+        // The SYN-ACK goes out now, not on the main loop's next turn: the command's
+        // connect() waits for it.
+        let _ = flush(&mut engine, ctx.tap_fd.get());
+        engine.flush_events();
+    }
     ctx.poke();
     let end = relay(&ctx, id, &stream, dns).await;
     if end == RelayEnd::ChildReset {
@@ -393,6 +611,30 @@ async fn connect_with_hop_limit(
             }
             Err(e)
         }
+    }
+}
+
+/// Connects a TCP socket to `addr`. Like `TcpStream::connect`, but over a local path the
+/// handshake is usually complete when connect(2) returns: a zero-timeout poll(2) finds that
+/// out without a turn of the reactor, which sits in the command's connect time.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: poll(2) on one pollfd we own, without waiting.
+    let done = unsafe { libc::poll(&mut pfd, 1, 0) } == 1;
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    if !done {
+        stream.writable().await?;
+    }
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
     }
 }
 
@@ -822,5 +1064,69 @@ async fn ping_receive(ctx: Rc<Ctx>, id: FlowId, sock: Rc<UdpSocket>) {
         let seq = u16::from_be_bytes([msg[6], msg[7]]);
         ctx.engine.borrow_mut().icmp_echo_reply(id, seq, &msg[8..], ctx.now());
         ctx.poke();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiving socket on loopback and a sender connected to it.
+    fn udp_pair() -> (std::net::UdpSocket, UdpSocket) {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the receiver");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the sender");
+        tx.connect(rx.local_addr().expect("receiver address")).expect("connect the sender");
+        tx.set_nonblocking(true).expect("non-blocking sender");
+        (rx, UdpSocket::from_std(tx).expect("register the sender"))
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_datagrams_leaves_in_order_with_one_call() {
+        let (rx, tx) = udp_pair();
+        let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; usize::from(i) + 1]).collect();
+        assert_eq!(send_many(&tx, &payloads), payloads.len(), "sendmmsg sent every datagram");
+        rx.set_read_timeout(Some(StdDuration::from_secs(5))).expect("receive timeout");
+        let mut buf = [0u8; 256];
+        for want in &payloads {
+            let n = rx.recv(&mut buf).expect("every datagram arrives");
+            assert_eq!(&buf[..n], &want[..], "datagrams keep their order and bounds");
+        }
+    }
+
+    #[test]
+    fn gso_runs_are_equal_sized_datagrams_and_one_shorter_last() {
+        let sizes = |s: &[usize]| s.iter().map(|&n| vec![7u8; n]).collect::<Vec<_>>();
+        assert_eq!(gso_run(&sizes(&[64, 64, 64])), 3);
+        assert_eq!(gso_run(&sizes(&[64, 64, 10, 64])), 3, "a shorter one ends the run");
+        assert_eq!(gso_run(&sizes(&[64, 100, 64])), 1, "a longer one cannot be a segment");
+        assert_eq!(gso_run(&sizes(&[64, 0])), 1, "an empty datagram cannot be a segment");
+        assert_eq!(gso_run(&sizes(&[0, 0])), 0);
+        assert_eq!(gso_run(&sizes(&[1300, 1300])), 0, "above the safe segment size");
+        assert_eq!(gso_run(&sizes(&[1200; 64])), 54, "within one 64 KiB send");
+    }
+
+    #[tokio::test]
+    async fn a_gso_send_arrives_as_the_separate_datagrams() {
+        let (rx, tx) = udp_pair();
+        let mut payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 100]).collect();
+        payloads.push(vec![99; 30]);
+        send_gso(&tx, &payloads).expect("the kernel takes a UDP GSO send");
+        rx.set_read_timeout(Some(StdDuration::from_secs(5))).expect("receive timeout");
+        let mut buf = [0u8; 4096];
+        for want in &payloads {
+            let n = rx.recv(&mut buf).expect("every datagram arrives");
+            assert_eq!(&buf[..n], &want[..], "the datagrams keep their order and bounds");
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_reports_success_and_refusal() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+        let open = listener.local_addr().expect("listener address");
+        let stream = connect(open).await.expect("a listening port accepts");
+        assert_eq!(stream.peer_addr().expect("peer address"), open);
+        drop(listener);
+        let err = connect(open).await.expect_err("a closed port refuses");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
     }
 }

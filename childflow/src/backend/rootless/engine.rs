@@ -33,14 +33,23 @@
 //!   [`PacketEvent`]; flows are reported when they start, every `flow_update_interval`, and
 //!   when they end ([`FlowUpdate`]).
 //!
-//! Invariants: at most one smoltcp socket is in LISTEN at any time (a held SYN is fed with
-//! `poll_ingress_single` right after its socket starts listening), so a SYN can never be
+//! Each TCP connection's smoltcp socket lives in a socket set of its own ([`Conn`]): smoltcp
+//! visits every socket of the set it polls (ingress searches for the socket that accepts a
+//! segment; egress and `poll_at` scan them all), so with one shared set every frame cost
+//! O(open connections), which made connects slow once a few hundred were open and starved
+//! the engine with thousands. The engine already knows each segment's flow: it hands the
+//! segment to that flow's set, and polls only the connections that received something,
+//! were touched by their relay ([`Engine::tcp_socket`]), or have a timer due (a heap of
+//! their `poll_at` deadlines).
+//!
+//! Invariants: a flow's socket set holds exactly its one socket, so a SYN can never be
 //! accepted by another flow's socket. No function here panics on bytes from the command:
 //! frames are parsed with checked reads ([`super::packet::parse`]) and smoltcp's checked
 //! parsers.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
@@ -50,7 +59,7 @@ use childflow_common::flow::{
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_RST, TCP_SYN,
 };
 use smoltcp::{
-    iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet},
+    iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet},
     phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium},
     socket::tcp,
     time::{Duration, Instant},
@@ -388,6 +397,16 @@ pub const DEFAULT_HOPS: u8 = 64;
 /// Echo requests per ICMP flow whose start is kept to quote in an ICMP error about them.
 const ICMP_QUOTES_KEPT: usize = 16;
 
+/// One TCP connection's smoltcp socket, in a set of its own (see the module documentation).
+struct Conn {
+    set: SocketSet<'static>,
+    /// Listed in [`Engine::dirty`] for the next poll's egress.
+    dirty: bool,
+    /// The socket's deadline as last armed in [`Engine::timers`] (older entries there for
+    /// this connection are stale and skipped).
+    poll_at: Option<Instant>,
+}
+
 /// How often idle timeouts and periodic flow updates are checked.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -396,7 +415,15 @@ pub struct Engine {
     cfg: EngineConfig,
     iface: Interface,
     dev: Queues,
+    /// No sockets: smoltcp answers ARP, NDP, pings to its addresses and segments of
+    /// unknown connections (RST) with it.
     sockets: SocketSet<'static>,
+    /// The smoltcp side of each open TCP flow.
+    conns: HashMap<FlowId, Conn>,
+    /// Connections to poll for egress at the next [`Engine::poll`].
+    dirty: Vec<FlowId>,
+    /// Connections' `poll_at` deadlines (retransmissions, keep-alives, TIME-WAIT).
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     flows: HashMap<FlowId, Flow>,
     by_key: HashMap<FlowKey, FlowId>,
     next_id: FlowId,
@@ -405,6 +432,8 @@ pub struct Engine {
     /// TCP flows whose relay ended; removed once their socket is closed.
     closing: Vec<FlowId>,
     events: Emitter,
+    /// Events held back until [`Engine::flush_events`] (see [`Engine::defer_events`]).
+    deferred: Option<Vec<Event>>,
     peer_mac: Option<Mac>,
     next_housekeeping: Instant,
     /// Datagrams the command sent in fragments, being put back together.
@@ -439,6 +468,9 @@ impl Engine {
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
             flows: HashMap::new(),
             by_key: HashMap::new(),
             next_id: 1,
@@ -446,6 +478,7 @@ impl Engine {
             out: VecDeque::new(),
             closing: Vec::new(),
             events,
+            deferred: None,
             peer_mac: None,
             next_housekeeping: now,
             frags: frag::Reassembler::default(),
@@ -489,8 +522,52 @@ impl Engine {
 
     /// When [`Engine::poll`] must run next at the latest.
     pub fn poll_at(&mut self, now: Instant) -> Instant {
+        if !self.dirty.is_empty() {
+            return now;
+        }
         let smol = self.iface.poll_at(now, &self.sockets).unwrap_or(self.next_housekeeping);
-        smol.min(self.next_housekeeping)
+        let timer = self.timers.peek().map_or(self.next_housekeeping, |Reverse((at, _))| *at);
+        smol.min(timer).min(self.next_housekeeping)
+    }
+
+    /// Lists connection `id` for the next poll's egress.
+    fn mark_dirty(&mut self, id: FlowId) {
+        if let Some(conn) = self.conns.get_mut(&id)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(id);
+        }
+    }
+
+    /// Lets connection `id` send everything it has to send now, and re-arms its timer.
+    fn egress(&mut self, id: FlowId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.dirty = false;
+        // One segment per round: smoltcp dispatches each socket once per call.
+        while self.iface.poll_egress(now, &mut self.dev, &mut conn.set)
+            == PollResult::SocketStateChanged
+        {}
+        let at = self.iface.poll_at(now, &conn.set);
+        if at != conn.poll_at {
+            conn.poll_at = at;
+            if let Some(at) = at {
+                self.timers.push(Reverse((at, id)));
+            }
+        }
+    }
+
+    /// Hands one segment of connection `id` straight to its socket.
+    fn conn_ingress(&mut self, id: FlowId, frame: Vec<u8>, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            // No socket (cannot happen for an open flow): smoltcp answers it with RST.
+            self.dev.rx.push_back(frame);
+            return;
+        };
+        // The front of the queue, so this call processes exactly this frame.
+        self.dev.rx.push_front(frame);
+        self.iface.poll_ingress_single(now, &mut self.dev, &mut conn.set);
+        self.mark_dirty(id);
     }
 
     fn unix(&self, now: Instant) -> UnixNanos {
@@ -501,7 +578,33 @@ impl Engine {
         Some(Builder { our_mac: self.cfg.net.gateway_mac, peer_mac: self.peer_mac? })
     }
 
-    fn emit_packet(&self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
+    /// Holds events back until [`Engine::flush_events`] instead of sending each at once.
+    /// The driver flushes them after its writes to the tap: a send can wake the collector
+    /// thread (a futex wake, and on a busy machine a context switch), which must not sit
+    /// between a frame of the command and the engine's answer to it (a SYN and its SYN-ACK).
+    pub fn defer_events(&mut self) {
+        self.deferred.get_or_insert_with(Vec::new);
+    }
+
+    /// Sends the events held back since the last flush (see [`Engine::defer_events`]).
+    pub fn flush_events(&mut self) {
+        if let Some(held) = &mut self.deferred {
+            for ev in held.drain(..) {
+                self.events.emit(ev);
+            }
+        }
+    }
+
+    fn emit(&mut self, ev: Event) {
+        match &mut self.deferred {
+            Some(held) => held.push(ev),
+            None => {
+                self.events.emit(ev);
+            }
+        }
+    }
+
+    fn emit_packet(&mut self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
         let Some(snaplen) = self.cfg.snaplen else { return };
         let mut snap = frame.len().min(snaplen);
         if let Some(filter) = &self.cfg.capture_filter
@@ -510,7 +613,7 @@ impl Engine {
             // Still reported, so the capture counts it as received and filtered out.
             snap = 0;
         }
-        self.events.emit(Event::Packet(PacketEvent {
+        self.emit(Event::Packet(PacketEvent {
             ts: self.unix(now),
             direction: dir,
             orig_len: frame.len() as u32,
@@ -526,7 +629,8 @@ impl Engine {
                 let _ = tx.send(flow.key);
             }
             flow.packets_reported = flow.stats.packets[0] + flow.stats.packets[1];
-            self.events.emit(Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase }));
+            let ev = Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase });
+            self.emit(ev);
         }
     }
 
@@ -550,9 +654,7 @@ impl Engine {
             if self.by_key.get(&flow.key) == Some(&id) {
                 self.by_key.remove(&flow.key);
             }
-            if let FlowState::TcpOpen { handle, .. } = flow.state {
-                self.sockets.remove(handle);
-            }
+            self.conns.remove(&id);
         }
     }
 
@@ -718,7 +820,7 @@ impl Engine {
                     if h.tcp_flags & TCP_RST != 0 {
                         *child_rst = true;
                     }
-                    self.dev.rx.push_back(frame);
+                    self.conn_ingress(id, frame, now);
                 }
                 _ => self.dev.rx.push_back(frame),
             }
@@ -877,13 +979,15 @@ impl Engine {
             self.end_flow(id, CloseReason::Failed);
             return;
         }
-        let handle = self.sockets.add(socket);
+        let mut set = SocketSet::new(Vec::new());
+        let handle = set.add(socket);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.state = FlowState::TcpOpen { handle, child_rst: false, end: None };
         }
-        // Feed exactly the held SYN, so this socket leaves LISTEN before any other frame.
-        self.dev.rx.push_front(syn);
-        self.iface.poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        self.conns.insert(id, Conn { set, dirty: false, poll_at: None });
+        // The held SYN, then the SYN-ACK at once (the command's connect waits for it).
+        self.conn_ingress(id, syn, now);
+        self.egress(id, now);
         self.collect_tx(now);
     }
 
@@ -924,7 +1028,10 @@ impl Engine {
     pub fn tcp_socket(&mut self, id: FlowId) -> Option<(&mut tcp::Socket<'static>, bool)> {
         let flow = self.flows.get(&id)?;
         let FlowState::TcpOpen { handle, child_rst, .. } = flow.state else { return None };
-        Some((self.sockets.get_mut::<tcp::Socket>(handle), child_rst))
+        // The relay may queue data or read (opening the window): poll it next time.
+        self.mark_dirty(id);
+        let conn = self.conns.get_mut(&id)?;
+        Some((conn.set.get_mut::<tcp::Socket>(handle), child_rst))
     }
 
     /// The relay of TCP flow `id` is over.
@@ -935,10 +1042,13 @@ impl Engine {
             RelayEnd::Fin => CloseReason::Fin,
             RelayEnd::UpstreamReset | RelayEnd::ChildReset => CloseReason::Rst,
         };
-        if how == RelayEnd::UpstreamReset && !*child_rst {
-            self.sockets.get_mut::<tcp::Socket>(*handle).abort();
-        }
+        let abort = how == RelayEnd::UpstreamReset && !*child_rst;
+        let handle = *handle;
         *end = Some((reason, now + self.cfg.tcp_linger));
+        if abort && let Some(conn) = self.conns.get_mut(&id) {
+            conn.set.get_mut::<tcp::Socket>(handle).abort();
+        }
+        self.mark_dirty(id);
         self.closing.push(id);
     }
 
@@ -953,7 +1063,7 @@ impl Engine {
         if from.port() == 53
             && let Some(ev) = dns::parse_response(payload, from, DnsTransport::Udp, self.unix(now))
         {
-            self.events.emit(Event::Dns(ev));
+            self.emit(Event::Dns(ev));
         }
         let mut out = self.dev.take();
         b.udp(from, to, payload, &mut out);
@@ -966,7 +1076,7 @@ impl Engine {
         if let Some(ev) =
             dns::parse_response(message, flow.key.remote(), DnsTransport::Tcp, self.unix(now))
         {
-            self.events.emit(Event::Dns(ev));
+            self.emit(Event::Dns(ev));
         }
     }
 
@@ -1048,6 +1158,21 @@ impl Engine {
     /// Runs smoltcp, collects what it sends, and does the periodic work.
     pub fn poll(&mut self, now: Instant) {
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(conn) = self.conns.get_mut(&id)
+                && conn.poll_at == Some(at)
+            {
+                conn.poll_at = None;
+                self.mark_dirty(id);
+            }
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            self.egress(id, now);
+        }
         self.collect_tx(now);
         self.reap_closing(now);
         if now >= self.next_housekeeping {
@@ -1075,12 +1200,16 @@ impl Engine {
             else {
                 continue;
             };
-            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            let Some(conn) = self.conns.get_mut(&id) else {
+                self.end_flow(id, reason);
+                continue;
+            };
+            let socket = conn.set.get_mut::<tcp::Socket>(handle);
             let done = matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait);
             if done || now >= deadline {
                 if !done {
                     socket.abort();
-                    self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                    self.egress(id, now);
                     self.collect_tx(now);
                 }
                 self.end_flow(id, reason);
@@ -1126,6 +1255,7 @@ impl Engine {
         for id in ids {
             self.end_flow(id, CloseReason::CommandExit);
         }
+        self.flush_events();
     }
 
     /// The state of flow `id`, for diagnostics (`SYN-RECEIVED (connecting upstream)`, ...).
@@ -1651,7 +1781,9 @@ mod tests {
         assert_eq!(end.phase, FlowPhase::End(CloseReason::Fin));
         assert_eq!(end.stats.payload_bytes, [100_000, 200_000]);
         assert_eq!(end.stats.tcp_flags[0] & TCP_FIN, TCP_FIN);
-        assert_eq!(end.stats.history(), b"ShADdaFf");
+        // First occurrences on this lossless link: the engine's ACKs ride on its data until
+        // the command's FIN, which it acknowledges alone.
+        assert_eq!(end.stats.history(), b"ShADdFaf");
         let packets = rx.try_iter().count();
         assert_eq!(packets, 0, "events were drained above");
     }
@@ -1669,6 +1801,31 @@ mod tests {
             })
             .collect();
         assert_eq!(dirs, [Direction::Out, Direction::In]);
+    }
+
+    #[test]
+    fn deferred_events_wait_for_the_flush_in_order() {
+        let (mut e, rx) = engine();
+        e.defer_events();
+        e.ingest(udp_from_child("10.0.2.100:5000", "198.18.0.2:7", b"x"), t(0));
+        e.udp_reply(1, b"y", t(1));
+        assert_eq!(rx.try_iter().count(), 0, "nothing is sent before the flush");
+        e.flush_events();
+        let kinds: Vec<&str> = rx
+            .try_iter()
+            .map(|e| match e {
+                Event::Packet(p) if p.direction == Direction::Out => "out",
+                Event::Packet(_) => "in",
+                Event::Flow(_) => "flow",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["out", "flow", "in"], "the events keep their order");
+        e.shutdown();
+        assert!(
+            matches!(rx.try_iter().last(), Some(Event::Flow(f)) if f.phase == FlowPhase::End(CloseReason::CommandExit)),
+            "shutdown flushes the flows' ends"
+        );
     }
 
     #[test]
