@@ -327,7 +327,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     };
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
-        .spawn(move || Accounting::load(capture))
+        .spawn(move || Accounting::load(capture, kernel_filter.as_ref()))
         .context("failed to start the eBPF loader thread")?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -357,9 +357,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let cgroup_dir = cg.open()?;
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
-    if let Some(program) = kernel_filter {
-        accounting.set_capture_filter(&program)?;
-    }
     tracing::debug!("eBPF programs loaded");
     accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
     tracing::debug!("eBPF programs attached");
