@@ -168,10 +168,11 @@ impl Accounting {
     ) -> Result<Self, EbpfError> {
         preflight()?;
         let object = read_only_maps(OBJECT.ok_or(EbpfError::NotBuilt)?, &["CONFIG", "FILTER"])?;
-        // No kernel BTF: the programs read only UAPI context fields (no CO-RE relocation),
-        // and parsing /sys/kernel/btf/vmlinux (megabytes) would cost every start ~10 ms.
-        let mut ebpf =
-            EbpfLoader::new().btf(None).load(object.bytes()).map_err(EbpfError::Object)?;
+        let mut ebpf = loader_without_kernel_btf()
+            .btf(None)
+            .load(object.bytes())
+            .map_err(EbpfError::Object)?;
+        tracing::debug!("eBPF object parsed, maps created");
         write_and_freeze(&mut ebpf, "CONFIG", capture)?;
         write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
         // Each program is verified on a thread of its own: the verifier runs without a
@@ -288,6 +289,51 @@ impl Accounting {
         }
         Ok(out)
     }
+}
+
+/// An `EbpfLoader` that never parsed the kernel's BTF.
+///
+/// The programs read only UAPI context fields (no CO-RE relocation), so they need no kernel
+/// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
+/// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
+/// constructor: 40-150 ms of every start on this VM, more than everything else together.
+/// So the loader is built on a short-lived thread with a mount namespace of its own
+/// (`unshare(CLONE_NEWNS)` affects only the calling thread), in which `/dev/null` is
+/// bind-mounted over that file: aya reads nothing, fails to parse, and moves on without
+/// BTF. Propagation is cut first (`MS_SLAVE`), so the bind mount never reaches the host's
+/// namespace; it disappears with the thread. If any step is refused, the loader is built
+/// the slow way.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    let hidden = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare/mount with NUL-terminated strings, on this thread only.
+            let hidden = unsafe {
+                libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::mount(
+                        c"/dev/null".as_ptr(),
+                        c"/sys/kernel/btf/vmlinux".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) == 0
+            };
+            hidden.then(EbpfLoader::new)
+        })
+        .join()
+        .ok()
+        .flatten()
+    });
+    hidden.unwrap_or_else(|| {
+        tracing::debug!("could not hide the kernel BTF from aya; parsing it");
+        EbpfLoader::new()
+    })
 }
 
 /// `BPF_F_RDONLY_PROG` (include/uapi/linux/bpf.h): programs may only read the map.

@@ -291,25 +291,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     };
 
     tracing::debug!("preflight done");
-    // Forks first, while as little as possible exists.
-    let cgroup_root = cgroup::unified_root()?;
-    let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
-    let resolv_path = Path::new(RESOLV_DIR).join(format!("childflow-{run_id}.resolv.conf"));
-    let reaper = cgroup::Reaper::spawn(&cgroup_path, &resolv_path)?;
-    let cg = cgroup::Cgroup::create(&cgroup_root, &run_id)?;
-    write_resolv_conf(config, &resolv_path)?;
-    let resolv = CString::new(resolv_path.as_os_str().as_bytes()).context("resolv.conf path")?;
-    let spec = Spec {
-        namespaces: Namespaces { user: false },
-        argv: config.command.clone(),
-        env: config.command_env.clone(),
-        credentials: Some(credentials),
-        terminal: config.terminal.clone(),
-    };
-    let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
-    cg.add(sandbox.pid().as_raw())?;
-
-    // The verifier and map creation take a while: run them while netlink sets up the veth.
     let capture = config.capture.as_ref().map_or(
         CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
         |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
@@ -325,10 +306,32 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         }
         None => None,
     };
+    // Forks first, while as little as possible exists.
+    let cgroup_root = cgroup::unified_root()?;
+    let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
+    let resolv_path = Path::new(RESOLV_DIR).join(format!("childflow-{run_id}.resolv.conf"));
+    let reaper = cgroup::Reaper::spawn(&cgroup_path, &resolv_path)?;
+    let cg = cgroup::Cgroup::create(&cgroup_root, &run_id)?;
+    write_resolv_conf(config, &resolv_path)?;
+    let resolv = CString::new(resolv_path.as_os_str().as_bytes()).context("resolv.conf path")?;
+    let spec = Spec {
+        namespaces: Namespaces { user: false },
+        argv: config.command.clone(),
+        env: config.command_env.clone(),
+        credentials: Some(credentials),
+        terminal: config.terminal.clone(),
+    };
+    tracing::debug!("reaper, cgroup and resolv.conf ready");
+    let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
+    tracing::debug!("sandbox cloned");
+    // The verifier and map creation take a while: run them while netlink sets up the veth.
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
         .spawn(move || Accounting::load(capture, kernel_filter.as_ref()))
         .context("failed to start the eBPF loader thread")?;
+
+    cg.add(sandbox.pid().as_raw())?;
+    tracing::debug!("sandbox in its cgroup");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -340,7 +343,9 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let used = net::host_addresses(&host).await?;
         let addressing = net::Addressing::pick(&run_id, std::process::id(), &used)?;
         let child = net::netns_handle(init_pid)?;
+        tracing::debug!("netlink sockets open, host addresses read");
         net::create(&host, &child, &addressing, init_pid).await?;
+        tracing::debug!("veth created and configured");
         net::enable_forwarding(&addressing.host_if)?;
         anyhow::Ok((host, addressing))
     })?;
