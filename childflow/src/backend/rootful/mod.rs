@@ -30,13 +30,17 @@
 pub mod cgroup;
 pub mod dns;
 pub mod flows;
+mod linger;
 pub mod net;
 pub mod nft;
 mod raw;
 
 use std::{
     ffi::{CStr, CString},
-    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
     path::Path,
     time::Duration,
 };
@@ -320,6 +324,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         env: config.command_env.clone(),
         credentials: Some(credentials),
         terminal: config.terminal.clone(),
+        cgroup: Some(std::sync::Arc::new(cg.open()?.into())),
     };
     tracing::debug!("reaper, cgroup and resolv.conf ready");
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
@@ -329,28 +334,35 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         .name("ebpf-load".into())
         .spawn(move || Accounting::load(capture, kernel_filter.as_ref()))
         .context("failed to start the eBPF loader thread")?;
-
-    cg.add(sandbox.pid().as_raw())?;
-    tracing::debug!("sandbox in its cgroup");
+    // The NAT table matches the veth by name, which is known now, before the veth exists.
+    // Its creation often waits for locks other netlink users hold (RTNL, taken when the
+    // first masquerade rule registers its netdevice notifiers): 5-50 ms here, overlapped.
+    let nat_thread = {
+        let (run_id, host_if) = (run_id.clone(), net::Addressing::new(&run_id, 0).host_if);
+        std::thread::Builder::new()
+            .name("nft".into())
+            .spawn(move || nft::NatTable::create(&run_id, &host_if))
+            .context("failed to start the nftables thread")?
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
     let init_pid = sandbox.pid().as_raw();
-    let (host, addressing) = runtime.block_on(async {
+    let (host, host_index, addressing) = runtime.block_on(async {
         let host = net::host_handle()?;
         let used = net::host_addresses(&host).await?;
         let addressing = net::Addressing::pick(&run_id, std::process::id(), &used)?;
         let child = net::netns_handle(init_pid)?;
         tracing::debug!("netlink sockets open, host addresses read");
-        net::create(&host, &child, &addressing, init_pid).await?;
+        let host_index = net::create(&host, &child, &addressing, init_pid).await?;
         tracing::debug!("veth created and configured");
         net::enable_forwarding(&addressing.host_if)?;
-        anyhow::Ok((host, addressing))
+        anyhow::Ok((host, host_index, addressing))
     })?;
     tracing::debug!("veth and routes ready");
-    let nat = nft::NatTable::create(&run_id, &addressing.host_if)?;
+    let nat = nat_thread.join().map_err(|_| anyhow::anyhow!("the nftables thread panicked"))??;
     tracing::debug!(
         "run {run_id}: {} {} / {}, nft table {}, cgroup {}",
         addressing.host_if,
@@ -426,9 +438,15 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The command is gone: kill what is left of its tree, take the last records, end
     // every flow with its final counters.
     cg.kill();
-    // Stop observing first, so the last drain and the final counters agree with each
-    // other (and with a capture) to the packet.
-    accounting.detach();
+    // Stop the traffic first, so the last drain and the final counters agree with each
+    // other (and with a capture) to the packet: with the host end down nothing crosses the
+    // link any more, and the kernel has waited for packets in flight (`dev_close` →
+    // `synchronize_net`, an expedited grace period under RTNL). Detaching the programs
+    // would do the same at the cost of two full grace periods.
+    if let Err(e) = runtime.block_on(net::set_down(&host, host_index, &addressing.host_if)) {
+        tracing::debug!("{e:#}; detaching the programs instead");
+        accounting.detach();
+    }
     drain.drain_rings(&mut rings);
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
@@ -439,18 +457,19 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracing::warn!("{lost} events were dropped because the collector fell behind");
     }
     drain.warn_kernel_drops();
-
     tracing::debug!("command ended, events flushed");
-    // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the
-    // waits overlap.
-    std::thread::scope(|s| {
-        s.spawn(move || drop((rings, accounting)));
-        s.spawn(move || drop(nat));
-        let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
-    });
-    tracing::debug!("programs detached, nft table and veth deleted");
-    drop(cg);
-    reaper.finish();
-    tracing::debug!("cgroup removed");
+
+    // What is left is the kernel's teardown, slow (RCU grace periods) and invisible in the
+    // results: hand it to a lingering process (see [`linger`]) and return. The veth dies
+    // with the command's network namespace once the last reference to it (our netlink
+    // socket there) is gone; the reaper removes the cgroup and the resolv.conf file when
+    // childflow exits.
+    let mut keep = linger::bpf_links();
+    keep.push(nat.as_raw_fd());
+    linger::hand_over(&keep);
+    drop((rings, accounting, nat, host, runtime));
+    cg.leave_to_reaper();
+    drop(reaper);
+    tracing::debug!("teardown handed over");
     Ok(status)
 }

@@ -63,6 +63,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         env: config.command_env.clone(),
         credentials: None,
         terminal: config.terminal.clone(),
+        cgroup: None,
     };
     let setup = move || -> Result<(), String> {
         tap::bring_up_loopback()?;
