@@ -1,10 +1,11 @@
 //! Kernel-side teardown behind childflow's back, so a finished run returns at once.
 //!
-//! Releasing a TCX link waits for an RCU grace period under the RTNL lock (kernel/bpf/tcx.c,
-//! `tcx_link_release` → `tcx_entry_sync`), and so does deleting the owned nftables table
-//! (its hooks are unregistered with `synchronize_net`): 40-70 ms on this kind of machine,
-//! longer than everything else a `--root -- true` run does. None of it changes what the run
-//! reports: by then the command is gone, its link is down and the last counters are read.
+//! Deleting the run's owned nftables table unregisters its hooks, which waits for an RCU
+//! grace period (`synchronize_net` outside RTNL), and so does releasing a TCX link
+//! (kernel/bpf/tcx.c, `tcx_link_release` → `tcx_entry_sync`), should one be used: 15-70 ms
+//! on this kind of machine, as long as a whole `--root -- true` run otherwise. None of it
+//! changes what the run reports: by then the command is gone, its link is down and the last
+//! counters are read.
 //!
 //! So at the end of a run, [`hand_over`] forks a **lingerer** that holds a duplicate of each
 //! descriptor whose release is slow (the BPF links and the nft socket) and closes every other
