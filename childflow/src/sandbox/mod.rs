@@ -73,6 +73,12 @@ pub struct Spec {
     /// running process (writing `cgroup.procs`) takes the cgroup threadgroup rwsem for
     /// writing, which waits for an RCU grace period (~10-15 ms here). `None`: childflow's.
     pub cgroup: Option<Arc<OwnedFd>>,
+    /// Run the backend's setup in `init` at once instead of after [`Sandbox::release`], so
+    /// it overlaps the parent's work. Only for a setup that needs nothing the parent does
+    /// after the clone (rootful: mounts and sysctls of the new namespaces; not rootless,
+    /// whose setup needs the uid maps the parent writes). The command still starts only
+    /// after the release.
+    pub setup_before_release: bool,
 }
 
 /// How the command ended.
@@ -174,7 +180,8 @@ impl Sandbox {
     /// has been exec'd (or failed to be).
     pub fn release(&mut self) -> Result<(), SpawnError> {
         if let Some(mut go) = self.go.take() {
-            go.write_all(&[1]).map_err(|_| SpawnError::Died)?;
+            // A failed early setup has ended `init` already: its report says why.
+            let _ = go.write_all(&[1]);
         }
         let mut tag = [0u8; 1];
         if self.report.read_exact(&mut tag).is_err() {
@@ -392,13 +399,26 @@ where
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     // getppid() is 0 in a new pid namespace, so a parent that died before the prctl is
     // noticed here instead: its end of the `go` pipe is closed.
+    let mut setup = Some(setup);
+    let mut run_setup =
+        |report: &mut File| match setup.take().map(|f| f().and_then(|()| remount_proc())) {
+            Some(Err(msg)) => {
+                let _ = report.write_all(&[MSG_SETUP_ERROR]);
+                let _ = report.write_all(msg.as_bytes());
+                false
+            }
+            _ => true,
+        };
+    // Early: the setup overlaps the parent's (veth, programs). It runs before the parent
+    // has seen the child, so only setup that needs nothing from the parent may ask for it.
+    if spec.setup_before_release && !run_setup(&mut report) {
+        return crate::exit::FAILURE;
+    }
     let mut byte = [0u8; 1];
     if File::from(go).read_exact(&mut byte).is_err() {
         return crate::exit::FAILURE;
     }
-    if let Err(msg) = setup().and_then(|()| remount_proc()) {
-        let _ = report.write_all(&[MSG_SETUP_ERROR]);
-        let _ = report.write_all(msg.as_bytes());
+    if !run_setup(&mut report) {
         return crate::exit::FAILURE;
     }
     let (exec_rx, exec_tx) = match pipe2(nix::fcntl::OFlag::O_CLOEXEC) {

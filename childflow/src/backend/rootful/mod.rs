@@ -339,6 +339,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         credentials: Some(credentials),
         terminal: config.terminal.clone(),
         cgroup: Some(std::sync::Arc::new(cg.open()?.into())),
+        setup_before_release: true,
     };
     tracing::debug!("reaper, cgroup and resolv.conf ready");
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;

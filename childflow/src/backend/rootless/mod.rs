@@ -64,6 +64,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         credentials: None,
         terminal: config.terminal.clone(),
         cgroup: None,
+        setup_before_release: false,
     };
     let setup = move || -> Result<(), String> {
         tap::bring_up_loopback()?;
