@@ -33,9 +33,9 @@
 //! (the nft table's hooks, the cgroup links, the namespace), is handed to
 //! a lingering process ([`linger`]) that releases it after childflow has exited. Decision:
 //! childflow returns when the run's *results* are final, not when the host is clean; the
-//! host is clean 30-60 ms later (median 33 ms, max 62 ms measured by `cargo xtask bench
-//! rootful --startup` at load 7; tests allow the same 2 s as for SIGKILL). Waiting for it
-//! would add those 30-60 ms to every run.
+//! host is clean shortly after (median 11-33 ms, max 47-62 ms, measured by `cargo xtask
+//! bench rootful --startup` at load 3-7; tests allow the same 2 s as for SIGKILL). Waiting
+//! for it would add that to every run.
 //!
 //! Raw events: when `CHILDFLOW_RAW_EVENTS=PATH` is set, every event is also written to PATH
 //! as one JSON object per line ([`raw`]); tests use it to check what the backend emits
