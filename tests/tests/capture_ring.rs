@@ -138,8 +138,8 @@ fn filtered(filter: &str) -> Vec<(u32, u8, u16, u16)> {
         .program
         .to_kernel()
         .expect("fits the kernel table");
-    let mut acc = Accounting::load(CaptureConfig { capture_all: 1, snaplen: 100 }).expect("load");
-    acc.set_capture_filter(&program).expect("write the filter map");
+    let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
+    let mut acc = Accounting::load(capture, Some(&program)).expect("load");
     acc.attach_to(&net.host_if, None).expect("attach");
     let mut ring = acc.take_packets().unwrap();
     udp_exchange(&net, 7, &[40, 60], true);

@@ -265,6 +265,23 @@ fn sigkill_of_childflow_leaves_nothing_within_two_seconds() {
     eprintln!("host state gone {:?} after SIGKILL", killed.elapsed());
 }
 
+#[test]
+fn a_finished_run_leaves_nothing_within_two_seconds() {
+    if unsupported() {
+        return;
+    }
+    // childflow returns once the command's results are final; the kernel's teardown (TCX
+    // link release, the nft table) finishes behind it in a lingering process.
+    let mut child = childflow().args(["--root", "--", "true"]).spawn().unwrap();
+    let id = format!("{:x}", child.id());
+    assert!(child.wait().unwrap().success(), "childflow --root -- true failed");
+    let returned = Instant::now();
+    wait_for("the run's host state to disappear", Duration::from_secs(2), || {
+        run_leftovers(&id).is_empty()
+    });
+    eprintln!("host state gone {:?} after childflow returned", returned.elapsed());
+}
+
 /// (packets, IP bytes) per direction (0 = sent by `local`) that tshark saw matching
 /// `filter`.
 fn tshark_count(file: &Path, filter: &str, local: &str) -> [(u64, u64); 2] {

@@ -16,7 +16,8 @@
 //! - 64-byte UDP packet rate (iperf3 -u -l 64 -b 0);
 //! - per-packet cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt,
 //!   read from `bpftool prog show` while childflow's programs are loaded);
-//! - `childflow --root -- true`, median wall time of 20 runs.
+//! - `childflow --root -- true` next to the rootless `childflow -- true`, median wall time
+//!   of 20 runs each, and how long the rootful run's host state outlives its return.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -208,7 +209,10 @@ fn program_cost(bin: &str) -> Result<Vec<(String, f64, u64)>> {
     Ok(last)
 }
 
-pub fn run(bin: &str) -> Result<()> {
+pub fn run(bin: &str, startup_only: bool) -> Result<()> {
+    if startup_only {
+        return startup(bin);
+    }
     let _topology = Topology::new()?;
     println!("rootful bench: {PAIRS} A/B pairs of {SECONDS} s iperf3 runs (medians)\n");
     for (udp, what) in [(false, "bulk TCP"), (true, "64-byte UDP")] {
@@ -245,16 +249,70 @@ pub fn run(bin: &str) -> Result<()> {
     for (name, ns, cnt) in program_cost(bin)? {
         println!("per-packet cost {name:<16} {ns:>7.0} ns  ({cnt} runs)");
     }
-    let mut times = Vec::new();
-    for _ in 0..20 {
+    startup(bin)?;
+    Ok(())
+}
+
+/// The start-up row: `childflow --root -- true` and the rootless `childflow -- true`, 20
+/// runs each, alternating (drift hits both alike), medians; and how long after a rootful
+/// run returns its host state (veth, nft table, cgroup) is gone, since the kernel's
+/// teardown finishes behind it (see `childflow/src/backend/rootful/linger.rs`).
+fn startup(bin: &str) -> Result<()> {
+    const RUNS: usize = 20;
+    let timed = |args: &[&str]| -> Result<(f64, u32)> {
         let started = Instant::now();
-        sh(&[bin, "--root", "--", "true"])?;
-        times.push(started.elapsed().as_secs_f64() * 1e3);
+        let mut child = Command::new(bin)
+            .args(args)
+            .spawn()
+            .with_context(|| format!("failed to start {bin}"))?;
+        let pid = child.id();
+        if !child.wait()?.success() {
+            bail!("{bin} {} failed", args.join(" "));
+        }
+        Ok((started.elapsed().as_secs_f64() * 1e3, pid))
+    };
+    let host_state = |pid: u32| {
+        let id = format!("{pid:x}");
+        let tables = sh(&["nft", "list", "tables"]).unwrap_or_default();
+        std::path::Path::new(&format!("/sys/class/net/cf{id}h")).exists()
+            || tables.contains(&format!("childflow_{id}\n"))
+            || std::path::Path::new(&format!("/sys/fs/cgroup/unified/childflow-{id}")).exists()
+    };
+    let (mut rootful, mut rootless, mut tails) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        let (ms, pid) = if i % 2 == 0 {
+            let r = timed(&["--root", "--", "true"])?;
+            rootless.push(timed(&["--", "true"])?.0);
+            r
+        } else {
+            rootless.push(timed(&["--", "true"])?.0);
+            timed(&["--root", "--", "true"])?
+        };
+        rootful.push(ms);
+        let returned = Instant::now();
+        while host_state(pid) && returned.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        tails.push(returned.elapsed().as_secs_f64() * 1e3);
     }
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!("\nstart-up, {RUNS} runs each, alternating (load average {})", load.join(" "));
     println!(
-        "\nchildflow --root -- true: median {:.1} ms (min {min:.1} ms, 20 runs)",
-        median(times)
+        "childflow --root -- true   median {:>6.1} ms  (min {:.1} ms)",
+        median(rootful.clone()),
+        min(&rootful)
+    );
+    println!(
+        "childflow -- true          median {:>6.1} ms  (min {:.1} ms)  (rootless)",
+        median(rootless.clone()),
+        min(&rootless)
+    );
+    println!(
+        "rootful host state gone    median {:>6.1} ms after childflow returned (max {:.1} ms)",
+        median(tails.clone()),
+        tails.iter().copied().fold(0.0, f64::max)
     );
     Ok(())
 }

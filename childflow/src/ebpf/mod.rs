@@ -2,16 +2,22 @@
 //! reading what they collect.
 //!
 //! Every attachment is owned: dropping the returned value detaches the programs and frees the
-//! maps (the kernel does the same if the process dies, since nothing is pinned).
+//! maps. If the process dies, the kernel does the same: cgroup links with their fds, the TC
+//! filters with the interface they are on (see [`Accounting::attach_to`]); nothing is
+//! pinned.
 
-use std::{os::fd::AsFd, path::Path};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
-        SchedClassifier, TcAttachType, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError,
+        SchedClassifier, TcAttachType,
+        tc::{NlOptions, TcAttachOptions, qdisc_add_clsact},
     },
 };
 use childflow_common::{
@@ -70,6 +76,16 @@ pub enum EbpfError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// A map could not be frozen after its settings were written.
+    #[error("failed to freeze eBPF map {name}")]
+    Freeze {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded object is not the ELF file the loader expects.
+    #[error("childflow's eBPF object is malformed: {0}")]
+    Elf(&'static str),
     /// A map the object should contain is missing or has the wrong type.
     #[error("eBPF map {name} is missing or malformed")]
     Map {
@@ -119,7 +135,8 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX links.
+    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` (clsact
+    /// filters, see [`Accounting::attach_to`]).
     /// Capture is off (only DNS packets are copied); no cgroup programs.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
         Self::attach_with(iface, None, CaptureConfig::default())
@@ -132,71 +149,65 @@ impl Accounting {
         cgroup: Option<&std::fs::File>,
         capture: CaptureConfig,
     ) -> Result<Self, EbpfError> {
-        let mut accounting = Self::load(capture)?;
+        let mut accounting = Self::load(capture, None)?;
         accounting.attach_to(iface, cgroup)?;
         Ok(accounting)
     }
 
-    /// Loads the object and every program (the verifier runs here) and writes the capture
-    /// settings, without attaching anything: a caller can do this while it creates the
+    /// Loads the object and every program (the verifier runs here), with the capture
+    /// settings `capture` and the capture filter `filter` (`None`: no filter, every packet
+    /// matches), without attaching anything: a caller can do this while it creates the
     /// interface and the cgroup, then [`Accounting::attach_to`] them.
-    pub fn load(capture: CaptureConfig) -> Result<Self, EbpfError> {
+    ///
+    /// The settings are fixed for the life of the programs: `CONFIG` and `FILTER` are
+    /// created read-only for programs (`BPF_F_RDONLY_PROG`), written, then frozen
+    /// (`BPF_MAP_FREEZE`) before any program is loaded. The verifier then reads their
+    /// contents as constants (kernel/bpf/verifier.c, `bpf_map_is_rdonly` and
+    /// `bpf_map_direct_read`) and skips the code a run cannot reach: with capture off, the
+    /// filter interpreter is never verified. That is most of the verification time (on this
+    /// kind of machine ~250 ms per TC program with it, a few ms without).
+    pub fn load(
+        capture: CaptureConfig,
+        filter: Option<&childflow_common::filter::Program>,
+    ) -> Result<Self, EbpfError> {
         preflight()?;
-        let object = OBJECT.ok_or(EbpfError::NotBuilt)?;
-        // No kernel BTF: the programs read only UAPI context fields (no CO-RE relocation),
-        // and parsing /sys/kernel/btf/vmlinux (megabytes) would cost every start ~10 ms.
-        let mut ebpf = EbpfLoader::new().btf(None).load(object).map_err(EbpfError::Object)?;
-        {
-            let map =
-                ebpf.map_mut("CONFIG").ok_or(EbpfError::Map { name: "CONFIG", source: None })?;
-            let mut config: Array<&mut MapData, CaptureConfig> = Array::try_from(map)
-                .map_err(|e| EbpfError::Map { name: "CONFIG", source: Some(e) })?;
-            config
-                .set(0, capture, 0)
-                .map_err(|source| EbpfError::MapWrite { name: "CONFIG", source })?;
-        }
-        let program = "cf_sock_create";
-        let prog: &mut CgroupSock = ebpf
-            .program_mut(program)
-            .ok_or(EbpfError::Map { name: program, source: None })?
-            .try_into()
-            .map_err(|source| EbpfError::Load { program, source })?;
-        prog.load().map_err(|source| EbpfError::Load { program, source })?;
-        let program = "cf_skb_egress";
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut(program)
-            .ok_or(EbpfError::Map { name: program, source: None })?
-            .try_into()
-            .map_err(|source| EbpfError::Load { program, source })?;
-        prog.load().map_err(|source| EbpfError::Load { program, source })?;
-        for program in ["cf_tc_ingress", "cf_tc_egress"] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or(EbpfError::Map { name: program, source: None })?
-                .try_into()
-                .map_err(|source| EbpfError::Load { program, source })?;
-            prog.load().map_err(|source| EbpfError::Load { program, source })?;
-        }
+        let object = read_only_maps(OBJECT.ok_or(EbpfError::NotBuilt)?, &["CONFIG", "FILTER"])?;
+        let mut ebpf = loader_without_kernel_btf()
+            .btf(None)
+            .load(object.bytes())
+            .map_err(EbpfError::Object)?;
+        tracing::debug!("eBPF object parsed, maps created");
+        write_and_freeze(&mut ebpf, "CONFIG", capture)?;
+        write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
+        // Each program is verified on a thread of its own: the verifier runs without a
+        // global lock for a privileged loader, so the verifications overlap on every core.
+        let programs: Vec<(&str, &mut aya::programs::Program)> = ebpf.programs_mut().collect();
+        std::thread::scope(|s| {
+            let running: Vec<_> = programs
+                .into_iter()
+                .map(|(name, prog)| s.spawn(move || load_one(name, prog)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<Vec<()>, _>>()
+        })?;
         Ok(Accounting { links: Vec::new(), ebpf })
     }
 
-    /// Sets the capture filter the TC programs apply before copying a packet into the packet
-    /// ring (DNS is copied whatever it says, unmarked). Call it before
-    /// [`Accounting::attach_to`] so the first packet already sees it; until then the map
-    /// holds the empty program, which matches everything.
-    pub fn set_capture_filter(
-        &mut self,
-        program: &childflow_common::filter::Program,
-    ) -> Result<(), EbpfError> {
-        let map =
-            self.ebpf.map_mut("FILTER").ok_or(EbpfError::Map { name: "FILTER", source: None })?;
-        let mut filter: Array<&mut MapData, childflow_common::filter::Program> =
-            Array::try_from(map).map_err(|e| EbpfError::Map { name: "FILTER", source: Some(e) })?;
-        filter.set(0, program, 0).map_err(|source| EbpfError::MapWrite { name: "FILTER", source })
-    }
-
-    /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` with TCX
-    /// links, and the attribution programs to `cgroup` if given.
+    /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` as
+    /// direct-action filters of its `clsact` qdisc, and the attribution programs to `cgroup`
+    /// if given.
+    ///
+    /// Why `clsact` filters (netlink) rather than TCX links: attaching a TCX link waits for
+    /// a full RCU grace period while holding RTNL (kernel/bpf/tcx.c, `tcx_entry_sync`), and
+    /// the two directions serialize on RTNL: 25-35 ms of a run's start on this VM (median
+    /// `--root -- true` 95 ms with TCX, 59 ms with clsact, 20 A/B pairs at load 5.5). The
+    /// first filter of a clsact qdisc waits at most for an *expedited* grace period
+    /// (net/sched/sch_generic.c, `mini_qdisc_pair_swap`); both attach in about 1 ms. The
+    /// programs run at the same hook, on the same packets. Lifetime: a filter is not owned by
+    /// an fd but by the interface; on the run's veth it dies with the pair, which dies with
+    /// the command's network namespace (so also when childflow is SIGKILLed).
     ///
     /// The capture settings were written at load, so the first packet already sees them.
     /// Every link is owned by this value (and so by this process's fds): nothing outlives
@@ -212,6 +223,10 @@ impl Accounting {
             .programs_mut()
             .filter(|(name, _)| name.starts_with("cf_tc_") || cgroup.is_some())
             .collect();
+        if programs.iter().any(|(name, _)| name.starts_with("cf_tc_")) {
+            // Already there (a second run of the tests on one interface) is fine.
+            let _ = qdisc_add_clsact(iface);
+        }
         let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
@@ -236,6 +251,19 @@ impl Accounting {
                 s.spawn(move || drop(link));
             }
         });
+    }
+
+    /// Leaves the TC filters where they are instead of deleting them when this value is
+    /// dropped: for an interface about to disappear (the run's veth dies with the command's
+    /// namespace), deleting them first is netlink round trips for nothing.
+    pub fn leave_tc_filters(&mut self) {
+        for link in std::mem::take(&mut self.links) {
+            if link.is::<aya::programs::tc::SchedClassifierLink>() {
+                std::mem::forget(link);
+            } else {
+                self.links.push(link);
+            }
+        }
     }
 
     fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowStats>, EbpfError> {
@@ -295,6 +323,194 @@ impl Accounting {
     }
 }
 
+/// An `EbpfLoader` that never parsed the kernel's BTF.
+///
+/// The programs read only UAPI context fields (no CO-RE relocation), so they need no kernel
+/// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
+/// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
+/// constructor: 40-150 ms of every start on this VM, more than everything else together.
+/// So the loader is built on a short-lived thread with a mount namespace of its own
+/// (`unshare(CLONE_NEWNS)` affects only the calling thread), in which `/dev/null` is
+/// bind-mounted over that file: aya reads nothing, fails to parse, and moves on without
+/// BTF. Propagation is cut first (`MS_SLAVE`), so the bind mount never reaches the host's
+/// namespace; it disappears with the thread. If any step is refused, the loader is built
+/// the slow way.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    let hidden = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare/mount with NUL-terminated strings, on this thread only.
+            let hidden = unsafe {
+                libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::mount(
+                        c"/dev/null".as_ptr(),
+                        c"/sys/kernel/btf/vmlinux".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) == 0
+            };
+            hidden.then(EbpfLoader::new)
+        })
+        .join()
+        .ok()
+        .flatten()
+    });
+    hidden.unwrap_or_else(|| {
+        tracing::debug!("could not hide the kernel BTF from aya; parsing it");
+        EbpfLoader::new()
+    })
+}
+
+/// `BPF_F_RDONLY_PROG` (include/uapi/linux/bpf.h): programs may only read the map.
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+/// `BPF_MAP_FREEZE` (include/uapi/linux/bpf.h): no more writes from user space either.
+const BPF_MAP_FREEZE: libc::c_long = 22;
+
+/// Loads one program of the object (the verifier runs here). Programs of kinds childflow
+/// does not load are left alone.
+fn load_one(name: &str, prog: &mut aya::programs::Program) -> Result<(), EbpfError> {
+    use aya::programs::Program as P;
+    let program: &'static str = match name {
+        "cf_tc_ingress" => "cf_tc_ingress",
+        "cf_tc_egress" => "cf_tc_egress",
+        "cf_sock_create" => "cf_sock_create",
+        "cf_skb_egress" => "cf_skb_egress",
+        _ => return Ok(()),
+    };
+    let started = std::time::Instant::now();
+    let loaded = match prog {
+        P::SchedClassifier(p) => p.load(),
+        P::CgroupSock(p) => p.load(),
+        P::CgroupSkb(p) => p.load(),
+        _ => return Ok(()),
+    };
+    tracing::debug!("loaded {program} in {:?}", started.elapsed());
+    loaded.map_err(|source| EbpfError::Load { program, source })
+}
+
+/// Writes `value` as entry 0 of the array map `name`, then freezes the map.
+fn write_and_freeze<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    value: V,
+) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(name).ok_or(EbpfError::Map { name, source: None })?;
+    let mut array: Array<&mut MapData, V> =
+        Array::try_from(map).map_err(|e| EbpfError::Map { name, source: Some(e) })?;
+    array.set(0, value, 0).map_err(|source| EbpfError::MapWrite { name, source })?;
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+        return Err(EbpfError::Map { name, source: None });
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    // union bpf_attr for BPF_MAP_FREEZE: only `map_fd`, the rest zero.
+    let attr = [fd as u32, 0];
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes from a valid buffer; the fd is open.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, attr.as_ptr(), std::mem::size_of_val(&attr))
+    };
+    if rc != 0 {
+        return Err(EbpfError::Freeze { name, source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// The eBPF object, 8-byte aligned as the ELF parser wants it.
+struct Object {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Object {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `self` is borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// A copy of the ELF object `elf` in which the legacy map definitions (section `maps`,
+/// aya's `bpf_map_def`: type, key size, value size, max entries, flags, ...) named in
+/// `names` carry `BPF_F_RDONLY_PROG`.
+///
+/// The eBPF source declares these maps with flags 0; the flag is set here, where the
+/// decision to freeze them is taken (see [`Accounting::load`]). A map that already has the
+/// flag is left as it is. Reads the ELF64 little-endian section and symbol tables directly
+/// (elf(5)); an object that does not look like one is an error, not a silent no-op.
+fn read_only_maps(elf: &[u8], names: &[&str]) -> Result<Object, EbpfError> {
+    let bad = |why: &'static str| EbpfError::Elf(why);
+    let mut object = Object { words: vec![0u64; elf.len().div_ceil(8)], len: elf.len() };
+    object.bytes_mut().copy_from_slice(elf);
+    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1]) {
+        return Err(bad("not an ELF64 little-endian object"));
+    }
+    let shoff = u64_at(0x28).ok_or(bad("truncated header"))? as usize;
+    let shnum = u16_at(0x3c).ok_or(bad("truncated header"))? as usize;
+    let shstrndx = u16_at(0x3e).ok_or(bad("truncated header"))? as usize;
+    // (type, offset, size, link) of section `i`; its name offset.
+    let section = |i: usize| -> Option<(u32, usize, usize, usize, u32)> {
+        let h = shoff + i * 64;
+        Some((
+            u32_at(h + 4)?,
+            u64_at(h + 24)? as usize,
+            u64_at(h + 32)? as usize,
+            u32_at(h + 40)? as usize,
+            u32_at(h)?,
+        ))
+    };
+    let cstr = |at: usize| -> Option<&[u8]> {
+        let rest = elf.get(at..)?;
+        Some(&rest[..rest.iter().position(|&b| b == 0)?])
+    };
+    let (_, shstr, ..) = section(shstrndx).ok_or(bad("no section names"))?;
+    let maps = (0..shnum)
+        .find(|&i| section(i).and_then(|s| cstr(shstr + s.4 as usize)) == Some(b"maps"))
+        .ok_or(bad("no maps section"))?;
+    let (_, maps_off, maps_size, ..) = section(maps).ok_or(bad("no maps section"))?;
+    const SHT_SYMTAB: u32 = 2;
+    let (_, sym_off, sym_size, strtab, _) =
+        (0..shnum).filter_map(section).find(|s| s.0 == SHT_SYMTAB).ok_or(bad("no symbol table"))?;
+    let (_, str_off, ..) = section(strtab).ok_or(bad("no string table"))?;
+    let mut found = 0;
+    for sym in (sym_off..sym_off + sym_size).step_by(24) {
+        let (Some(name), Some(shndx), Some(value)) =
+            (u32_at(sym), u16_at(sym + 6), u64_at(sym + 8))
+        else {
+            return Err(bad("truncated symbol table"));
+        };
+        if shndx as usize != maps
+            || !names.iter().any(|n| cstr(str_off + name as usize) == Some(n.as_bytes()))
+        {
+            continue;
+        }
+        let flags_at = value as usize + 16;
+        if flags_at + 4 > maps_size {
+            return Err(bad("map definition outside the maps section"));
+        }
+        let at = maps_off + flags_at;
+        let flags = u32_at(at).ok_or(bad("truncated maps section"))? | BPF_F_RDONLY_PROG;
+        object.bytes_mut()[at..at + 4].copy_from_slice(&flags.to_le_bytes());
+        found += 1;
+    }
+    if found != names.len() {
+        return Err(bad("a map to make read-only is missing"));
+    }
+    Ok(object)
+}
+
 /// A link owned by [`Accounting`]; dropping it detaches the program.
 type OwnedLink = Box<dyn std::any::Any + Send>;
 
@@ -318,11 +534,7 @@ fn attach_one(
     if let Some(attach_type) = tc {
         let prog: &mut SchedClassifier = prog.try_into().map_err(load)?;
         let id = prog
-            .attach_with_options(
-                iface,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+            .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
             .map_err(|source| EbpfError::Attach { program, iface: iface.to_owned(), source })?;
         return Ok(Some(Box::new(prog.take_link(id).map_err(load)?)));
     }
@@ -337,5 +549,33 @@ fn attach_one(
             .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
             .map_err(at_cgroup)?;
         Ok(Some(Box::new(prog.take_link(id).map_err(load)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_maps_sets_the_flag_of_exactly_the_named_maps() {
+        let Some(elf) = OBJECT else { return };
+        let patched = read_only_maps(elf, &["CONFIG", "FILTER"]).expect("patch the object");
+        let changed: Vec<usize> =
+            (0..elf.len()).filter(|&i| elf[i] != patched.bytes()[i]).collect();
+        assert_eq!(changed.len(), 2, "one flag byte per map: {changed:?}");
+        for at in changed {
+            assert_eq!(patched.bytes()[at], elf[at] | BPF_F_RDONLY_PROG as u8);
+        }
+        // Patching twice changes nothing more.
+        let again = read_only_maps(patched.bytes(), &["CONFIG", "FILTER"]).unwrap();
+        assert_eq!(again.bytes(), patched.bytes());
+    }
+
+    #[test]
+    fn read_only_maps_refuses_what_it_cannot_patch() {
+        let Some(elf) = OBJECT else { return };
+        assert!(matches!(read_only_maps(elf, &["NO_SUCH_MAP"]), Err(EbpfError::Elf(_))));
+        assert!(matches!(read_only_maps(b"not an elf", &["CONFIG"]), Err(EbpfError::Elf(_))));
+        assert!(matches!(read_only_maps(&elf[..64], &["CONFIG"]), Err(EbpfError::Elf(_))));
     }
 }

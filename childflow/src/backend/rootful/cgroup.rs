@@ -125,6 +125,12 @@ impl Cgroup {
         })
     }
 
+    /// Leaves the directory to the [`Reaper`], which removes it once childflow has exited,
+    /// instead of removing it now.
+    pub fn leave_to_reaper(self) {
+        let _ = std::mem::ManuallyDrop::new(self);
+    }
+
     /// Kills every process in the cgroup (`cgroup.kill`, Linux 5.14).
     pub fn kill(&self) {
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");

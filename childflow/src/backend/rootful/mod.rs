@@ -5,23 +5,37 @@
 //! ```text
 //!  childflow (root) ─ sandbox init (pid 1 of new pid+net+mount ns, in cgroup childflow-<id>)
 //!                        └─ the command, as SUDO_UID/SUDO_GID, no capabilities
-//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TC programs on cf<id>h (accounting, capture)
+//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TC (clsact) programs on cf<id>h (accounting)
 //!        nft table childflow_<id> (masquerade)  cgroup programs on childflow-<id> (attribution)
 //! ```
 //!
-//! Order of set-up: preflight (root, BTF, TCX, cgroup v2) before touching anything; the
-//! cgroup and its reaper ([`cgroup`]); the sandbox (cloned, waiting); the veth, addresses and
-//! routes ([`net`]); the NAT table ([`nft`]); the programs ([`crate::ebpf`]); then the
-//! sandbox is released and the command starts. While it runs, the kernel's ring buffers are
-//! drained through `AsyncFd` and the flow map is sampled every second ([`flows`]); every
-//! event goes to the [`Emitter`] without blocking.
+//! Order of set-up, arranged so the slow parts overlap (timings with `-vv`): preflight
+//! (root, BTF, TCX, cgroup v2) before touching anything; the cgroup and its reaper
+//! ([`cgroup`]); the sandbox, cloned straight into the cgroup (`CLONE_INTO_CGROUP`) and
+//! waiting; then at once, on threads of their own, the programs ([`crate::ebpf`]: object,
+//! maps, verification of each program in parallel) and the NAT table ([`nft`], which
+//! matches the veth by its name), while this thread creates the veth, addresses and routes
+//! ([`net`]); then the programs are attached and the sandbox is released: the command
+//! starts only once every program sees its traffic. While it runs, the kernel's ring
+//! buffers are drained through `AsyncFd` and the flow map is sampled every second
+//! ([`flows`]); every event goes to the [`Emitter`] without blocking.
 //!
 //! Every piece of host state has a lifetime the kernel enforces, so a SIGKILL of childflow
 //! leaves nothing behind: the sandbox's init dies with childflow (PDEATHSIG), taking the
 //! pid namespace, hence the network namespace, hence the veth pair; the nft table is owned
-//! by childflow's netlink socket; TCX and cgroup links and maps die with their fds; the
-//! cgroup directory is removed by the reaper process. On a normal exit everything is also
-//! removed explicitly, so nothing lingers even briefly.
+//! by childflow's netlink socket; the TC filters die with the veth, cgroup links and maps
+//! with their fds; the
+//! cgroup directory is removed by the reaper process.
+//!
+//! A normal exit relies on the same lifetimes, off the critical path: when the command
+//! has ended, the host end of the veth goes down (nothing crosses it any more), the last
+//! records and counters are read, and the remaining teardown, which is all kernel waits
+//! (the nft table's hooks, the cgroup links, the namespace), is handed to
+//! a lingering process ([`linger`]) that releases it after childflow has exited. Decision:
+//! childflow returns when the run's *results* are final, not when the host is clean; the
+//! host is clean shortly after (median 11-33 ms, max 47-62 ms, measured by `cargo xtask
+//! bench rootful --startup` at load 3-7; tests allow the same 2 s as for SIGKILL). Waiting
+//! for it would add that to every run.
 //!
 //! Raw events: when `CHILDFLOW_RAW_EVENTS=PATH` is set, every event is also written to PATH
 //! as one JSON object per line ([`raw`]); tests use it to check what the backend emits
@@ -30,13 +44,17 @@
 pub mod cgroup;
 pub mod dns;
 pub mod flows;
+mod linger;
 pub mod net;
 pub mod nft;
 mod raw;
 
 use std::{
     ffi::{CStr, CString},
-    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
     path::Path,
     time::Duration,
 };
@@ -291,25 +309,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     };
 
     tracing::debug!("preflight done");
-    // Forks first, while as little as possible exists.
-    let cgroup_root = cgroup::unified_root()?;
-    let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
-    let resolv_path = Path::new(RESOLV_DIR).join(format!("childflow-{run_id}.resolv.conf"));
-    let reaper = cgroup::Reaper::spawn(&cgroup_path, &resolv_path)?;
-    let cg = cgroup::Cgroup::create(&cgroup_root, &run_id)?;
-    write_resolv_conf(config, &resolv_path)?;
-    let resolv = CString::new(resolv_path.as_os_str().as_bytes()).context("resolv.conf path")?;
-    let spec = Spec {
-        namespaces: Namespaces { user: false },
-        argv: config.command.clone(),
-        env: config.command_env.clone(),
-        credentials: Some(credentials),
-        terminal: config.terminal.clone(),
-    };
-    let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
-    cg.add(sandbox.pid().as_raw())?;
-
-    // The verifier and map creation take a while: run them while netlink sets up the veth.
     let capture = config.capture.as_ref().map_or(
         CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
         |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
@@ -325,27 +324,60 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         }
         None => None,
     };
+    // Forks first, while as little as possible exists.
+    let cgroup_root = cgroup::unified_root()?;
+    let cgroup_path = cgroup_root.join(format!("childflow-{run_id}"));
+    let resolv_path = Path::new(RESOLV_DIR).join(format!("childflow-{run_id}.resolv.conf"));
+    let reaper = cgroup::Reaper::spawn(&cgroup_path, &resolv_path)?;
+    let cg = cgroup::Cgroup::create(&cgroup_root, &run_id)?;
+    write_resolv_conf(config, &resolv_path)?;
+    let resolv = CString::new(resolv_path.as_os_str().as_bytes()).context("resolv.conf path")?;
+    let spec = Spec {
+        namespaces: Namespaces { user: false },
+        argv: config.command.clone(),
+        env: config.command_env.clone(),
+        credentials: Some(credentials),
+        terminal: config.terminal.clone(),
+        cgroup: Some(std::sync::Arc::new(cg.open()?.into())),
+        setup_before_release: true,
+    };
+    tracing::debug!("reaper, cgroup and resolv.conf ready");
+    let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
+    tracing::debug!("sandbox cloned");
+    // The verifier and map creation take a while: run them while netlink sets up the veth.
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
-        .spawn(move || Accounting::load(capture))
+        .spawn(move || Accounting::load(capture, kernel_filter.as_ref()))
         .context("failed to start the eBPF loader thread")?;
+    // The NAT table matches the veth by name, which is known now, before the veth exists.
+    // Its creation often waits for locks other netlink users hold (RTNL, taken when the
+    // first masquerade rule registers its netdevice notifiers): 5-50 ms here, overlapped.
+    let nat_thread = {
+        let (run_id, host_if) = (run_id.clone(), net::Addressing::new(&run_id, 0).host_if);
+        std::thread::Builder::new()
+            .name("nft".into())
+            .spawn(move || nft::NatTable::create(&run_id, &host_if))
+            .context("failed to start the nftables thread")?
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
     let init_pid = sandbox.pid().as_raw();
-    let (host, addressing) = runtime.block_on(async {
+    let (host, host_index, addressing) = runtime.block_on(async {
         let host = net::host_handle()?;
         let used = net::host_addresses(&host).await?;
         let addressing = net::Addressing::pick(&run_id, std::process::id(), &used)?;
         let child = net::netns_handle(init_pid)?;
-        net::create(&host, &child, &addressing, init_pid).await?;
+        tracing::debug!("netlink sockets open, host addresses read");
+        let host_index = net::create(&host, &child, &addressing, init_pid).await?;
+        tracing::debug!("veth created and configured");
         net::enable_forwarding(&addressing.host_if)?;
-        anyhow::Ok((host, addressing))
+        anyhow::Ok((host, host_index, addressing))
     })?;
     tracing::debug!("veth and routes ready");
-    let nat = nft::NatTable::create(&run_id, &addressing.host_if)?;
+    let nat = nat_thread.join().map_err(|_| anyhow::anyhow!("the nftables thread panicked"))??;
     tracing::debug!(
         "run {run_id}: {} {} / {}, nft table {}, cgroup {}",
         addressing.host_if,
@@ -357,9 +389,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let cgroup_dir = cg.open()?;
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
-    if let Some(program) = kernel_filter {
-        accounting.set_capture_filter(&program)?;
-    }
     tracing::debug!("eBPF programs loaded");
     accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
     tracing::debug!("eBPF programs attached");
@@ -424,9 +453,15 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The command is gone: kill what is left of its tree, take the last records, end
     // every flow with its final counters.
     cg.kill();
-    // Stop observing first, so the last drain and the final counters agree with each
-    // other (and with a capture) to the packet.
-    accounting.detach();
+    // Stop the traffic first, so the last drain and the final counters agree with each
+    // other (and with a capture) to the packet: with the host end down nothing crosses the
+    // link any more, and the kernel has waited for packets in flight (`dev_close` →
+    // `synchronize_net`, an expedited grace period under RTNL). Detaching the programs
+    // would do the same at a higher cost.
+    if let Err(e) = runtime.block_on(net::set_down(&host, host_index, &addressing.host_if)) {
+        tracing::debug!("{e:#}; detaching the programs instead");
+        accounting.detach();
+    }
     drain.drain_rings(&mut rings);
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
@@ -437,18 +472,20 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracing::warn!("{lost} events were dropped because the collector fell behind");
     }
     drain.warn_kernel_drops();
-
     tracing::debug!("command ended, events flushed");
-    // Each of these waits for the kernel (RCU grace periods, mostly): in parallel, the
-    // waits overlap.
-    std::thread::scope(|s| {
-        s.spawn(move || drop((rings, accounting)));
-        s.spawn(move || drop(nat));
-        let _ = runtime.block_on(net::delete(&host, &addressing.host_if));
-    });
-    tracing::debug!("programs detached, nft table and veth deleted");
-    drop(cg);
-    reaper.finish();
-    tracing::debug!("cgroup removed");
+
+    // What is left is the kernel's teardown, slow (RCU grace periods) and invisible in the
+    // results: hand it to a lingering process (see [`linger`]) and return. The veth dies
+    // with the command's network namespace once the last reference to it (our netlink
+    // socket there) is gone; the reaper removes the cgroup and the resolv.conf file when
+    // childflow exits.
+    let mut keep = linger::bpf_links();
+    keep.push(nat.as_raw_fd());
+    linger::hand_over(&keep);
+    accounting.leave_tc_filters();
+    drop((rings, accounting, nat, host, runtime));
+    cg.leave_to_reaper();
+    drop(reaper);
+    tracing::debug!("teardown handed over");
     Ok(status)
 }

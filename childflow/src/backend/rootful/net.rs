@@ -193,13 +193,13 @@ async fn add_address(
 }
 
 /// The veth pair, configured on both ends. Creating it needs the child's namespace to exist
-/// (the sandbox's init, `child_pid`).
+/// (the sandbox's init, `child_pid`). Returns the host end's interface index.
 pub async fn create(
     host: &Handle,
     child: &Handle,
     a: &Addressing,
     child_pid: i32,
-) -> Result<(), NetError> {
+) -> Result<u32, NetError> {
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(a.child_if.clone())
         .setns_by_pid(child_pid as u32)
@@ -257,7 +257,7 @@ pub async fn create(
             .await
             .map_err(nl("add the command's IPv6 default route"))?;
     }
-    Ok(())
+    Ok(hidx)
 }
 
 /// Whether the host has IPv6 at all (`ipv6.disable=1` removes `/proc/sys/net/ipv6`).
@@ -284,6 +284,17 @@ pub fn enable_forwarding(host_if: &str) -> Result<(), NetError> {
         }
     }
     Ok(())
+}
+
+/// Takes the host end (interface `index`, named `name`) down: nothing crosses the pair any
+/// more, and when this returns, no packet is in flight through it (`dev_close` waits for
+/// them with `synchronize_net`).
+pub async fn set_down(host: &Handle, index: u32, name: &str) -> Result<(), NetError> {
+    host.link()
+        .set(LinkUnspec::new_with_index(index).down().build())
+        .execute()
+        .await
+        .map_err(nl(format!("take {name} down")))
 }
 
 /// Deletes the host end (and so the pair) now, instead of when the child namespace goes.

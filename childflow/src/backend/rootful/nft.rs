@@ -303,6 +303,13 @@ pub struct NatTable {
     _socket: OwnedFd,
 }
 
+impl AsRawFd for NatTable {
+    /// The owning socket (the table lives while any duplicate of it is open).
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self._socket.as_raw_fd()
+    }
+}
+
 impl NatTable {
     /// Creates `childflow_<run_id>` with masquerade and forward rules for `iface`.
     pub fn create(run_id: &str, iface: &str) -> Result<NatTable, NftError> {

@@ -66,6 +66,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         env: config.command_env.clone(),
         credentials: None,
         terminal: config.terminal.clone(),
+        cgroup: None,
+        setup_before_release: false,
     };
     let setup = move || -> Result<(), String> {
         tap::bring_up_loopback()?;
