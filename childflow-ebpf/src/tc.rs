@@ -21,7 +21,7 @@ use aya_ebpf::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         TC_ACT_UNSPEC,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -61,6 +61,32 @@ static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 struct Scratch {
     parsed: Parsed,
     stats: FlowStats,
+    clock: TickClock,
+}
+
+/// A per-CPU clock of tick resolution for "last seen": the time of this CPU's first packet
+/// in the current jiffy. Reading the clock source (`bpf_ktime_get_ns`, a paravirtual clock
+/// in a VM) on every packet cost ~40 ns, as did `bpf_ktime_get_coarse_ns` (a seqcount loop
+/// and a timespec conversion); `bpf_jiffies64` is a plain load, so the precise clock is
+/// read at most once per tick per CPU. The value lags the true time by less than a tick
+/// (`CLOCK_MONOTONIC_COARSE` does too) and never runs ahead of it.
+#[repr(C)]
+struct TickClock {
+    jiffies: u64,
+    ns: u64,
+}
+
+impl TickClock {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        // SAFETY: neither helper has preconditions.
+        let j = unsafe { bpf_jiffies64() };
+        if j != self.jiffies {
+            self.jiffies = j;
+            self.ns = unsafe { bpf_ktime_get_ns() };
+        }
+        self.ns
+    }
 }
 
 #[map]
@@ -120,7 +146,7 @@ fn account(ctx: &TcContext, dir: usize) {
     let scratch = unsafe { &mut *scratch };
     let (dns, parsed) = match parse_frame(&ctx.skb, dir, &mut scratch.parsed) {
         Ok(()) => {
-            update(&scratch.parsed, &mut scratch.stats, dir);
+            update(&scratch.parsed, &mut scratch.stats, &mut scratch.clock, dir);
             let key = &scratch.parsed.key;
             let dns = (key.proto == PROTO_UDP || key.proto == PROTO_TCP)
                 && (key.remote_port == DNS_PORT || key.local_port == DNS_PORT);
@@ -324,9 +350,7 @@ fn wakeup_flags(ring: &RingBuf) -> u64 {
 }
 
 #[inline(always)]
-fn update(p: &Parsed, new: &mut FlowStats, dir: usize) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn update(p: &Parsed, new: &mut FlowStats, clock: &mut TickClock, dir: usize) {
     let bits = history_bits(p.tcp_flags, p.payload_len);
     match FLOWS.get_ptr_mut(&p.key) {
         Some(stats) => {
@@ -336,8 +360,16 @@ fn update(p: &Parsed, new: &mut FlowStats, dir: usize) {
             add(&mut stats.packets[dir & 1], 1);
             add(&mut stats.bytes[dir & 1], p.ip_len as u64);
             add(&mut stats.payload_bytes[dir & 1], p.payload_len as u64);
-            stats.last_ns = now;
-            stats.tcp_flags[dir & 1] |= p.tcp_flags;
+            // Last seen at tick resolution (see `TickClock`). It may lag `first_ns` (read
+            // precisely) by up to a tick, hence the max; stored only when it moves, so the
+            // line is not dirtied for nothing.
+            let now = clock.now();
+            if now > stats.last_ns {
+                stats.last_ns = now;
+            }
+            if p.tcp_flags & !stats.tcp_flags[dir & 1] != 0 {
+                stats.tcp_flags[dir & 1] |= p.tcp_flags;
+            }
             stats.record_history(dir, bits);
             if p.tcp_flags & TCP_RST != 0 {
                 emit(&p.key, stats, FLOW_END_RST);
@@ -346,6 +378,8 @@ fn update(p: &Parsed, new: &mut FlowStats, dir: usize) {
             }
         }
         None => {
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
             *new = FlowStats::new(dir, now);
             new.account(dir, p.ip_len, p.payload_len, p.tcp_flags, now);
             match FLOWS.insert(&p.key, &*new, BPF_NOEXIST as u64) {
