@@ -121,6 +121,10 @@ pub const DROP_PACKET_RINGBUF: u32 = 1;
 pub const DROP_FLOW_MAP_FULL: u32 = 2;
 pub const DROP_SOCK_RINGBUF: u32 = 3;
 pub const DROP_PARSE: u32 = 4;
+/// Not a loss: packets the capture filter (the `FILTER` map) rejected in the kernel while
+/// capture was on. They never reach userspace; this count lets the capture's statistics
+/// (the ISB's filter counters, the exit summary) include them.
+pub const COUNT_CAPTURE_FILTERED: u32 = 5;
 /// Number of drop counters.
 pub const DROP_COUNTERS: u32 = 8;
 

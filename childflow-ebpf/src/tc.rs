@@ -14,7 +14,8 @@
 //! rejects cost no ring space. DNS packets (port 53) are always copied so userspace can name
 //! flows, unmarked unless they belong in the capture. A packet whose IP headers do not parse
 //! is copied unfiltered (marked) and left to userspace's filter, which stays the authority.
-//! A full ring counts `DROP_PACKET_RINGBUF`.
+//! A full ring counts `DROP_PACKET_RINGBUF`; a packet the filter rejects counts
+//! `COUNT_CAPTURE_FILTERED` (per CPU), so the capture statistics still see it.
 
 use aya_ebpf::{
     bindings::{
@@ -28,9 +29,9 @@ use aya_ebpf::{
 };
 use childflow_common::{
     event::{
-        CAPTURE_MAX, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
-        DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord,
-        KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
+        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL,
+        DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START,
+        FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
     },
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
@@ -170,6 +171,9 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
         return;
     };
     let wanted = config.capture_all != 0 && parsed.is_none_or(|p| filter_matches(p, dir));
+    if config.capture_all != 0 && !wanted {
+        count_drop(COUNT_CAPTURE_FILTERED);
+    }
     if !wanted && !dns {
         return;
     }
@@ -439,6 +443,7 @@ fn emit(key: &FlowKey, stats: &FlowStats, reason: u32) {
     entry.submit(wakeup_flags(&FLOW_EVENTS));
 }
 
+/// Adds one to counter `index` of `DROPS` (this CPU's slot).
 #[inline(always)]
 pub fn count_drop(index: u32) {
     if let Some(c) = DROPS.get_ptr_mut(index) {

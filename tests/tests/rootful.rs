@@ -472,3 +472,41 @@ fn flow_log_and_capture_through_the_collector() {
     let counted = http["orig_pkts"].as_u64().unwrap() + http["resp_pkts"].as_u64().unwrap();
     assert_eq!(captured, counted, "packets in the capture vs the flow log");
 }
+
+#[test]
+fn dns_answers_over_tcp_name_flows() {
+    if unsupported() {
+        return;
+    }
+    let net = TestNet::new();
+    let log = net.dir.path().join("flows.jsonl");
+    let raw = net.dir.path().join("raw.jsonl");
+    let mut c = childflow();
+    // glibc's resolver takes `use-vc` (queries over TCP, RFC 1035 §4.2.2) from RES_OPTIONS.
+    c.env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .env("CHILDFLOW_RAW_EVENTS", &raw)
+        .args(["--root", "--dns", &net.server_v4().to_string(), "--flow-log"])
+        .arg(&log)
+        .args(["--", "env", "RES_OPTIONS=use-vc", "curl", "-sS", "-4", "-o", "/dev/null"])
+        .arg("http://example.test/");
+    ok(&run(c));
+    let evs = events(&raw);
+    let dns: Vec<&Value> = evs.iter().filter(|e| e["type"] == "dns").collect();
+    assert!(
+        dns.iter().any(|d| d["query"] == "example.test" && d["transport"] == "tcp"),
+        "no DNS answer over TCP for example.test: {dns:#?}"
+    );
+    let flows = final_flows(&evs);
+    flow_to(&flows, 6, &[SocketAddr::new(net.server_v4().into(), 53)]);
+    let records: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let http = records
+        .iter()
+        .find(|r| r["record"] == "flow" && r["event"] == "end" && r["id"]["resp_p"] == 80)
+        .unwrap_or_else(|| panic!("no HTTP flow in the flow log: {records:#?}"));
+    assert_eq!(http["dns"]["query"], "example.test", "{http}");
+}

@@ -45,8 +45,8 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use childflow_common::{
     event::{
-        CAPTURE_MAX, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF,
-        DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, Record, decode,
+        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
+        DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, Record, decode,
     },
     flow::DIR_OUT,
 };
@@ -180,6 +180,10 @@ struct Drain {
     processes: flows::Processes,
     clock: flows::Clock,
     drops_seen: [u64; childflow_common::event::DROP_COUNTERS as usize],
+    /// `COUNT_CAPTURE_FILTERED` as last reported.
+    filtered_seen: u64,
+    /// DNS answers (UDP, and TCP streams being reassembled).
+    answers: dns::Answers,
     out: Vec<Event>,
 }
 
@@ -209,11 +213,10 @@ impl Drain {
         while let Some(item) = rings.packets.get_mut().next() {
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
             let ts = self.clock.to_unix(header.ts_ns);
-            if header.direction != DIR_OUT as u32
-                && let Some((server, payload)) = dns::udp_from_port_53(data)
-                && let Some(ev) = dns::parse_response(ts, server, payload)
-            {
-                self.out.push(Event::Dns(ev));
+            if header.direction != DIR_OUT as u32 {
+                let mut answers = Vec::new();
+                self.answers.frame(ts, data, &mut answers);
+                self.out.extend(answers.into_iter().map(Event::Dns));
             }
             // DNS is copied for naming whatever the capture filter says; only the marked
             // copies belong in the capture.
@@ -276,6 +279,9 @@ impl Drain {
                 self.out.push(Event::Drops(DropReport { source, count: now }));
             }
         }
+        let filtered = drops[COUNT_CAPTURE_FILTERED as usize];
+        flows::filtered_packets(filtered.saturating_sub(self.filtered_seen), &mut self.out);
+        self.filtered_seen = self.filtered_seen.max(filtered);
     }
 }
 
@@ -371,6 +377,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         processes: flows::Processes::default(),
         clock,
         drops_seen: Default::default(),
+        filtered_seen: 0,
+        answers: dns::Answers::default(),
         out: Vec::new(),
     };
     let mut rings = runtime.block_on(async {
