@@ -10,7 +10,9 @@
 //!
 //! Capture: when `CONFIG` says so, each packet the capture filter in `FILTER` matches is
 //! copied (up to the snap length and `CAPTURE_MAX`) with its direction and timestamp into
-//! `PACKETS`, with the same batched wake-ups, and marked `PACKET_CAPTURE`; packets the filter
+//! `PACKETS`, with the same batched wake-ups, and marked `PACKET_CAPTURE`: one record per
+//! `CAPTURE_CHUNK` bytes (a per-CPU buffer holds one chunk; per-CPU values are capped at
+//! 32 KiB), so GSO super-packets (64 KiB on a veth) are captured whole; packets the filter
 //! rejects cost no ring space. DNS packets (port 53) are always copied so userspace can name
 //! flows, unmarked unless they belong in the capture. A packet whose IP headers do not parse
 //! is copied unfiltered (marked) and left to userspace's filter, which stays the authority.
@@ -22,16 +24,17 @@ use aya_ebpf::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         TC_ACT_UNSPEC,
     },
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use childflow_common::{
     event::{
-        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL,
-        DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START,
-        FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
+        CAPTURE_CHUNK, CAPTURE_CHUNKS, CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig,
+        DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE,
+        FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE,
+        PACKET_MORE, PacketHeader,
     },
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
@@ -118,7 +121,7 @@ static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[repr(C)]
 struct PacketBuf {
     header: PacketHeader,
-    data: [u8; CAPTURE_MAX as usize],
+    data: [u8; CAPTURE_CHUNK as usize],
 }
 
 #[map]
@@ -189,36 +192,64 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
     if len == 0 || len > CAPTURE_MAX {
         return;
     }
-    // SAFETY: `buf.data` has CAPTURE_MAX bytes and 0 < len <= CAPTURE_MAX, which the
-    // verifier also checks against the map value size.
-    let ret = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            0,
-            buf.data.as_mut_ptr().cast(),
-            len,
-        )
-    };
-    if ret != 0 {
-        return;
-    }
-    buf.header = PacketHeader {
-        kind: KIND_PACKET,
-        direction: dir as u32,
-        // SAFETY: reading a field of the program's own context.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        orig_len,
-        cap_len: len,
-        flags: if wanted { PACKET_CAPTURE } else { 0 },
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    let total = core::mem::size_of::<PacketHeader>() + len as usize;
-    // SAFETY: `total` is at most the size of `PacketBuf`.
-    let bytes =
-        unsafe { core::slice::from_raw_parts((buf as *const PacketBuf).cast::<u8>(), total) };
-    if PACKETS.output::<[u8]>(bytes, wakeup_flags(&PACKETS)).is_err() {
-        count_drop(DROP_PACKET_RINGBUF);
+    // SAFETY (both): no preconditions; reading a field of the program's own context.
+    let (ts_ns, cpu) = unsafe { (bpf_ktime_get_ns(), bpf_get_smp_processor_id()) };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let flags = if wanted { PACKET_CAPTURE } else { 0 };
+    let wakeup = wakeup_flags(&PACKETS);
+    // One record per CAPTURE_CHUNK bytes (the per-CPU buffer's size); userspace joins a
+    // packet's records by CPU and offset (`childflow_common::event::Reassembly`).
+    let mut offset = 0u32;
+    let mut i = 0;
+    while i < CAPTURE_CHUNKS {
+        let rest = len.wrapping_sub(offset);
+        let n = if rest < CAPTURE_CHUNK { rest } else { CAPTURE_CHUNK };
+        // Through memory: LLVM knows n > 0 here (offset < len) and would drop the check
+        // below, which the verifier needs to see before the helper's size argument.
+        // SAFETY: reading a local.
+        let n = unsafe { core::ptr::read_volatile(&n) };
+        if n == 0 || n > CAPTURE_CHUNK {
+            return;
+        }
+        // SAFETY: `buf.data` has CAPTURE_CHUNK bytes and 0 < n <= CAPTURE_CHUNK, which the
+        // verifier also checks against the map value size.
+        let ret = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                offset,
+                buf.data.as_mut_ptr().cast(),
+                n,
+            )
+        };
+        if ret != 0 {
+            return;
+        }
+        let more = offset + n < len;
+        buf.header = PacketHeader {
+            kind: KIND_PACKET,
+            direction: dir as u32,
+            ifindex,
+            orig_len,
+            cap_len: n,
+            flags: flags | if more { PACKET_MORE } else { 0 },
+            ts_ns,
+            cpu,
+            offset,
+        };
+        let total = core::mem::size_of::<PacketHeader>() + n as usize;
+        // SAFETY: `total` is at most the size of `PacketBuf`.
+        let bytes =
+            unsafe { core::slice::from_raw_parts((buf as *const PacketBuf).cast::<u8>(), total) };
+        if PACKETS.output::<[u8]>(bytes, wakeup).is_err() {
+            // The rest of the packet is lost too; userspace keeps what arrived.
+            count_drop(DROP_PACKET_RINGBUF);
+            return;
+        }
+        if !more {
+            return;
+        }
+        offset += n;
+        i += 1;
     }
 }
 

@@ -46,7 +46,8 @@ use aya::maps::{MapData, RingBuf};
 use childflow_common::{
     event::{
         CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
-        DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, Record, decode,
+        DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, PacketHeader,
+        Reassembly, Record, decode,
     },
     flow::DIR_OUT,
 };
@@ -184,6 +185,8 @@ struct Drain {
     filtered_seen: u64,
     /// DNS answers (UDP, and TCP streams being reassembled).
     answers: dns::Answers,
+    /// Packets copied in several ring records, being joined.
+    reassembly: Reassembly,
     out: Vec<Event>,
 }
 
@@ -195,6 +198,38 @@ impl Drain {
             }
             self.emitter.emit(ev);
         }
+    }
+
+    /// One whole captured packet: DNS answers out of it, and the packet itself if it
+    /// belongs in the capture.
+    fn packet(&mut self, header: PacketHeader, data: &[u8]) {
+        let ts = self.clock.to_unix(header.ts_ns);
+        if header.direction != DIR_OUT as u32 {
+            let mut answers = Vec::new();
+            self.answers.frame(ts, data, &mut answers);
+            self.out.extend(answers.into_iter().map(Event::Dns));
+        }
+        // DNS is copied for naming whatever the capture filter says; only the marked
+        // copies belong in the capture.
+        if header.flags & PACKET_CAPTURE != 0 {
+            self.out.push(Event::Packet(PacketEvent {
+                ts,
+                direction: if header.direction == DIR_OUT as u32 {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+                orig_len: header.orig_len,
+                data: data.to_vec(),
+            }));
+        }
+    }
+
+    /// Packets still waiting for records that will not come (the programs are detached).
+    fn finish_packets(&mut self) {
+        let mut reassembly = std::mem::take(&mut self.reassembly);
+        reassembly.finish(&mut |h, d| self.packet(h, d));
+        self.flush();
     }
 
     fn drain_rings(&mut self, rings: &mut Rings) {
@@ -210,29 +245,13 @@ impl Drain {
                 other => tracing::debug!("unexpected flow ring record: {other:?}"),
             }
         }
+        // A packet copied in several records is joined first (`Reassembly`).
+        let mut reassembly = std::mem::take(&mut self.reassembly);
         while let Some(item) = rings.packets.get_mut().next() {
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
-            let ts = self.clock.to_unix(header.ts_ns);
-            if header.direction != DIR_OUT as u32 {
-                let mut answers = Vec::new();
-                self.answers.frame(ts, data, &mut answers);
-                self.out.extend(answers.into_iter().map(Event::Dns));
-            }
-            // DNS is copied for naming whatever the capture filter says; only the marked
-            // copies belong in the capture.
-            if header.flags & PACKET_CAPTURE != 0 {
-                self.out.push(Event::Packet(PacketEvent {
-                    ts,
-                    direction: if header.direction == DIR_OUT as u32 {
-                        Direction::Out
-                    } else {
-                        Direction::In
-                    },
-                    orig_len: header.orig_len,
-                    data: data.to_vec(),
-                }));
-            }
+            reassembly.push(header, data, &mut |h, d| self.packet(h, d));
         }
+        self.reassembly = reassembly;
         while let Some(item) = rings.socks.get_mut().next() {
             match decode(&item) {
                 Ok(Record::Sock(rec)) => self.processes.on_record(
@@ -379,6 +398,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         drops_seen: Default::default(),
         filtered_seen: 0,
         answers: dns::Answers::default(),
+        reassembly: Reassembly::default(),
         out: Vec::new(),
     };
     let mut rings = runtime.block_on(async {
@@ -436,6 +456,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // other (and with a capture) to the packet.
     accounting.detach();
     drain.drain_rings(&mut rings);
+    drain.finish_packets();
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
     drain.report_drops(&accounting);
