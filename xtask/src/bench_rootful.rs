@@ -438,32 +438,73 @@ fn program_cost(bin: &str, cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
     Ok(last)
 }
 
-/// ns per run of an empty classifier (classic BPF `ret #0`, attached with `tc` to both
-/// directions of the baseline veth) while `cmd` runs in the baseline namespace: what
-/// `bpf_stats` itself and calling any program cost on this machine, the floor under the
-/// numbers of [`program_cost`].
+/// An empty TC program (`r0 = TC_ACT_UNSPEC; exit`) in BPF assembly, named `cf_empty`.
+const EMPTY_PROGRAM: &str = "\t.section tc,\"ax\",@progbits
+\t.globl cf_empty
+\t.type cf_empty,@function
+cf_empty:
+\tr0 = -1
+\texit
+\t.size cf_empty, 16
+\t.section license,\"aw\",@progbits
+\t.globl _license
+_license:
+\t.asciz \"GPL\"
+";
+
+/// ns per run of an empty TC program (assembled with LLVM's `llvm-mc`, which setup installs
+/// with llvm-22, and attached with `tc` to both directions of the baseline veth) while
+/// `cmd` runs in the baseline namespace: what `bpf_stats` itself and calling any program
+/// cost on this machine, the floor under the numbers of [`program_cost`].
 fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
-    let is_cls = |p: &serde_json::Value| p["type"] == "sched_cls";
-    let before: Vec<u64> = programs(is_cls)?.into_iter().map(|(id, _)| id).collect();
-    sh(&["tc", "qdisc", "add", "dev", "cfbbh", "clsact"])?;
-    let result = (|| {
-        for dir in ["ingress", "egress"] {
-            sh(&["tc", "filter", "add", "dev", "cfbbh", dir, "bpf", "bytecode", "1,6 0 0 0"])?;
-        }
-        let ids: Vec<u64> = programs(is_cls)?
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| !before.contains(id))
-            .collect();
-        let _stats = BpfStats::enable()?;
-        Contender::Baseline.run("", cmd)?;
-        let mut out = per_run(&programs(|p| ids.contains(&p["id"].as_u64().unwrap_or(0)))?);
-        for (i, row) in out.iter_mut().enumerate() {
-            row.0 = format!("empty program {}", ["(ingress)", "(egress)"].get(i).unwrap_or(&""));
-        }
-        Ok(out)
-    })();
-    let _ = sh(&["tc", "qdisc", "del", "dev", "cfbbh", "clsact"]);
+    let dir = std::env::temp_dir().join(format!("cfbench-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (src, obj) = (dir.join("empty.s"), dir.join("empty.o"));
+    std::fs::write(&src, EMPTY_PROGRAM)?;
+    let assembled = sh(&[
+        "/usr/lib/llvm-22/bin/llvm-mc",
+        "-triple",
+        "bpfel",
+        "-filetype=obj",
+        "-o",
+        obj.to_str().context("temp path")?,
+        src.to_str().context("temp path")?,
+    ]);
+    let obj = obj.to_str().context("temp path")?.to_owned();
+    let result = assembled.and_then(|_| {
+        sh(&["tc", "qdisc", "add", "dev", "cfbbh", "clsact"])?;
+        let measured = (|| {
+            for dir in ["ingress", "egress"] {
+                sh(&[
+                    "tc", "filter", "add", "dev", "cfbbh", dir, "bpf", "da", "obj", &obj, "sec",
+                    "tc",
+                ])?;
+            }
+            let is_empty = |p: &serde_json::Value| p["name"] == "cf_empty";
+            let before = programs(is_empty)?;
+            let _stats = BpfStats::enable()?;
+            Contender::Baseline.run("", cmd)?;
+            let after = programs(is_empty)?;
+            // Only what ran during this run: another bench's empty programs stay out.
+            let ran: Vec<(u64, serde_json::Value)> = after
+                .into_iter()
+                .map(|(id, mut p)| {
+                    if let Some((_, b)) = before.iter().find(|(i, _)| *i == id) {
+                        for field in ["run_cnt", "run_time_ns"] {
+                            let delta =
+                                p[field].as_u64().unwrap_or(0) - b[field].as_u64().unwrap_or(0);
+                            p[field] = delta.into();
+                        }
+                    }
+                    (id, p)
+                })
+                .collect();
+            Ok(per_run(&ran))
+        })();
+        let _ = sh(&["tc", "qdisc", "del", "dev", "cfbbh", "clsact"]);
+        measured
+    });
+    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
@@ -495,7 +536,7 @@ pub fn run(bin: &str) -> Result<()> {
             s.received()?;
         }
         for (name, ns, cnt) in floor {
-            println!("{what:<12} {name:<22} {ns:>7.0} ns  ({cnt} runs)");
+            println!("{what:<12} {name:<22} {ns:>7.0} ns  ({cnt} runs, baseline veth)");
         }
     }
     println!(
