@@ -305,6 +305,142 @@ fn rates(bin: &str, probe: &str) -> Result<()> {
     })
 }
 
+/// The programs' cost on childflow's own plumbing: in each of [`ROUNDS`] runs of
+/// `childflow --root`, the command measures once with the programs attached, then the bench
+/// detaches them (`bpftool link detach`: the TCX and cgroup links of this run's `cf_*`
+/// programs) and the command measures again on the same namespace, veth and NAT. So the
+/// pair differs only in the programs (the second run of a pair always comes second; the
+/// baseline namespace above differs in more than that, e.g. it measured faster or slower
+/// than childflow by 10–40 % from one bench run to the next).
+fn same_plumbing(bin: &str, probe: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("cfbench-ab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let iperf = iperf_args().join(" ");
+        let flood = flood_args(probe, 0).join(" ");
+        let secs: f64 = SECONDS.parse()?;
+        for (what, unit, cmd, udp) in
+            [("bulk TCP", "Gbit/s", iperf, false), ("64-byte UDP", "kpps", flood, true)]
+        {
+            let (mut on, mut off) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let (a, b) = pair(bin, probe, &dir, &cmd, udp)?;
+                let value = |out: &str| -> Result<f64> {
+                    Ok(if udp { out.parse::<f64>()? / secs / 1e3 } else { parse_iperf(out)? / 1e9 })
+                };
+                on.push(value(&a)?);
+                off.push(value(&b)?);
+            }
+            let ratios = on.iter().zip(&off).map(|(a, b)| a / b - 1.0).collect();
+            let spread =
+                |v: &[f64]| v.iter().fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            let ((al, ah), (bl, bh)) = (spread(&on), spread(&off));
+            println!(
+                "{what:<12} childflow --root, programs detached {:>8.2} {unit}  ({bl:.2}–{bh:.2})",
+                median(off.clone())
+            );
+            println!(
+                "{what:<12} childflow --root, programs attached {:>8.2} {unit}  ({al:.2}–{ah:.2})  \
+                 {:+6.1}%  (per-pair {:?})",
+                median(on.clone()),
+                median(ratios) * 100.0,
+                on.iter()
+                    .zip(&off)
+                    .map(|(a, b)| format!("{:+.1}", (a / b - 1.0) * 100.0))
+                    .collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// One run of `childflow --root -- sh -c SCRIPT`: `cmd` with the programs attached, then
+/// (once the bench has detached them) again. Returns both outputs (iperf3's JSON, or the
+/// sink's count for the UDP flood).
+fn pair(
+    bin: &str,
+    probe: &str,
+    dir: &std::path::Path,
+    cmd: &str,
+    udp: bool,
+) -> Result<(String, String)> {
+    let (first, second, go) = (dir.join("first"), dir.join("second"), dir.join("go"));
+    for f in [&first, &second, &go] {
+        let _ = std::fs::remove_file(f);
+    }
+    let d = |p: &std::path::Path| p.display().to_string();
+    let script = format!(
+        "{cmd} > {f}.tmp && mv {f}.tmp {f} && while [ ! -e {go} ]; do sleep 0.05; done && \
+         {cmd} > {s}.tmp && mv {s}.tmp {s}",
+        f = d(&first),
+        s = d(&second),
+        go = d(&go)
+    );
+    let is_cf = |p: &serde_json::Value| p["name"].as_str().unwrap_or_default().starts_with("cf_");
+    let before: Vec<u64> = programs(is_cf)?.into_iter().map(|(id, _)| id).collect();
+    let mut sink = if udp { Some(Sink::start(probe)?) } else { None };
+    let mut child = Command::new(bin)
+        .args(["--root", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("failed to start childflow")?;
+    let wait_for = |f: &std::path::Path, child: &mut Child| -> Result<()> {
+        let started = Instant::now();
+        while !f.exists() {
+            if child.try_wait()?.is_some() {
+                bail!("the command ended before writing {}", f.display());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("no {} after 60 s", f.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    let outcome = (|| {
+        wait_for(&first, &mut child)?;
+        let a = match sink.take() {
+            Some(s) => s.received()?.to_string(),
+            None => std::fs::read_to_string(&first)?,
+        };
+        // This run's programs, and their links.
+        let mine: Vec<u64> = programs(is_cf)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !before.contains(id))
+            .collect();
+        let links: serde_json::Value =
+            serde_json::from_str(&sh(&["bpftool", "link", "show", "-j"])?)?;
+        let ids: Vec<String> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| mine.contains(&l["prog_id"].as_u64().unwrap_or(0)))
+            .filter_map(|l| Some(l["id"].as_u64()?.to_string()))
+            .collect();
+        if ids.len() < 3 {
+            bail!("found {} links of this run's programs, expected 4: {links}", ids.len());
+        }
+        for id in &ids {
+            sh(&["bpftool", "link", "detach", "id", id])?;
+        }
+        if udp {
+            sink = Some(Sink::start(probe)?);
+        }
+        std::fs::write(&go, b"")?;
+        wait_for(&second, &mut child)?;
+        let b = match sink.take() {
+            Some(s) => s.received()?.to_string(),
+            None => std::fs::read_to_string(&second)?,
+        };
+        Ok((a, b))
+    })();
+    let _ = child.wait();
+    outcome
+}
+
 /// Capture at a fixed 64-byte packet rate: `childflow --root -c` against `tcpdump -w` on the
 /// baseline veth, both writing to /dev/shm (the shared disk is not what is measured).
 fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
@@ -518,6 +654,8 @@ pub fn run(bin: &str) -> Result<()> {
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
     rates(bin, probe)?;
+    println!("\nthe same, with and without the programs on childflow's own plumbing:");
+    same_plumbing(bin, probe)?;
     capture_rate(bin, probe, CAPTURE_PPS)?;
     println!("\nper-run program cost (bpf_stats run_time_ns / run_cnt):");
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
