@@ -55,13 +55,20 @@ pub struct PacketHeader {
     pub flags: u32,
     /// Kernel monotonic clock (`bpf_ktime_get_ns`).
     pub ts_ns: u64,
+    /// The CPU that copied it: the records of one packet come from one program run, so
+    /// they are consecutive among that CPU's records (not among all records).
+    pub cpu: u32,
+    /// Where in the packet this record's bytes start; 0 for a packet's first record.
+    pub offset: u32,
 }
-const _: () = assert!(core::mem::size_of::<PacketHeader>() == 32);
+const _: () = assert!(core::mem::size_of::<PacketHeader>() == 40);
 
 /// [`PacketHeader::flags`]: the packet belongs in the capture (capture is on and the capture
 /// filter, if any, matched it). Without it the packet was copied only because it is DNS,
 /// for naming flows, and must not be written to the capture.
 pub const PACKET_CAPTURE: u32 = 1;
+/// [`PacketHeader::flags`]: more records of this packet follow (from the same CPU).
+pub const PACKET_MORE: u32 = 2;
 
 /// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).
 /// Sent at once (forced wake-up) so userspace can read `/proc/PID` while the process lives.
@@ -109,11 +116,15 @@ pub struct CaptureConfig {
 }
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
 
-/// The most bytes of one packet the kernel copies into the packet ring, whatever the snap
-/// length: a per-CPU map value holds the header and the data, and per-CPU values are capped
-/// at 32 KiB by the kernel. GSO super-packets longer than this are truncated (their
-/// `orig_len` is kept).
-pub const CAPTURE_MAX: u32 = 16 * 1024;
+/// The most packet bytes in one ring record: a per-CPU map value holds a record's header and
+/// data while it is assembled, and per-CPU values are capped at 32 KiB by the kernel.
+pub const CAPTURE_CHUNK: u32 = 16 * 1024;
+/// The most records one packet is copied in.
+pub const CAPTURE_CHUNKS: u32 = 5;
+/// The most bytes of one packet the kernel copies, whatever the snap length: more than a
+/// 64 KiB GSO super-packet and its Ethernet header. Longer packets (BIG TCP) are truncated
+/// (their `orig_len` is kept).
+pub const CAPTURE_MAX: u32 = CAPTURE_CHUNK * CAPTURE_CHUNKS;
 
 /// Indexes into the kernel's drop-counter array map. Every loss is counted, never silent.
 pub const DROP_FLOW_RINGBUF: u32 = 0;
@@ -121,6 +132,10 @@ pub const DROP_PACKET_RINGBUF: u32 = 1;
 pub const DROP_FLOW_MAP_FULL: u32 = 2;
 pub const DROP_SOCK_RINGBUF: u32 = 3;
 pub const DROP_PARSE: u32 = 4;
+/// Not a loss: packets the capture filter (the `FILTER` map) rejected in the kernel while
+/// capture was on. They never reach userspace; this count lets the capture's statistics
+/// (the ISB's filter counters, the exit summary) include them.
+pub const COUNT_CAPTURE_FILTERED: u32 = 5;
 /// Number of drop counters.
 pub const DROP_COUNTERS: u32 = 8;
 
@@ -176,6 +191,75 @@ mod user {
         }
     }
 
+    /// Joins the ring records of packets copied in several chunks ([`PACKET_MORE`]).
+    ///
+    /// A packet's records come from one program run on one CPU, so they follow each other
+    /// among that CPU's records: one packet at most is pending per CPU. A record that does
+    /// not continue its CPU's pending packet (a chunk was lost to a full ring, which the
+    /// kernel counted) completes that packet with the bytes that did arrive, so every
+    /// packet still comes out once, shorter (`cap_len` is what its data holds).
+    #[derive(Debug, Default)]
+    pub struct Reassembly {
+        pending: std::collections::HashMap<u32, (PacketHeader, std::vec::Vec<u8>)>,
+    }
+
+    impl Reassembly {
+        /// Feeds one packet record; `out` gets every packet it completes (with `cap_len`
+        /// the length of the data, the `PACKET_MORE` flag cleared).
+        pub fn push(
+            &mut self,
+            header: PacketHeader,
+            data: &[u8],
+            out: &mut impl FnMut(PacketHeader, &[u8]),
+        ) {
+            let more = header.flags & PACKET_MORE != 0;
+            if header.offset > 0 {
+                let continues = self.pending.get(&header.cpu).is_some_and(|(h, d)| {
+                    d.len() == header.offset as usize && h.ts_ns == header.ts_ns
+                });
+                if continues {
+                    let (_, d) = self.pending.get_mut(&header.cpu).expect("checked above");
+                    d.extend_from_slice(data);
+                    if !more {
+                        let (h, d) = self.pending.remove(&header.cpu).expect("checked above");
+                        emit(h, &d, out);
+                    }
+                    return;
+                }
+                // The start of this packet was lost: what remains cannot be placed.
+                self.flush_cpu(header.cpu, out);
+                return;
+            }
+            self.flush_cpu(header.cpu, out);
+            if more {
+                self.pending.insert(header.cpu, (header, data.to_vec()));
+            } else {
+                emit(header, data, out);
+            }
+        }
+
+        /// Completes every pending packet with what arrived of it (the run is over).
+        pub fn finish(&mut self, out: &mut impl FnMut(PacketHeader, &[u8])) {
+            let cpus: std::vec::Vec<u32> = self.pending.keys().copied().collect();
+            for cpu in cpus {
+                self.flush_cpu(cpu, out);
+            }
+        }
+
+        fn flush_cpu(&mut self, cpu: u32, out: &mut impl FnMut(PacketHeader, &[u8])) {
+            if let Some((h, d)) = self.pending.remove(&cpu) {
+                emit(h, &d, out);
+            }
+        }
+    }
+
+    fn emit(mut header: PacketHeader, data: &[u8], out: &mut impl FnMut(PacketHeader, &[u8])) {
+        header.cap_len = data.len() as u32;
+        header.flags &= !PACKET_MORE;
+        header.offset = 0;
+        out(header, data);
+    }
+
     // SAFETY: plain #[repr(C)] data with explicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for FlowRecord {}
     unsafe impl aya::Pod for SockRecord {}
@@ -222,6 +306,58 @@ mod user {
         }
 
         #[test]
+        fn chunks_of_packets_from_two_cpus_are_joined_and_a_lost_chunk_shortens_one() {
+            let chunk = |cpu, ts_ns, offset, more: bool, data: &[u8]| {
+                let h = PacketHeader {
+                    kind: KIND_PACKET,
+                    orig_len: 100,
+                    cap_len: data.len() as u32,
+                    flags: PACKET_CAPTURE | if more { PACKET_MORE } else { 0 },
+                    ts_ns,
+                    cpu,
+                    offset,
+                    ..Default::default()
+                };
+                (h, data.to_vec())
+            };
+            let records = [
+                chunk(0, 1, 0, true, &[1, 2]),
+                chunk(1, 2, 0, true, &[7]),
+                chunk(0, 1, 2, true, &[3]),
+                chunk(1, 2, 1, false, &[8, 9]),
+                chunk(0, 1, 3, false, &[4]),
+                // CPU 0's next packet loses its second chunk: the third is dropped and the
+                // packet comes out with its first chunk when the next one starts.
+                chunk(0, 3, 0, true, &[5]),
+                chunk(0, 3, 2, false, &[6]),
+                chunk(0, 4, 0, false, &[10]),
+                // Pending at the end of the run.
+                chunk(1, 5, 0, true, &[11]),
+            ];
+            let mut r = Reassembly::default();
+            let mut got = Vec::new();
+            let mut out = |h: PacketHeader, d: &[u8]| {
+                assert_eq!(h.flags, PACKET_CAPTURE);
+                assert_eq!(h.cap_len as usize, d.len());
+                got.push((h.cpu, h.ts_ns, d.to_vec()));
+            };
+            for (h, d) in &records {
+                r.push(*h, d, &mut out);
+            }
+            r.finish(&mut out);
+            assert_eq!(
+                got,
+                [
+                    (1, 2, std::vec![7, 8, 9]),
+                    (0, 1, std::vec![1, 2, 3, 4]),
+                    (0, 3, std::vec![5]),
+                    (0, 4, std::vec![10]),
+                    (1, 5, std::vec![11]),
+                ]
+            );
+        }
+
+        #[test]
         fn rejects_short_and_unknown_records() {
             assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::Short { kind: 0, len: 3, want: 4 }));
             assert_eq!(
@@ -236,4 +372,4 @@ mod user {
 }
 
 #[cfg(feature = "user")]
-pub use user::{DecodeError, Record, decode};
+pub use user::{DecodeError, Reassembly, Record, decode};

@@ -117,7 +117,9 @@ pub const fn history_bits(tcp_flags: u8, payload_len: u32) -> u8 {
 /// Byte counts are IP-layer bytes (IP header and everything after it, what `ip.len` sums to
 /// in a capture) and transport payload bytes (Zeek's `orig_bytes`/`resp_bytes`).
 /// Timestamps are in the backend's monotonic clock (kernel: `bpf_ktime_get_ns`, i.e.
-/// `CLOCK_MONOTONIC`); userspace converts them to wall-clock time once.
+/// `CLOCK_MONOTONIC`); userspace converts them to wall-clock time once. The kernel reads
+/// that clock precisely for `first_ns` and at most once per tick per CPU for `last_ns`
+/// (`childflow-ebpf` `TickClock`): `last_ns` may lag the last packet by up to one tick.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowStats {

@@ -27,7 +27,7 @@ use childflow_common::{
 };
 
 use crate::{
-    parse::{NotParsed, Parsed, parse},
+    parse::{NotParsed, Parsed, parse_packet},
     tc::count_drop,
 };
 
@@ -87,7 +87,7 @@ fn attribute(ctx: &SkBuffContext) {
     // SAFETY: per-CPU slot, this program run's own.
     let parsed = unsafe { &mut *parsed };
     let eth_proto = u16::from_be(ctx.skb.protocol() as u16);
-    match parse::<0>(&ctx.skb, eth_proto, DIR_OUT, parsed) {
+    match parse_packet(&ctx.skb, eth_proto, DIR_OUT, parsed) {
         Ok(()) => {}
         Err(NotParsed::NotIp) => return,
         Err(NotParsed::Malformed) => {

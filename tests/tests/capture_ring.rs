@@ -15,7 +15,7 @@ use std::{
 
 use childflow::ebpf::Accounting;
 use childflow_common::{
-    event::{CaptureConfig, PACKET_CAPTURE, Record, decode},
+    event::{COUNT_CAPTURE_FILTERED, CaptureConfig, PACKET_CAPTURE, Record, decode},
     flow::{DIR_IN, DIR_OUT},
 };
 use childflow_tests::{TestNet, is_root, pattern, skip};
@@ -128,10 +128,37 @@ fn v4_ports(d: &[u8]) -> Option<(u8, u16, u16)> {
     Some((d[23], port(l4), port(l4 + 2)))
 }
 
+/// What one run with a kernel filter gave: the ring's TCP/UDP packets as (flags, protocol,
+/// source port, destination port), the kernel's count of packets the filter rejected, and
+/// the flow map's packet totals per IP protocol.
+struct Filtered {
+    packets: Vec<(u32, u8, u16, u16)>,
+    rejected: u64,
+    flow_packets: std::collections::HashMap<u8, u64>,
+    /// Every record in the ring marked for the capture, of any protocol.
+    marked: u64,
+}
+
+impl Filtered {
+    /// Checks the kernel's rejected count: every packet the programs saw was either marked
+    /// for the capture or rejected. The flow map counts every IP packet; frames that are
+    /// not IP (ARP) are rejected too but not in the map: a few at most.
+    fn check_rejected(&self) {
+        let ip: u64 = self.flow_packets.values().sum();
+        let seen = self.rejected + self.marked;
+        assert!(
+            seen >= ip && seen <= ip + 4,
+            "rejected {} + marked {} vs {ip} IP packets {:?}",
+            self.rejected,
+            self.marked,
+            self.flow_packets
+        );
+    }
+}
+
 /// Runs UDP echo (port 7), a TCP connection to the HTTP server (port 80) and a UDP datagram
-/// to port 53 through a run with capture on and `filter` in the kernel; returns the ring's
-/// packets as (flags, protocol, source port, destination port) of the TCP/UDP ones.
-fn filtered(filter: &str) -> Vec<(u32, u8, u16, u16)> {
+/// to port 53 through a run with capture on and `filter` in the kernel.
+fn filtered(filter: &str) -> Filtered {
     let net = TestNet::new();
     let program = childflow::capture::filter::Filter::parse(filter)
         .expect("a valid filter")
@@ -151,10 +178,19 @@ fn filtered(filter: &str) -> Vec<(u32, u8, u16, u16)> {
     drop(tcp);
     udp_exchange(&net, 53, &[12], false);
     std::thread::sleep(Duration::from_millis(200));
-    flagged_packets(&mut ring)
+    acc.detach();
+    let all = flagged_packets(&mut ring);
+    let marked = all.iter().filter(|(flags, _)| flags & PACKET_CAPTURE != 0).count() as u64;
+    let packets = all
         .into_iter()
         .filter_map(|(flags, (_, _, d))| v4_ports(&d).map(|(p, s, t)| (flags, p, s, t)))
-        .collect()
+        .collect();
+    let rejected = acc.drops().expect("read the counters")[COUNT_CAPTURE_FILTERED as usize];
+    let mut flow_packets = std::collections::HashMap::new();
+    for (key, stats) in acc.flows().expect("read the flow map") {
+        *flow_packets.entry(key.proto).or_default() += stats.packets[0] + stats.packets[1];
+    }
+    Filtered { packets, rejected, flow_packets, marked }
 }
 
 #[test]
@@ -163,7 +199,11 @@ fn a_kernel_filter_keeps_only_matching_packets_and_unmarked_dns() {
         return;
     }
     let port = |p: &(u32, u8, u16, u16)| p.2.min(p.3);
-    let got = filtered("tcp port 80");
+    let run = filtered("tcp port 80");
+    assert_eq!(run.flow_packets[&17], 5, "echoes and DNS: {:?}", run.flow_packets);
+    assert!(run.rejected >= 5, "every UDP packet was rejected: {}", run.rejected);
+    run.check_rejected();
+    let got = run.packets;
     let captured: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE != 0).collect();
     assert!(captured.len() >= 6, "a TCP handshake, request, answer and close: {got:?}");
     assert!(captured.iter().all(|p| p.1 == 6 && port(p) == 80), "{got:?}");
@@ -171,7 +211,11 @@ fn a_kernel_filter_keeps_only_matching_packets_and_unmarked_dns() {
     assert_eq!(rest.len(), 1, "only the DNS datagram, unmarked: {got:?}");
     assert_eq!((rest[0].1, rest[0].3), (17, 53));
 
-    let got = filtered("udp and not port 53");
+    let run = filtered("udp and not port 53");
+    let tcp = run.flow_packets[&6];
+    assert!(run.rejected > tcp, "every TCP packet and the DNS datagram: {}", run.rejected);
+    run.check_rejected();
+    let got = run.packets;
     let captured: Vec<_> = got.iter().filter(|p| p.0 & PACKET_CAPTURE != 0).collect();
     assert_eq!(captured.len(), 4, "two echoes, both ways: {got:?}");
     assert!(captured.iter().all(|p| p.1 == 17 && port(p) == 7), "{got:?}");

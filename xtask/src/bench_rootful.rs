@@ -3,21 +3,32 @@
 //!
 //! Topology (all names `cf…`, addresses in 198.18.0.0/15, removed at the end):
 //! ```text
-//!  upstream netns cfbenchup: cfbu1 198.18.250.2  (iperf3 -s)
+//!  upstream netns cfbenchup: cfbu1 198.18.250.2  (iperf3 -s, the probe's sink)
 //!        │ veth
-//!  host: cfbh1 198.18.250.1 ── NAT ── baseline netns cfbenchb: cfbbc 10.78.0.2 (iperf3 -c)
-//!                            └─ childflow --root -- iperf3 -c 198.18.250.2
+//!  host: cfbh1 198.18.250.1 ── NAT ── baseline netns cfbenchb: cfbbc 10.78.0.2 (clients)
+//!                            └─ childflow --root -- (the same clients)
 //! ```
 //! The baseline is what childflow builds minus the eBPF programs: a veth pair into a network
 //! namespace and an nftables masquerade (made here with `ip`/`nft`, which a bench may use).
-//! Rows, each the median of A/B pairs run alternately (so drift hits both sides alike):
-//! - bulk TCP (iperf3, 3 s): baseline vs `childflow --root`, and baseline with
-//!   `tcpdump -w /dev/null` on the baseline veth (the peer tool);
-//! - 64-byte UDP packet rate (iperf3 -u -l 64 -b 0);
-//! - per-packet cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt,
-//!   read from `bpftool prog show` while childflow's programs are loaded);
+//! A bench on a shared 2-core VM is noisy, so every table runs its rows in [`ROUNDS`]
+//! interleaved rounds (rotated and reversed every other round, see [`order`]) and prints
+//! per row the median, the spread (min–max) and the change against the baseline as the
+//! median of the per-round ratios; the load average is printed before and after.
+//! - bulk TCP (iperf3, 3 s): baseline vs `childflow --root`, and the baseline with
+//!   `tcpdump -w /dev/null` on its veth (the peer tool);
+//! - 64-byte UDP packet rate: `xtask bench-probe flood` (unpaced `sendmmsg`) to the probe's
+//!   sink, what the sink received per second, for the same three rows;
+//! - capture at a fixed [`CAPTURE_PPS`] of 64-byte datagrams: `childflow --root -c` against
+//!   `tcpdump -w` on the baseline veth, files on /dev/shm: packets written (capinfos) and
+//!   each capture's own drop count;
+//! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
+//!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
+//!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
+//!   same traffic: `bpf_stats` and calling any program cost tens of nanoseconds per run on
+//!   this machine (two clock reads), and that floor is in every number;
 //! - `childflow --root -- true` next to the rootless `childflow -- true`, median wall time
-//!   of 20 runs each, and how long the rootful run's host state outlives its return.
+//!   of 20 runs each, and how long the rootful run's host state outlives its return
+//!   (`--startup` runs only this row).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -26,8 +37,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const PAIRS: usize = 5;
+/// Rounds of every row (so at least this many A/B pairs).
+const ROUNDS: usize = 6;
 const SECONDS: &str = "3";
+/// The capture rows' packet rate (issue 6: at least 250,000 packets/s with no drops).
+const CAPTURE_PPS: u64 = 250_000;
 const UP_NS: &str = "cfbenchup";
 const BASE_NS: &str = "cfbenchb";
 const SERVER: &str = "198.18.250.2";
@@ -105,57 +119,126 @@ impl Drop for Topology {
     }
 }
 
-/// iperf3 client arguments for bulk TCP or the 64-byte UDP packet rate.
-fn iperf_args(udp: bool) -> Vec<&'static str> {
-    let mut a = vec!["iperf3", "-c", SERVER, "-t", SECONDS, "-J"];
-    if udp {
-        a.extend(["-u", "-l", "64", "-b", "0"]);
-    }
-    a
+/// iperf3 client arguments for bulk TCP.
+fn iperf_args() -> Vec<&'static str> {
+    vec!["iperf3", "-c", SERVER, "-t", SECONDS, "-J"]
 }
 
-/// (bits/s, packets/s) from iperf3's JSON: what the receiver got.
-fn parse_iperf(json: &str, udp: bool) -> Result<(f64, f64)> {
+/// Bits/s the receiver got, from iperf3's JSON.
+fn parse_iperf(json: &str) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
-    let end = &v["end"];
-    if udp {
-        let s = &end["sum"];
-        let secs = s["seconds"].as_f64().unwrap_or(1.0);
-        let packets =
-            s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
-        Ok((s["bits_per_second"].as_f64().unwrap_or(0.0), packets / secs))
-    } else {
-        Ok((end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0), 0.0))
+    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0))
+}
+
+/// The probe (this xtask binary) sending 64-byte datagrams to the sink at `pps` (0: as fast
+/// as it can) for the run's time.
+fn flood_args(probe: &str, pps: u64) -> Vec<String> {
+    [probe, "bench-probe", "flood", SERVER, SECONDS, "64", &pps.to_string()]
+        .map(String::from)
+        .to_vec()
+}
+
+/// A datagram counter in the upstream namespace, started before the sender.
+struct Sink(Child);
+
+impl Sink {
+    fn start(probe: &str) -> Result<Sink> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", UP_NS, probe, "bench-probe", "sink", SERVER, SECONDS])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("failed to start the sink")?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Sink(child))
+    }
+
+    /// Datagrams received, once the sink has seen the traffic end.
+    fn received(self) -> Result<u64> {
+        let out = self.0.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .strip_prefix("received ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("the sink printed {text:?}"))
     }
 }
 
-fn baseline(udp: bool) -> Result<(f64, f64)> {
-    let mut a = vec!["ip", "netns", "exec", BASE_NS];
-    a.extend(iperf_args(udp));
-    parse_iperf(&sh(&a)?, udp)
+/// What one row runs: in the baseline namespace, or under `childflow --root` (with extra
+/// childflow arguments), and whether `tcpdump -w FILE` captures the baseline veth meanwhile.
+#[derive(Clone)]
+enum Contender {
+    Baseline,
+    Childflow(Vec<String>),
+    Tcpdump(String),
 }
 
-fn with_childflow(bin: &str, udp: bool) -> Result<(f64, f64)> {
-    let mut a = vec![bin, "--root", "--"];
-    a.extend(iperf_args(udp));
-    parse_iperf(&sh(&a)?, udp)
+impl Contender {
+    /// Runs `cmd` as this contender; returns its stdout and its capture's losses: for
+    /// tcpdump "dropped by kernel", for childflow the sum of the drop counters of its JSON
+    /// summary (if it printed one).
+    fn run(&self, bin: &str, cmd: &[String]) -> Result<(String, Option<u64>)> {
+        let mut dump = None;
+        let mut argv: Vec<String> = match self {
+            Contender::Baseline | Contender::Tcpdump(_) => {
+                ["ip", "netns", "exec", BASE_NS].map(String::from).to_vec()
+            }
+            Contender::Childflow(extra) => {
+                let mut a = vec![bin.to_owned(), "--root".into()];
+                a.extend(extra.iter().cloned());
+                a.push("--".into());
+                a
+            }
+        };
+        if let Contender::Tcpdump(file) = self {
+            dump = Some(
+                Command::new("tcpdump")
+                    .args(["-i", "cfbbh", "-s", "0", "-B", "65536", "-w", file])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("failed to start tcpdump")?,
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        argv.extend(cmd.iter().cloned());
+        let out = Command::new(&argv[0]).args(&argv[1..]).output();
+        let dropped = dump.map(stop_tcpdump).transpose()?.map(|(_, dropped)| dropped);
+        let out = out.with_context(|| format!("failed to run {}", argv.join(" ")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("{} failed: {stderr}", argv.join(" "));
+        }
+        // The summary is pretty-printed JSON after any log lines.
+        let summary_drops = stderr
+            .match_indices('{')
+            .filter(|(at, _)| *at == 0 || stderr.as_bytes()[at - 1] == b'\n')
+            .find_map(|(at, _)| {
+                let mut values = serde_json::Deserializer::from_str(&stderr[at..])
+                    .into_iter::<serde_json::Value>();
+                let v = values.next()?.ok()?;
+                Some(v.get("drops")?.as_object()?.values().filter_map(|n| n.as_u64()).sum())
+            });
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), dropped.or(summary_drops)))
+    }
 }
 
-/// The baseline with `tcpdump -w` on its veth. It writes to /dev/null: gigabytes of pcap
-/// on this disk would still be flushing during the next runs and slow them down (seen as a
-/// 40% slower baseline before this), so this row is the capture cost without the disk.
-fn with_tcpdump(udp: bool) -> Result<(f64, f64)> {
-    let mut dump = Command::new("tcpdump")
-        .args(["-i", "cfbbh", "-s", "0", "-B", "65536", "-w", "/dev/null"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("failed to start tcpdump")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let r = baseline(udp);
-    let _ = Command::new("kill").args(["-INT", &dump.id().to_string()]).status();
-    let _ = dump.wait();
-    r
+/// Stops tcpdump and returns (packets captured, packets dropped by the kernel).
+fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
+    use std::io::Read;
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    child.wait()?;
+    let count = |what: &str| {
+        err.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("tcpdump printed no \"{what}\" line: {err}"))
+    };
+    Ok((count("packets captured")?, count("dropped by kernel")?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -163,50 +246,404 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// ns per run of each of childflow's programs, measured over one bulk TCP run.
-fn program_cost(bin: &str) -> Result<Vec<(String, f64, u64)>> {
-    // bpftool here cannot name a program's owner (no `pids`): childflow's programs are the
-    // `cf_*` ones that appear while it runs.
-    let ids = || -> Result<Vec<(u64, serde_json::Value)>> {
-        let progs: serde_json::Value =
-            serde_json::from_str(&sh(&["bpftool", "prog", "show", "-j"])?)?;
-        Ok(progs
+/// The order of the rows in round `i`: rotated each round and reversed every other one, so
+/// no row always runs first or right after another (drift and warm-up hit all alike).
+fn order(rows: usize, i: usize) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..rows).map(|r| (r + i) % rows).collect();
+    if i % 2 == 1 {
+        o.reverse();
+    }
+    o
+}
+
+/// Runs every row once per round, interleaved, `measure` giving each run's value; prints
+/// per row the median, the spread (min–max) and the change against row 0 as the median of
+/// the per-round ratios (each round's runs are close in time, so drift mostly cancels).
+fn interleaved(
+    what: &str,
+    unit: &str,
+    rows: &[(&str, Contender)],
+    mut measure: impl FnMut(&Contender) -> Result<f64>,
+) -> Result<()> {
+    let mut values = vec![Vec::new(); rows.len()];
+    for i in 0..ROUNDS {
+        for r in order(rows.len(), i) {
+            values[r].push(measure(&rows[r].1)?);
+        }
+    }
+    for (r, (name, _)) in rows.iter().enumerate() {
+        let v = &values[r];
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+        let change = if r == 0 {
+            String::new()
+        } else {
+            let ratios = v.iter().zip(&values[0]).map(|(x, b)| x / b - 1.0).collect();
+            format!("{:+6.1}%", median(ratios) * 100.0)
+        };
+        println!(
+            "{what:<12} {name:<28} {:>8.2} {unit}  ({lo:.2}–{hi:.2})  {change}",
+            median(v.clone())
+        );
+    }
+    Ok(())
+}
+
+/// Bulk TCP, and the 64-byte packet rate (unpaced sendmmsg to the sink), each with and
+/// without childflow's programs and with tcpdump -w on the baseline veth.
+fn rates(bin: &str, probe: &str) -> Result<()> {
+    let rows = [
+        ("veth+NAT (no eBPF)", Contender::Baseline),
+        ("childflow --root", Contender::Childflow(Vec::new())),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump("/dev/null".into())),
+    ];
+    let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
+    interleaved("bulk TCP", "Gbit/s", &rows, |c| Ok(parse_iperf(&c.run(bin, &iperf)?.0)? / 1e9))?;
+    let flood = flood_args(probe, 0);
+    let secs: f64 = SECONDS.parse()?;
+    interleaved("64-byte UDP", "kpps", &rows, |c| {
+        let sink = Sink::start(probe)?;
+        c.run(bin, &flood)?;
+        Ok(sink.received()? as f64 / secs / 1e3)
+    })
+}
+
+/// The programs' cost on childflow's own plumbing: in each of [`ROUNDS`] runs of
+/// `childflow --root`, the command measures once with the programs attached, then the bench
+/// detaches them (`bpftool link detach`: the TCX and cgroup links of this run's `cf_*`
+/// programs) and the command measures again on the same namespace, veth and NAT. So the
+/// pair differs only in the programs (the second run of a pair always comes second; the
+/// baseline namespace above differs in more than that, e.g. it measured faster or slower
+/// than childflow by 10–40 % from one bench run to the next).
+fn same_plumbing(bin: &str, probe: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("cfbench-ab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let iperf = iperf_args().join(" ");
+        let flood = flood_args(probe, 0).join(" ");
+        let secs: f64 = SECONDS.parse()?;
+        for (what, unit, cmd, udp) in
+            [("bulk TCP", "Gbit/s", iperf, false), ("64-byte UDP", "kpps", flood, true)]
+        {
+            let (mut on, mut off) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let (a, b) = pair(bin, probe, &dir, &cmd, udp)?;
+                let value = |out: &str| -> Result<f64> {
+                    Ok(if udp { out.parse::<f64>()? / secs / 1e3 } else { parse_iperf(out)? / 1e9 })
+                };
+                on.push(value(&a)?);
+                off.push(value(&b)?);
+            }
+            let ratios = on.iter().zip(&off).map(|(a, b)| a / b - 1.0).collect();
+            let spread =
+                |v: &[f64]| v.iter().fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+            let ((al, ah), (bl, bh)) = (spread(&on), spread(&off));
+            println!(
+                "{what:<12} childflow --root, programs detached {:>8.2} {unit}  ({bl:.2}–{bh:.2})",
+                median(off.clone())
+            );
+            println!(
+                "{what:<12} childflow --root, programs attached {:>8.2} {unit}  ({al:.2}–{ah:.2})  \
+                 {:+6.1}%  (per-pair {:?})",
+                median(on.clone()),
+                median(ratios) * 100.0,
+                on.iter()
+                    .zip(&off)
+                    .map(|(a, b)| format!("{:+.1}", (a / b - 1.0) * 100.0))
+                    .collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// One run of `childflow --root -- sh -c SCRIPT`: `cmd` with the programs attached, then
+/// (once the bench has detached them) again. Returns both outputs (iperf3's JSON, or the
+/// sink's count for the UDP flood).
+fn pair(
+    bin: &str,
+    probe: &str,
+    dir: &std::path::Path,
+    cmd: &str,
+    udp: bool,
+) -> Result<(String, String)> {
+    let (first, second, go) = (dir.join("first"), dir.join("second"), dir.join("go"));
+    for f in [&first, &second, &go] {
+        let _ = std::fs::remove_file(f);
+    }
+    let d = |p: &std::path::Path| p.display().to_string();
+    let script = format!(
+        "{cmd} > {f}.tmp && mv {f}.tmp {f} && while [ ! -e {go} ]; do sleep 0.05; done && \
+         {cmd} > {s}.tmp && mv {s}.tmp {s}",
+        f = d(&first),
+        s = d(&second),
+        go = d(&go)
+    );
+    let is_cf = |p: &serde_json::Value| p["name"].as_str().unwrap_or_default().starts_with("cf_");
+    let before: Vec<u64> = programs(is_cf)?.into_iter().map(|(id, _)| id).collect();
+    let mut sink = if udp { Some(Sink::start(probe)?) } else { None };
+    let mut child = Command::new(bin)
+        .args(["--root", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("failed to start childflow")?;
+    let wait_for = |f: &std::path::Path, child: &mut Child| -> Result<()> {
+        let started = Instant::now();
+        while !f.exists() {
+            if child.try_wait()?.is_some() {
+                bail!("the command ended before writing {}", f.display());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("no {} after 60 s", f.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    let outcome = (|| {
+        wait_for(&first, &mut child)?;
+        let a = match sink.take() {
+            Some(s) => s.received()?.to_string(),
+            None => std::fs::read_to_string(&first)?,
+        };
+        // This run's programs, and their links.
+        let mine: Vec<u64> = programs(is_cf)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !before.contains(id))
+            .collect();
+        let links: serde_json::Value =
+            serde_json::from_str(&sh(&["bpftool", "link", "show", "-j"])?)?;
+        let ids: Vec<String> = links
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|p| p["name"].as_str().unwrap_or_default().starts_with("cf_"))
-            .filter_map(|p| Some((p["id"].as_u64()?, p.clone())))
-            .collect())
-    };
-    let before: Vec<u64> = ids()?.into_iter().map(|(id, _)| id).collect();
-    sh(&["sysctl", "-qw", "kernel.bpf_stats_enabled=1"])?;
-    let mut a = vec![bin, "--root", "--"];
-    a.extend(iperf_args(false));
-    let mut child = Command::new(a[0])
-        .args(&a[1..])
+            .filter(|l| mine.contains(&l["prog_id"].as_u64().unwrap_or(0)))
+            .filter_map(|l| Some(l["id"].as_u64()?.to_string()))
+            .collect();
+        if ids.len() < 3 {
+            bail!("found {} links of this run's programs, expected 4: {links}", ids.len());
+        }
+        for id in &ids {
+            sh(&["bpftool", "link", "detach", "id", id])?;
+        }
+        if udp {
+            sink = Some(Sink::start(probe)?);
+        }
+        std::fs::write(&go, b"")?;
+        wait_for(&second, &mut child)?;
+        let b = match sink.take() {
+            Some(s) => s.received()?.to_string(),
+            None => std::fs::read_to_string(&second)?,
+        };
+        Ok((a, b))
+    })();
+    let _ = child.wait();
+    outcome
+}
+
+/// Capture at a fixed 64-byte packet rate: `childflow --root -c` against `tcpdump -w` on the
+/// baseline veth, both writing to /dev/shm (the shared disk is not what is measured).
+fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
+    let file = |name: &str| format!("/dev/shm/cfbench-{}-{name}", std::process::id());
+    let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
+    let rows = [
+        (
+            "childflow --root -c",
+            Contender::Childflow(
+                ["-c", &cf_file, "--summary-format", "json"].map(String::from).to_vec(),
+            ),
+        ),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone())),
+    ];
+    println!(
+        "\ncapture of 64-byte UDP paced at {} kpps, files on /dev/shm (median of {ROUNDS}):",
+        pps / 1000
+    );
+    let flood = flood_args(probe, pps);
+    let secs: f64 = SECONDS.parse()?;
+    let mut results = vec![Vec::new(); rows.len()];
+    for i in 0..ROUNDS {
+        for r in order(rows.len(), i) {
+            let sink = Sink::start(probe)?;
+            let (out, dump) = rows[r].1.run(bin, &flood)?;
+            let received = sink.received()?;
+            let sent: u64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
+                .with_context(|| format!("the flood printed {out:?}"))?;
+            let path = if r == 0 { &cf_file } else { &dump_file };
+            let written = count_packets(path)?;
+            let _ = std::fs::remove_file(path);
+            let drops = dump.context("no drop count (tcpdump's, or childflow's summary)")?;
+            results[r].push((written as f64 / secs, sent, received, written, drops));
+        }
+    }
+    for (r, (name, _)) in rows.iter().enumerate() {
+        let mut v = results[r].clone();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (rate, sent, received, written, drops) = v[v.len() / 2];
+        let all_drops: Vec<u64> = results[r].iter().map(|x| x.4).collect();
+        println!(
+            "{name:<24} written {:>7.1} kpps  (sent {sent}, at the sink {received}, written \
+             {written}, capture drops {drops}; per run {all_drops:?})",
+            rate / 1e3
+        );
+    }
+    Ok(())
+}
+
+/// Packets in a pcap or pcapng file, as capinfos counts them.
+fn count_packets(file: &str) -> Result<u64> {
+    let out = Command::new("capinfos")
+        .args(["-T", "-r", "-M", "-c", file])
+        .output()
+        .context("failed to run capinfos (Debian package wireshark-common)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split('\t')
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("capinfos printed {text:?} for {file}"))
+}
+
+/// Ids of the loaded programs `keep` selects, with their JSON.
+fn programs(keep: impl Fn(&serde_json::Value) -> bool) -> Result<Vec<(u64, serde_json::Value)>> {
+    let progs: serde_json::Value = serde_json::from_str(&sh(&["bpftool", "prog", "show", "-j"])?)?;
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| keep(p))
+        .filter_map(|p| Some((p["id"].as_u64()?, p.clone())))
+        .collect())
+}
+
+/// ns per run and runs of each program in `progs` that ran.
+fn per_run(progs: &[(u64, serde_json::Value)]) -> Vec<(String, f64, u64)> {
+    progs
+        .iter()
+        .filter_map(|(id, p)| {
+            let cnt = p["run_cnt"].as_u64()?;
+            let ns = p["run_time_ns"].as_u64()?;
+            let name = p["name"].as_str().map_or_else(|| format!("id {id}"), str::to_owned);
+            (cnt > 0).then(|| (name, ns as f64 / cnt as f64, cnt))
+        })
+        .collect()
+}
+
+/// Restores `kernel.bpf_stats_enabled` when dropped.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        let old = sh(&["sysctl", "-n", "kernel.bpf_stats_enabled"])?.trim().to_owned();
+        sh(&["sysctl", "-qw", "kernel.bpf_stats_enabled=1"])?;
+        Ok(BpfStats(old))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = sh(&["sysctl", "-qw", &format!("kernel.bpf_stats_enabled={}", self.0)]);
+    }
+}
+
+/// ns per run of each of childflow's programs while `cmd` runs under it.
+fn program_cost(bin: &str, cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
+    // bpftool here cannot name a program's owner (no `pids`): childflow's programs are the
+    // `cf_*` ones that appear while it runs.
+    let is_cf = |p: &serde_json::Value| p["name"].as_str().unwrap_or_default().starts_with("cf_");
+    let before: Vec<u64> = programs(is_cf)?.into_iter().map(|(id, _)| id).collect();
+    let _stats = BpfStats::enable()?;
+    let mut child = Command::new(bin)
+        .arg("--root")
+        .arg("--")
+        .args(cmd)
         .stdout(Stdio::null())
         .spawn()
         .context("failed to start childflow")?;
     let mut last = Vec::new();
     while child.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_millis(200));
-        let Ok(now) = ids() else { continue };
-        let mine: Vec<(String, f64, u64)> = now
-            .into_iter()
-            .filter(|(id, _)| !before.contains(id))
-            .filter_map(|(_, p)| {
-                let cnt = p["run_cnt"].as_u64()?;
-                let ns = p["run_time_ns"].as_u64()?;
-                let name = p["name"].as_str()?.to_owned();
-                (cnt > 0).then(|| (name, ns as f64 / cnt as f64, cnt))
-            })
-            .collect();
+        let Ok(now) = programs(is_cf) else { continue };
+        let mine: Vec<_> = now.into_iter().filter(|(id, _)| !before.contains(id)).collect();
+        let mine = per_run(&mine);
         if !mine.is_empty() {
             last = mine;
         }
     }
-    sh(&["sysctl", "-qw", "kernel.bpf_stats_enabled=0"])?;
     Ok(last)
+}
+
+/// An empty TC program (`r0 = TC_ACT_UNSPEC; exit`) in BPF assembly, named `cf_empty`.
+const EMPTY_PROGRAM: &str = "\t.section tc,\"ax\",@progbits
+\t.globl cf_empty
+\t.type cf_empty,@function
+cf_empty:
+\tr0 = -1
+\texit
+\t.size cf_empty, 16
+\t.section license,\"aw\",@progbits
+\t.globl _license
+_license:
+\t.asciz \"GPL\"
+";
+
+/// ns per run of an empty TC program (assembled with LLVM's `llvm-mc`, which setup installs
+/// with llvm-22, and attached with `tc` to both directions of the baseline veth) while
+/// `cmd` runs in the baseline namespace: what `bpf_stats` itself and calling any program
+/// cost on this machine, the floor under the numbers of [`program_cost`].
+fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
+    let dir = std::env::temp_dir().join(format!("cfbench-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (src, obj) = (dir.join("empty.s"), dir.join("empty.o"));
+    std::fs::write(&src, EMPTY_PROGRAM)?;
+    let assembled = sh(&[
+        "/usr/lib/llvm-22/bin/llvm-mc",
+        "-triple",
+        "bpfel",
+        "-filetype=obj",
+        "-o",
+        obj.to_str().context("temp path")?,
+        src.to_str().context("temp path")?,
+    ]);
+    let obj = obj.to_str().context("temp path")?.to_owned();
+    let result = assembled.and_then(|_| {
+        sh(&["tc", "qdisc", "add", "dev", "cfbbh", "clsact"])?;
+        let measured = (|| {
+            for dir in ["ingress", "egress"] {
+                sh(&[
+                    "tc", "filter", "add", "dev", "cfbbh", dir, "bpf", "da", "obj", &obj, "sec",
+                    "tc",
+                ])?;
+            }
+            let is_empty = |p: &serde_json::Value| p["name"] == "cf_empty";
+            let before = programs(is_empty)?;
+            let _stats = BpfStats::enable()?;
+            Contender::Baseline.run("", cmd)?;
+            let after = programs(is_empty)?;
+            // Only what ran during this run: another bench's empty programs stay out.
+            let ran: Vec<(u64, serde_json::Value)> = after
+                .into_iter()
+                .map(|(id, mut p)| {
+                    if let Some((_, b)) = before.iter().find(|(i, _)| *i == id) {
+                        for field in ["run_cnt", "run_time_ns"] {
+                            let delta =
+                                p[field].as_u64().unwrap_or(0) - b[field].as_u64().unwrap_or(0);
+                            p[field] = delta.into();
+                        }
+                    }
+                    (id, p)
+                })
+                .collect();
+            Ok(per_run(&ran))
+        })();
+        let _ = sh(&["tc", "qdisc", "del", "dev", "cfbbh", "clsact"]);
+        measured
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 pub fn run(bin: &str, startup_only: bool) -> Result<()> {
@@ -214,41 +651,41 @@ pub fn run(bin: &str, startup_only: bool) -> Result<()> {
         return startup(bin);
     }
     let _topology = Topology::new()?;
-    println!("rootful bench: {PAIRS} A/B pairs of {SECONDS} s iperf3 runs (medians)\n");
-    for (udp, what) in [(false, "bulk TCP"), (true, "64-byte UDP")] {
-        let (mut base, mut cf, mut dump) = (Vec::new(), Vec::new(), Vec::new());
-        // ABBA order: drift during the run hits both sides alike.
-        for i in 0..PAIRS {
-            if i % 2 == 0 {
-                base.push(baseline(udp)?);
-                cf.push(with_childflow(bin, udp)?);
-            } else {
-                cf.push(with_childflow(bin, udp)?);
-                base.push(baseline(udp)?);
-            }
-            dump.push(with_tcpdump(udp)?);
+    let probe = std::env::current_exe().context("the xtask binary")?;
+    let probe = probe.to_str().context("xtask path is not UTF-8")?;
+    println!(
+        "rootful bench: {ROUNDS} interleaved rounds of {SECONDS} s runs; median (min–max), \
+         change vs the first row as the median of per-round ratios; load average {}\n",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    rates(bin, probe)?;
+    println!("\nthe same, with and without the programs on childflow's own plumbing:");
+    same_plumbing(bin, probe)?;
+    capture_rate(bin, probe, CAPTURE_PPS)?;
+    println!("\nper-run program cost (bpf_stats run_time_ns / run_cnt):");
+    let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
+    for (what, cmd) in [("bulk TCP", iperf), ("64-byte UDP", flood_args(probe, 0))] {
+        let sink = if what == "bulk TCP" { None } else { Some(Sink::start(probe)?) };
+        let cost = program_cost(bin, &cmd)?;
+        if let Some(s) = sink {
+            s.received()?;
         }
-        let pick =
-            |v: &[(f64, f64)]| median(v.iter().map(|r| if udp { r.1 } else { r.0 }).collect());
-        let (b, c, d) = (pick(&base), pick(&cf), pick(&dump));
-        let unit = if udp { "kpps" } else { "Gbit/s" };
-        let scale = if udp { 1e3 } else { 1e9 };
-        println!("{what:<12} veth+NAT (no eBPF)        {:>9.2} {unit}", b / scale);
-        println!(
-            "{what:<12} childflow --root          {:>9.2} {unit}  ({:+.1}%)",
-            c / scale,
-            (c / b - 1.0) * 100.0
-        );
-        println!(
-            "{what:<12} veth+NAT + tcpdump -w     {:>9.2} {unit}  ({:+.1}%)",
-            d / scale,
-            (d / b - 1.0) * 100.0
-        );
+        for (name, ns, cnt) in cost {
+            println!("{what:<12} {name:<22} {ns:>7.0} ns  ({cnt} runs)");
+        }
+        let sink = if what == "bulk TCP" { None } else { Some(Sink::start(probe)?) };
+        let floor = empty_program_cost(&cmd)?;
+        if let Some(s) = sink {
+            s.received()?;
+        }
+        for (name, ns, cnt) in floor {
+            println!("{what:<12} {name:<22} {ns:>7.0} ns  ({cnt} runs, baseline veth)");
+        }
     }
-    println!();
-    for (name, ns, cnt) in program_cost(bin)? {
-        println!("per-packet cost {name:<16} {ns:>7.0} ns  ({cnt} runs)");
-    }
+    println!(
+        "\nload average after: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
     startup(bin)?;
     Ok(())
 }

@@ -13,6 +13,11 @@
 //! - `many ADDR N`: N connects in flight at once; prints `ok K` with K the number that
 //!   succeeded within 60 s.
 //!
+//! - `flood ADDR SECONDS LEN PPS`: UDP datagrams of LEN bytes to [`FLOOD_PORT`] at PPS
+//!   packets/s (0: as fast as it can), in `sendmmsg` batches; prints `sent N`.
+//! - `sink ADDR SECONDS`: counts the datagrams arriving on [`FLOOD_PORT`] (`recvmmsg`) until
+//!   SECONDS have passed and the port has been quiet for half a second; prints `received N`.
+//!
 //! The clients take the hold port as an optional last argument (default [`HOLD_PORT`]).
 
 use std::{
@@ -26,6 +31,10 @@ use anyhow::{Context, Result, bail};
 
 pub const ECHO_PORT: u16 = 7001;
 pub const HOLD_PORT: u16 = 7002;
+/// The UDP port of `flood` and `sink` (the rootful bench's packet-rate rows).
+pub const FLOOD_PORT: u16 = 7003;
+/// Datagrams per `sendmmsg`/`recvmmsg` call.
+const BATCH: usize = 64;
 /// The hold server listens on this many ports from [`HOLD_PORT`]: each contender connects to
 /// a port of its own, so the TIME-WAIT connections one leaves on the host (same 4-tuples)
 /// do not slow down the kernel's port search for the next.
@@ -103,6 +112,24 @@ pub fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         "many" => many(hold, n),
+        "flood" => {
+            let arg = |i: usize, what: &str| -> Result<u64> {
+                args.get(i).with_context(|| format!("flood needs {what}"))?.parse().context("N")
+            };
+            let sent = flood(
+                SocketAddr::new(ip, FLOOD_PORT),
+                Duration::from_secs(arg(2, "SECONDS")?),
+                arg(3, "LEN")? as usize,
+                arg(4, "PPS")?,
+            )?;
+            println!("sent {sent}");
+            Ok(())
+        }
+        "sink" => {
+            let received = sink(SocketAddr::new(ip, FLOOD_PORT), Duration::from_secs(n as u64))?;
+            println!("received {received}");
+            Ok(())
+        }
         other => bail!("unknown probe {other}"),
     }
 }
@@ -257,4 +284,92 @@ fn listen_backlog(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
     // SAFETY: listen(2) again on a bound listening socket only changes its backlog.
     unsafe { libc::listen(l.as_raw_fd(), backlog) };
     Ok(l)
+}
+
+/// Sends `len`-byte datagrams to `to` for `time` at `pps` packets/s (0: unpaced), in
+/// batches of [`BATCH`] per `sendmmsg(2)`; returns how many the kernel accepted.
+fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let sock = std::net::UdpSocket::bind(bind).context("bind the flood socket")?;
+    sock.connect(to).context("connect the flood socket")?;
+    let payload = vec![0x5au8; len];
+    let mut iov: Vec<libc::iovec> = (0..BATCH)
+        .map(|_| libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: len })
+        .collect();
+    // SAFETY: mmsghdr is plain data; the zeroed fields mean "no name, no control data".
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < time {
+        if pps > 0 {
+            // Pace per batch: wait until this batch is due.
+            let due = Duration::from_secs_f64(sent as f64 / pps as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        // SAFETY: `msgs` holds BATCH valid headers pointing at `iov` and `payload`, which
+        // outlive the call.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        if n > 0 {
+            sent += n as u64;
+        } else {
+            // A full queue (ENOBUFS) or an ICMP error from a previous datagram: go on.
+            std::thread::yield_now();
+        }
+    }
+    Ok(sent)
+}
+
+/// Counts datagrams arriving at `addr` until `time` has passed and none came for 500 ms.
+fn sink(addr: SocketAddr, time: Duration) -> Result<u64> {
+    let sock = std::net::UdpSocket::bind(addr).context("bind the sink port")?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: setsockopt(2) with a pointer to a c_int that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let mut bufs = vec![[0u8; 2048]; BATCH];
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+        .collect();
+    // SAFETY: as in `flood`.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+        m.msg_hdr.msg_iov = v;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let start = Instant::now();
+    let mut received = 0u64;
+    loop {
+        // SAFETY: `msgs` holds BATCH valid headers pointing at `bufs`, which outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n > 0 {
+            received += n as u64;
+        } else if start.elapsed() >= time {
+            // Timed out with nothing arriving, after the run's time: done.
+            break;
+        }
+    }
+    Ok(received)
 }

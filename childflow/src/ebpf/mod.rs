@@ -15,9 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError,
-        SchedClassifier, TcAttachType,
-        tc::{NlOptions, TcAttachOptions, qdisc_add_clsact},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
+        SchedClassifier, TcAttachType, tc::TcAttachOptions,
     },
 };
 use childflow_common::{
@@ -135,8 +134,8 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` (clsact
-    /// filters, see [`Accounting::attach_to`]).
+    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` (TCX links,
+    /// see [`Accounting::attach_to`]).
     /// Capture is off (only DNS packets are copied); no cgroup programs.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
         Self::attach_with(iface, None, CaptureConfig::default())
@@ -195,19 +194,18 @@ impl Accounting {
         Ok(Accounting { links: Vec::new(), ebpf })
     }
 
-    /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` as
-    /// direct-action filters of its `clsact` qdisc, and the attribution programs to `cgroup`
-    /// if given.
+    /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links,
+    /// and the attribution programs to `cgroup` if given.
     ///
-    /// Why `clsact` filters (netlink) rather than TCX links: attaching a TCX link waits for
-    /// a full RCU grace period while holding RTNL (kernel/bpf/tcx.c, `tcx_entry_sync`), and
-    /// the two directions serialize on RTNL: 25-35 ms of a run's start on this VM (median
-    /// `--root -- true` 95 ms with TCX, 59 ms with clsact, 20 A/B pairs at load 5.5). The
-    /// first filter of a clsact qdisc waits at most for an *expedited* grace period
-    /// (net/sched/sch_generic.c, `mini_qdisc_pair_swap`); both attach in about 1 ms. The
-    /// programs run at the same hook, on the same packets. Lifetime: a filter is not owned by
-    /// an fd but by the interface; on the run's veth it dies with the pair, which dies with
-    /// the command's network namespace (so also when childflow is SIGKILLed).
+    /// TCX, not classic `clsact` filters, on purpose: a TCX link is owned by its fd (so by
+    /// this process, or the lingering teardown process, see `rootful/linger.rs`), never
+    /// collides with another tc user of the interface, and is what the design names. Its
+    /// price is start-up time: attaching a TCX link waits for a full RCU grace period while
+    /// holding RTNL (kernel/bpf/tcx.c, `tcx_entry_sync`), and the two directions serialize on
+    /// RTNL: 25-35 ms of a run's start on this VM (median `--root -- true` 95 ms with TCX,
+    /// 59 ms with clsact filters, 20 A/B pairs at load 5.5), where the first filter of a
+    /// clsact qdisc waits only for an expedited grace period (net/sched/sch_generic.c,
+    /// `mini_qdisc_pair_swap`).
     ///
     /// The capture settings were written at load, so the first packet already sees them.
     /// Every link is owned by this value (and so by this process's fds): nothing outlives
@@ -223,10 +221,6 @@ impl Accounting {
             .programs_mut()
             .filter(|(name, _)| name.starts_with("cf_tc_") || cgroup.is_some())
             .collect();
-        if programs.iter().any(|(name, _)| name.starts_with("cf_tc_")) {
-            // Already there (a second run of the tests on one interface) is fine.
-            let _ = qdisc_add_clsact(iface);
-        }
         let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
@@ -534,7 +528,11 @@ fn attach_one(
     if let Some(attach_type) = tc {
         let prog: &mut SchedClassifier = prog.try_into().map_err(load)?;
         let id = prog
-            .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
+            .attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(|source| EbpfError::Attach { program, iface: iface.to_owned(), source })?;
         return Ok(Some(Box::new(prog.take_link(id).map_err(load)?)));
     }

@@ -5,11 +5,20 @@
 //! host's nameservers. A loopback nameserver (e.g. systemd-resolved's 127.0.0.53) cannot be
 //! reached from the command's namespace, so it is left out with a warning.
 //!
-//! Answers: the TC programs copy every port-53 packet into the packet ring; UDP responses
-//! are parsed here (RFC 1035 §4, with hickory-proto) into [`DnsEvent`]s so flows get names.
-//! DNS over TCP is not parsed yet (it needs stream reassembly).
+//! Answers: the TC programs copy every port-53 packet into the packet ring; responses are
+//! parsed here (RFC 1035 §4, with hickory-proto) into [`DnsEvent`]s so flows get names.
+//! UDP datagrams are parsed one by one. TCP (RFC 1035 §4.2.2, RFC 7766 §8: each message
+//! after a two-byte length) is reassembled per connection by [`Answers`]: segments are
+//! appended in sequence order (the packet ring is filled by several CPUs, so a segment may
+//! arrive before the one it follows: it waits, bounded), retransmitted bytes are skipped,
+//! and every complete message is parsed. A stream that loses a segment for good, or
+//! whose buffered data exceeds [`MAX_TCP_BUFFER`], is given up (its later answers do not
+//! name flows; nothing else is affected).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 use hickory_proto::{
     op::{Message, MessageType},
@@ -60,9 +69,14 @@ pub fn resolv_conf(host: &str, dns: Option<IpAddr>) -> (String, Vec<IpAddr>) {
     (out, skipped)
 }
 
-/// Parses a UDP DNS response the command received from `server`. `None` for queries and
-/// anything that does not parse.
-pub fn parse_response(ts: UnixNanos, server: SocketAddr, payload: &[u8]) -> Option<DnsEvent> {
+/// Parses a DNS response (one message, without TCP's length prefix) the command received
+/// from `server` over `transport`. `None` for queries and anything that does not parse.
+pub fn parse_response(
+    ts: UnixNanos,
+    server: SocketAddr,
+    transport: DnsTransport,
+    payload: &[u8],
+) -> Option<DnsEvent> {
     let msg = Message::from_vec(payload).ok()?;
     if msg.metadata.message_type != MessageType::Response {
         return None;
@@ -87,7 +101,7 @@ pub fn parse_response(ts: UnixNanos, server: SocketAddr, payload: &[u8]) -> Opti
     Some(DnsEvent {
         ts,
         server,
-        transport: DnsTransport::Udp,
+        transport,
         id: msg.metadata.id,
         query: trim(query.name().to_ascii()),
         qtype: u16::from(query.query_type()),
@@ -96,30 +110,43 @@ pub fn parse_response(ts: UnixNanos, server: SocketAddr, payload: &[u8]) -> Opti
     })
 }
 
-/// The UDP payload and source of an Ethernet frame if it is a UDP datagram from port 53,
-/// else `None`. Bounds-checked; never panics on short input.
-pub fn udp_from_port_53(frame: &[u8]) -> Option<(SocketAddr, &[u8])> {
+/// The IP protocol, source, destination and transport bytes (up to the IP packet's own
+/// length, so Ethernet padding is not included) of an Ethernet frame.
+fn ip_transport(frame: &[u8]) -> Option<(u8, IpAddr, IpAddr, &[u8])> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
     let ip = frame.get(14..)?;
-    let (src, l4) = match ethertype {
+    match ethertype {
         0x0800 => {
             let ihl = ((*ip.first()? & 0x0f) as usize) * 4;
-            if *ip.get(9)? != 17 || ihl < 20 {
+            let total = u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]) as usize;
+            if ihl < 20 || total < ihl {
                 return None;
             }
             let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
-            (IpAddr::from(src), ip.get(ihl..)?)
+            let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            let l4 = ip.get(ihl..total.min(ip.len()))?;
+            Some((*ip.get(9)?, src.into(), dst.into(), l4))
         }
-        // Only a UDP header right after the fixed header; extension headers are rare on DNS.
+        // Only a transport header right after the fixed header; extension headers are rare
+        // on DNS.
         0x86DD => {
-            if *ip.get(6)? != 17 {
-                return None;
-            }
+            let payload = u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]) as usize;
             let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
-            (IpAddr::from(src), ip.get(40..)?)
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            let l4 = ip.get(40..(40 + payload).min(ip.len()))?;
+            Some((*ip.get(6)?, src.into(), dst.into(), l4))
         }
-        _ => return None,
-    };
+        _ => None,
+    }
+}
+
+/// The UDP payload and source of an Ethernet frame if it is a UDP datagram from port 53,
+/// else `None`. Bounds-checked; never panics on short input.
+pub fn udp_from_port_53(frame: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    let (proto, src, _, l4) = ip_transport(frame)?;
+    if proto != 17 {
+        return None;
+    }
     let sport = u16::from_be_bytes([*l4.first()?, *l4.get(1)?]);
     let len = u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]) as usize;
     if sport != 53 || len < 8 {
@@ -127,6 +154,139 @@ pub fn udp_from_port_53(frame: &[u8]) -> Option<(SocketAddr, &[u8])> {
     }
     let payload = l4.get(8..len.min(l4.len()))?;
     Some((SocketAddr::new(src, sport), payload))
+}
+
+/// A TCP segment from port 53, as far as reassembly needs it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TcpSegment<'a> {
+    pub server: SocketAddr,
+    pub client: SocketAddr,
+    pub seq: u32,
+    pub syn: bool,
+    /// FIN or RST: the stream ends.
+    pub end: bool,
+    pub payload: &'a [u8],
+}
+
+/// The TCP segment of an Ethernet frame if it comes from port 53, else `None`.
+/// Bounds-checked; never panics on short input.
+pub fn tcp_from_port_53(frame: &[u8]) -> Option<TcpSegment<'_>> {
+    let (proto, src, dst, l4) = ip_transport(frame)?;
+    if proto != 6 {
+        return None;
+    }
+    let sport = u16::from_be_bytes([*l4.first()?, *l4.get(1)?]);
+    let dport = u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?]);
+    let seq = u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?);
+    let doff = ((*l4.get(12)? >> 4) as usize) * 4;
+    let flags = *l4.get(13)?;
+    if sport != 53 || doff < 20 {
+        return None;
+    }
+    Some(TcpSegment {
+        server: SocketAddr::new(src, sport),
+        client: SocketAddr::new(dst, dport),
+        seq,
+        syn: flags & 0x02 != 0,
+        end: flags & 0x05 != 0,
+        payload: l4.get(doff..)?,
+    })
+}
+
+/// The most bytes a TCP DNS stream may hold in waiting (out-of-order segments and an
+/// incomplete message): one maximum-size message and its length prefix.
+pub const MAX_TCP_BUFFER: usize = 65_537;
+/// The most out-of-order segments a stream holds before it is given up.
+const MAX_PENDING: usize = 64;
+
+/// One direction (server to command) of a TCP DNS connection being reassembled.
+#[derive(Debug, Default)]
+struct Stream {
+    /// The sequence number of the next byte expected, once known.
+    next: Option<u32>,
+    /// In-order bytes not yet consumed as whole messages.
+    buf: Vec<u8>,
+    /// Segments ahead of `next`, by sequence number.
+    pending: BTreeMap<u32, Vec<u8>>,
+}
+
+impl Stream {
+    /// Adds a segment; returns false if the stream must be given up.
+    fn add(&mut self, seg: &TcpSegment<'_>) -> bool {
+        let seq = if seg.syn { seg.seq.wrapping_add(1) } else { seg.seq };
+        let next = *self.next.get_or_insert(seq);
+        if seg.payload.is_empty() {
+            return true;
+        }
+        let ahead = seq.wrapping_sub(next) as i32;
+        if ahead > 0 {
+            if self.pending.len() >= MAX_PENDING {
+                return false;
+            }
+            self.pending.insert(seq, seg.payload.to_vec());
+        } else {
+            self.append(seq, seg.payload);
+        }
+        // Segments that waited for this one.
+        while let Some((&seq, _)) = self.pending.first_key_value() {
+            let next = self.next.unwrap_or(seq);
+            if (seq.wrapping_sub(next) as i32) > 0 {
+                break;
+            }
+            let (seq, data) = self.pending.pop_first().expect("checked above");
+            self.append(seq, &data);
+        }
+        let waiting: usize = self.pending.values().map(Vec::len).sum();
+        self.buf.len() + waiting <= MAX_TCP_BUFFER
+    }
+
+    /// Appends the part of `data` (starting at `seq`, not after `next`) that is new.
+    fn append(&mut self, seq: u32, data: &[u8]) {
+        let Some(next) = self.next else { return };
+        let skip = next.wrapping_sub(seq) as usize;
+        if skip < data.len() {
+            self.buf.extend_from_slice(&data[skip..]);
+            self.next = Some(next.wrapping_add((data.len() - skip) as u32));
+        }
+    }
+
+    /// Takes the next complete message out of the buffer, without its length prefix.
+    fn message(&mut self) -> Option<Vec<u8>> {
+        let len = u16::from_be_bytes([*self.buf.first()?, *self.buf.get(1)?]) as usize;
+        if self.buf.len() < 2 + len {
+            return None;
+        }
+        let msg = self.buf[2..2 + len].to_vec();
+        self.buf.drain(..2 + len);
+        Some(msg)
+    }
+}
+
+/// DNS answers out of the port-53 packets the command receives, UDP and TCP.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// TCP streams by (server, client).
+    tcp: HashMap<(SocketAddr, SocketAddr), Stream>,
+}
+
+impl Answers {
+    /// One frame the command received (direction in); pushes the answers it completes.
+    pub fn frame(&mut self, ts: UnixNanos, frame: &[u8], out: &mut Vec<DnsEvent>) {
+        if let Some((server, payload)) = udp_from_port_53(frame) {
+            out.extend(parse_response(ts, server, DnsTransport::Udp, payload));
+            return;
+        }
+        let Some(seg) = tcp_from_port_53(frame) else { return };
+        let id = (seg.server, seg.client);
+        let stream = self.tcp.entry(id).or_default();
+        let keep = stream.add(&seg);
+        while let Some(msg) = stream.message() {
+            out.extend(parse_response(ts, seg.server, DnsTransport::Tcp, &msg));
+        }
+        if !keep || seg.end {
+            self.tcp.remove(&id);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -174,7 +334,7 @@ mod tests {
         let frame = frame_v4(53, &response());
         let (server, payload) = udp_from_port_53(&frame).unwrap();
         assert_eq!(server, "198.18.1.2:53".parse().unwrap());
-        let ev = parse_response(7, server, payload).unwrap();
+        let ev = parse_response(7, server, DnsTransport::Udp, payload).unwrap();
         assert_eq!(ev.query, "example.test");
         assert_eq!(ev.id, 0x1234);
         assert_eq!((ev.qtype, ev.rcode), (1, 0));
@@ -190,8 +350,82 @@ mod tests {
         query[2] = 0x01; // QR = 0
         let frame = frame_v4(53, &query);
         let (server, payload) = udp_from_port_53(&frame).unwrap();
-        assert!(parse_response(0, server, payload).is_none());
+        assert!(parse_response(0, server, DnsTransport::Udp, payload).is_none());
         assert!(udp_from_port_53(&[0u8; 20]).is_none());
-        assert!(parse_response(0, server, &[1, 2, 3]).is_none());
+        assert!(parse_response(0, server, DnsTransport::Udp, &[1, 2, 3]).is_none());
+    }
+
+    fn frame_tcp_v4(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = 20 + 20 + payload.len();
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&[198, 18, 1, 2, 10, 77, 0, 2]);
+        f.extend_from_slice(&53u16.to_be_bytes());
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// `msg` with TCP's two-byte length prefix (RFC 1035 §4.2.2).
+    fn framed(msg: &[u8]) -> Vec<u8> {
+        let mut out = (msg.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(msg);
+        out
+    }
+
+    #[test]
+    fn a_tcp_answer_split_reordered_and_retransmitted_is_parsed_once() {
+        let stream = framed(&response());
+        let (a, b) = stream.split_at(10);
+        let isn = u32::MAX - 3; // the sequence numbers wrap inside the answer
+        let mut answers = Answers::default();
+        let mut out = Vec::new();
+        answers.frame(1, &frame_tcp_v4(isn, 0x12, &[]), &mut out); // SYN-ACK
+        let first = isn.wrapping_add(1);
+        // The second half arrives first (another CPU's ring record), then the first half
+        // twice (a retransmission).
+        answers.frame(2, &frame_tcp_v4(first.wrapping_add(10), 0x18, b), &mut out);
+        assert!(out.is_empty());
+        answers.frame(3, &frame_tcp_v4(first, 0x18, a), &mut out);
+        answers.frame(4, &frame_tcp_v4(first, 0x18, a), &mut out);
+        let [ev] = &out[..] else { panic!("expected one answer: {out:?}") };
+        assert_eq!(ev.transport, DnsTransport::Tcp);
+        assert_eq!(ev.server, "198.18.1.2:53".parse().unwrap());
+        assert_eq!(ev.query, "example.test");
+        assert_eq!(ev.answers[0].data, DnsData::Addr("198.18.1.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn two_tcp_answers_in_one_segment_and_the_stream_ends_with_fin() {
+        let mut both = framed(&response());
+        both.extend(framed(&response()));
+        let mut answers = Answers::default();
+        let mut out = Vec::new();
+        // No SYN seen (capture started mid-connection): the first data segment sets the
+        // sequence.
+        answers.frame(1, &frame_tcp_v4(1000, 0x19, &both), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(answers.tcp.is_empty(), "FIN ends the stream");
+        // A UDP answer still parses through the same entry point.
+        answers.frame(2, &frame_v4(53, &response()), &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2].transport, DnsTransport::Udp);
+    }
+
+    #[test]
+    fn a_tcp_stream_that_never_fills_its_gap_is_given_up() {
+        let mut answers = Answers::default();
+        let mut out = Vec::new();
+        answers.frame(1, &frame_tcp_v4(1, 0x10, &[0, 200, 1]), &mut out);
+        for i in 0..=MAX_PENDING as u32 {
+            answers.frame(1, &frame_tcp_v4(100 + 10 * i, 0x10, &[7]), &mut out);
+        }
+        assert!(out.is_empty());
+        assert!(answers.tcp.is_empty(), "too many segments waiting for the gap");
+        assert!(tcp_from_port_53(&frame_v4(53, &response())).is_none());
+        assert!(tcp_from_port_53(&[0u8; 30]).is_none());
     }
 }

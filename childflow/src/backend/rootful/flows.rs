@@ -24,7 +24,8 @@ use childflow_common::{
 };
 
 use crate::event::{
-    CloseReason, Event, FlowPhase, FlowUpdate, ProcessEvent, ProcessInfo, UnixNanos,
+    CloseReason, Direction, Event, FlowPhase, FlowUpdate, PacketEvent, ProcessEvent, ProcessInfo,
+    UnixNanos,
 };
 
 /// A closing flow (FIN from both sides, or RST) ends once quiet this long.
@@ -170,6 +171,21 @@ impl FlowTracker {
             self.flows.remove(key);
         }
     }
+}
+
+/// Length-only packet events for `n` packets the kernel's capture filter rejected
+/// (`COUNT_CAPTURE_FILTERED`): the capture counts them as filtered out (an empty
+/// [`PacketEvent::data`]) so its statistics cover every packet the interface saw, without
+/// the kernel copying a byte of them. Direction and length are not known; nothing reads
+/// them for such a packet.
+pub fn filtered_packets(n: u64, out: &mut Vec<Event>) {
+    if n == 0 {
+        return;
+    }
+    let ts = crate::event::now_unix_nanos();
+    out.extend((0..n).map(|_| {
+        Event::Packet(PacketEvent { ts, direction: Direction::Out, orig_len: 1, data: Vec::new() })
+    }));
 }
 
 /// Reads what `/proc` still knows of a process.

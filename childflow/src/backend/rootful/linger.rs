@@ -2,7 +2,7 @@
 //!
 //! Deleting the run's owned nftables table unregisters its hooks, which waits for an RCU
 //! grace period (`synchronize_net` outside RTNL), and so does releasing a TCX link
-//! (kernel/bpf/tcx.c, `tcx_link_release` → `tcx_entry_sync`), should one be used: 15-70 ms
+//! (kernel/bpf/tcx.c, `tcx_link_release` → `tcx_entry_sync`): 15-70 ms
 //! on this kind of machine, as long as a whole `--root -- true` run otherwise. None of it
 //! changes what the run reports: by then the command is gone, its link is down and the last
 //! counters are read.

@@ -5,7 +5,7 @@
 //! ```text
 //!  childflow (root) ─ sandbox init (pid 1 of new pid+net+mount ns, in cgroup childflow-<id>)
 //!                        └─ the command, as SUDO_UID/SUDO_GID, no capabilities
-//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TC (clsact) programs on cf<id>h (accounting)
+//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TCX programs on cf<id>h (accounting)
 //!        nft table childflow_<id> (masquerade)  cgroup programs on childflow-<id> (attribution)
 //! ```
 //!
@@ -63,8 +63,9 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use childflow_common::{
     event::{
-        CAPTURE_MAX, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF,
-        DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, Record, decode,
+        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
+        DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, PacketHeader,
+        Reassembly, Record, decode,
     },
     flow::DIR_OUT,
 };
@@ -198,6 +199,12 @@ struct Drain {
     processes: flows::Processes,
     clock: flows::Clock,
     drops_seen: [u64; childflow_common::event::DROP_COUNTERS as usize],
+    /// `COUNT_CAPTURE_FILTERED` as last reported.
+    filtered_seen: u64,
+    /// DNS answers (UDP, and TCP streams being reassembled).
+    answers: dns::Answers,
+    /// Packets copied in several ring records, being joined.
+    reassembly: Reassembly,
     out: Vec<Event>,
 }
 
@@ -209,6 +216,38 @@ impl Drain {
             }
             self.emitter.emit(ev);
         }
+    }
+
+    /// One whole captured packet: DNS answers out of it, and the packet itself if it
+    /// belongs in the capture.
+    fn packet(&mut self, header: PacketHeader, data: &[u8]) {
+        let ts = self.clock.to_unix(header.ts_ns);
+        if header.direction != DIR_OUT as u32 {
+            let mut answers = Vec::new();
+            self.answers.frame(ts, data, &mut answers);
+            self.out.extend(answers.into_iter().map(Event::Dns));
+        }
+        // DNS is copied for naming whatever the capture filter says; only the marked
+        // copies belong in the capture.
+        if header.flags & PACKET_CAPTURE != 0 {
+            self.out.push(Event::Packet(PacketEvent {
+                ts,
+                direction: if header.direction == DIR_OUT as u32 {
+                    Direction::Out
+                } else {
+                    Direction::In
+                },
+                orig_len: header.orig_len,
+                data: data.to_vec(),
+            }));
+        }
+    }
+
+    /// Packets still waiting for records that will not come (the programs are detached).
+    fn finish_packets(&mut self) {
+        let mut reassembly = std::mem::take(&mut self.reassembly);
+        reassembly.finish(&mut |h, d| self.packet(h, d));
+        self.flush();
     }
 
     fn drain_rings(&mut self, rings: &mut Rings) {
@@ -224,30 +263,13 @@ impl Drain {
                 other => tracing::debug!("unexpected flow ring record: {other:?}"),
             }
         }
+        // A packet copied in several records is joined first (`Reassembly`).
+        let mut reassembly = std::mem::take(&mut self.reassembly);
         while let Some(item) = rings.packets.get_mut().next() {
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
-            let ts = self.clock.to_unix(header.ts_ns);
-            if header.direction != DIR_OUT as u32
-                && let Some((server, payload)) = dns::udp_from_port_53(data)
-                && let Some(ev) = dns::parse_response(ts, server, payload)
-            {
-                self.out.push(Event::Dns(ev));
-            }
-            // DNS is copied for naming whatever the capture filter says; only the marked
-            // copies belong in the capture.
-            if header.flags & PACKET_CAPTURE != 0 {
-                self.out.push(Event::Packet(PacketEvent {
-                    ts,
-                    direction: if header.direction == DIR_OUT as u32 {
-                        Direction::Out
-                    } else {
-                        Direction::In
-                    },
-                    orig_len: header.orig_len,
-                    data: data.to_vec(),
-                }));
-            }
+            reassembly.push(header, data, &mut |h, d| self.packet(h, d));
         }
+        self.reassembly = reassembly;
         while let Some(item) = rings.socks.get_mut().next() {
             match decode(&item) {
                 Ok(Record::Sock(rec)) => self.processes.on_record(
@@ -294,6 +316,9 @@ impl Drain {
                 self.out.push(Event::Drops(DropReport { source, count: now }));
             }
         }
+        let filtered = drops[COUNT_CAPTURE_FILTERED as usize];
+        flows::filtered_packets(filtered.saturating_sub(self.filtered_seen), &mut self.out);
+        self.filtered_seen = self.filtered_seen.max(filtered);
     }
 }
 
@@ -400,6 +425,9 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         processes: flows::Processes::default(),
         clock,
         drops_seen: Default::default(),
+        filtered_seen: 0,
+        answers: dns::Answers::default(),
+        reassembly: Reassembly::default(),
         out: Vec::new(),
     };
     let mut rings = runtime.block_on(async {
@@ -463,6 +491,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         accounting.detach();
     }
     drain.drain_rings(&mut rings);
+    drain.finish_packets();
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
     drain.report_drops(&accounting);

@@ -69,6 +69,7 @@ fn to_json(ev: &Event) -> Value {
             "type": "dns",
             "ts": d.ts,
             "server": d.server.to_string(),
+            "transport": d.transport,
             "query": d.query,
             "qtype": d.qtype,
             "rcode": d.rcode,
