@@ -101,13 +101,19 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0);
 
-/// Capture settings, written by userspace before the programs see traffic.
+/// `BPF_F_RDONLY_PROG` (include/uapi/linux/bpf.h): programs may only read the map. With the
+/// map frozen by userspace before the programs load, the verifier reads its contents as
+/// constants and skips the code a run cannot reach (kernel/bpf/verifier.c,
+/// `bpf_map_is_rdonly`): with capture off, the filter interpreter is never verified.
+const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+
+/// Capture settings, written and frozen by userspace before the programs are loaded.
 #[map]
-static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 /// The capture filter (see `childflow_common::filter`); a zero `len` matches everything.
 #[map]
-static FILTER: Array<filter::Program> = Array::with_max_entries(1, 0);
+static FILTER: Array<filter::Program> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 /// The filter's bit stack and its depth, per CPU. Kept in map memory on purpose: the
 /// verifier does not track what a map value holds, so every path through one step of the

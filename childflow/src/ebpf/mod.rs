@@ -82,9 +82,6 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
-    /// The embedded object is not the ELF file the loader expects.
-    #[error("childflow's eBPF object is malformed: {0}")]
-    Elf(&'static str),
     /// A map the object should contain is missing or has the wrong type.
     #[error("eBPF map {name} is missing or malformed")]
     Map {
@@ -159,7 +156,7 @@ impl Accounting {
     /// interface and the cgroup, then [`Accounting::attach_to`] them.
     ///
     /// The settings are fixed for the life of the programs: `CONFIG` and `FILTER` are
-    /// created read-only for programs (`BPF_F_RDONLY_PROG`), written, then frozen
+    /// declared read-only for programs (`BPF_F_RDONLY_PROG` in childflow-ebpf), written, then frozen
     /// (`BPF_MAP_FREEZE`) before any program is loaded. The verifier then reads their
     /// contents as constants (kernel/bpf/verifier.c, `bpf_map_is_rdonly` and
     /// `bpf_map_direct_read`) and skips the code a run cannot reach: with capture off, the
@@ -170,10 +167,9 @@ impl Accounting {
         filter: Option<&childflow_common::filter::Program>,
     ) -> Result<Self, EbpfError> {
         preflight()?;
-        let object = read_only_maps(OBJECT.ok_or(EbpfError::NotBuilt)?, &["CONFIG", "FILTER"])?;
         let mut ebpf = loader_without_kernel_btf()
             .btf(None)
-            .load(object.bytes())
+            .load(OBJECT.ok_or(EbpfError::NotBuilt)?)
             .map_err(EbpfError::Object)?;
         tracing::debug!("eBPF object parsed, maps created");
         write_and_freeze(&mut ebpf, "CONFIG", capture)?;
@@ -362,8 +358,6 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     })
 }
 
-/// `BPF_F_RDONLY_PROG` (include/uapi/linux/bpf.h): programs may only read the map.
-const BPF_F_RDONLY_PROG: u32 = 1 << 7;
 /// `BPF_MAP_FREEZE` (include/uapi/linux/bpf.h): no more writes from user space either.
 const BPF_MAP_FREEZE: libc::c_long = 22;
 
@@ -415,96 +409,6 @@ fn write_and_freeze<V: aya::Pod>(
     Ok(())
 }
 
-/// The eBPF object, 8-byte aligned as the ELF parser wants it.
-struct Object {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl Object {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, and `self` is borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
-    }
-}
-
-/// A copy of the ELF object `elf` in which the legacy map definitions (section `maps`,
-/// aya's `bpf_map_def`: type, key size, value size, max entries, flags, ...) named in
-/// `names` carry `BPF_F_RDONLY_PROG`.
-///
-/// The eBPF source declares these maps with flags 0; the flag is set here, where the
-/// decision to freeze them is taken (see [`Accounting::load`]). A map that already has the
-/// flag is left as it is. Reads the ELF64 little-endian section and symbol tables directly
-/// (elf(5)); an object that does not look like one is an error, not a silent no-op.
-fn read_only_maps(elf: &[u8], names: &[&str]) -> Result<Object, EbpfError> {
-    let bad = |why: &'static str| EbpfError::Elf(why);
-    let mut object = Object { words: vec![0u64; elf.len().div_ceil(8)], len: elf.len() };
-    object.bytes_mut().copy_from_slice(elf);
-    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1]) {
-        return Err(bad("not an ELF64 little-endian object"));
-    }
-    let shoff = u64_at(0x28).ok_or(bad("truncated header"))? as usize;
-    let shnum = u16_at(0x3c).ok_or(bad("truncated header"))? as usize;
-    let shstrndx = u16_at(0x3e).ok_or(bad("truncated header"))? as usize;
-    // (type, offset, size, link) of section `i`; its name offset.
-    let section = |i: usize| -> Option<(u32, usize, usize, usize, u32)> {
-        let h = shoff + i * 64;
-        Some((
-            u32_at(h + 4)?,
-            u64_at(h + 24)? as usize,
-            u64_at(h + 32)? as usize,
-            u32_at(h + 40)? as usize,
-            u32_at(h)?,
-        ))
-    };
-    let cstr = |at: usize| -> Option<&[u8]> {
-        let rest = elf.get(at..)?;
-        Some(&rest[..rest.iter().position(|&b| b == 0)?])
-    };
-    let (_, shstr, ..) = section(shstrndx).ok_or(bad("no section names"))?;
-    let maps = (0..shnum)
-        .find(|&i| section(i).and_then(|s| cstr(shstr + s.4 as usize)) == Some(b"maps"))
-        .ok_or(bad("no maps section"))?;
-    let (_, maps_off, maps_size, ..) = section(maps).ok_or(bad("no maps section"))?;
-    const SHT_SYMTAB: u32 = 2;
-    let (_, sym_off, sym_size, strtab, _) =
-        (0..shnum).filter_map(section).find(|s| s.0 == SHT_SYMTAB).ok_or(bad("no symbol table"))?;
-    let (_, str_off, ..) = section(strtab).ok_or(bad("no string table"))?;
-    let mut found = 0;
-    for sym in (sym_off..sym_off + sym_size).step_by(24) {
-        let (Some(name), Some(shndx), Some(value)) =
-            (u32_at(sym), u16_at(sym + 6), u64_at(sym + 8))
-        else {
-            return Err(bad("truncated symbol table"));
-        };
-        if shndx as usize != maps
-            || !names.iter().any(|n| cstr(str_off + name as usize) == Some(n.as_bytes()))
-        {
-            continue;
-        }
-        let flags_at = value as usize + 16;
-        if flags_at + 4 > maps_size {
-            return Err(bad("map definition outside the maps section"));
-        }
-        let at = maps_off + flags_at;
-        let flags = u32_at(at).ok_or(bad("truncated maps section"))? | BPF_F_RDONLY_PROG;
-        object.bytes_mut()[at..at + 4].copy_from_slice(&flags.to_le_bytes());
-        found += 1;
-    }
-    if found != names.len() {
-        return Err(bad("a map to make read-only is missing"));
-    }
-    Ok(object)
-}
-
 /// A link owned by [`Accounting`]; dropping it detaches the program.
 type OwnedLink = Box<dyn std::any::Any + Send>;
 
@@ -547,33 +451,5 @@ fn attach_one(
             .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
             .map_err(at_cgroup)?;
         Ok(Some(Box::new(prog.take_link(id).map_err(load)?)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_only_maps_sets_the_flag_of_exactly_the_named_maps() {
-        let Some(elf) = OBJECT else { return };
-        let patched = read_only_maps(elf, &["CONFIG", "FILTER"]).expect("patch the object");
-        let changed: Vec<usize> =
-            (0..elf.len()).filter(|&i| elf[i] != patched.bytes()[i]).collect();
-        assert_eq!(changed.len(), 2, "one flag byte per map: {changed:?}");
-        for at in changed {
-            assert_eq!(patched.bytes()[at], elf[at] | BPF_F_RDONLY_PROG as u8);
-        }
-        // Patching twice changes nothing more.
-        let again = read_only_maps(patched.bytes(), &["CONFIG", "FILTER"]).unwrap();
-        assert_eq!(again.bytes(), patched.bytes());
-    }
-
-    #[test]
-    fn read_only_maps_refuses_what_it_cannot_patch() {
-        let Some(elf) = OBJECT else { return };
-        assert!(matches!(read_only_maps(elf, &["NO_SUCH_MAP"]), Err(EbpfError::Elf(_))));
-        assert!(matches!(read_only_maps(b"not an elf", &["CONFIG"]), Err(EbpfError::Elf(_))));
-        assert!(matches!(read_only_maps(&elf[..64], &["CONFIG"]), Err(EbpfError::Elf(_))));
     }
 }
