@@ -56,8 +56,10 @@ pub fn childflow_as_test_user() -> Command {
 }
 
 /// A copy of the binary the test user can run: one per build (named by size and mtime) in
-/// a fixed directory, replaced atomically, so repeated and parallel test runs share it
-/// instead of leaving a copy each.
+/// a fixed directory, made atomically, so repeated and parallel test runs share it instead
+/// of leaving a copy each. Copies of other builds are removed only once they are an hour
+/// old: another suite (a developer's second worktree) may still be starting commands from
+/// its copy, and a path removed under it fails its next exec.
 fn user_readable_copy() -> PathBuf {
     let src = binary();
     let meta = std::fs::metadata(&src).expect("stat childflow");
@@ -67,9 +69,11 @@ fn user_readable_copy() -> PathBuf {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let copy = dir.join(format!("childflow-{}-{}", meta.len(), mtime.as_nanos()));
     if !copy.exists() {
-        // Older builds' copies go; a test still running one keeps its open inode.
+        let stale = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for old in std::fs::read_dir(&dir).unwrap().flatten() {
-            let _ = std::fs::remove_file(old.path());
+            if old.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < stale) {
+                let _ = std::fs::remove_file(old.path());
+            }
         }
         let tmp = dir.join(format!(".partial-{}", std::process::id()));
         std::fs::copy(&src, &tmp).expect("copy childflow for the test user");
