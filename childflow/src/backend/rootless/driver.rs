@@ -726,13 +726,8 @@ async fn relay(ctx: &Rc<Ctx>, id: FlowId, stream: &TcpStream, dns: bool) -> Rela
                 }
             }
             if dns {
-                while dns_buf.len() >= 2 {
-                    let len = usize::from(u16::from_be_bytes([dns_buf[0], dns_buf[1]]));
-                    if dns_buf.len() < 2 + len {
-                        break;
-                    }
-                    answers.push(dns_buf[2..2 + len].to_vec());
-                    dns_buf.drain(..2 + len);
+                while let Some(msg) = crate::backend::dns::take_tcp_message(&mut dns_buf) {
+                    answers.push(msg);
                 }
             }
             let state = sock.state();

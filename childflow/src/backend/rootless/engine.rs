@@ -67,9 +67,10 @@ use smoltcp::{
 };
 
 use super::{
-    dns, frag,
+    frag,
     packet::{self, Builder, ETH_HEADER_LEN, Headers, IcmpError, Mac, Unreachable},
 };
+use crate::backend::dns;
 use crate::capture::filter::{Fields, Program};
 use crate::event::{
     CloseReason, DnsTransport, Emitter, Event, FlowKey, FlowPhase, FlowStats, FlowUpdate,

@@ -197,7 +197,7 @@ fn command_resolv_conf(net: &Addressing, dns: Option<IpAddr>) -> Result<tempfile
         Some(ip) => text.push_str(&format!("nameserver {ip}\n")),
         None => text.push_str(&format!("nameserver {}\nnameserver {}\n", net.dns_v4, net.dns_v6)),
     }
-    text.push_str(&dns::kept_lines(&host));
+    text.push_str(&crate::backend::dns::kept_lines(&host));
     let mut file = tempfile::Builder::new()
         .prefix("childflow-resolv.")
         .tempfile()
