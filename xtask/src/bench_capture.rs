@@ -200,7 +200,7 @@ fn start_tcpdump(pid: u32, file: &Path) -> Result<Child> {
 }
 
 /// Stops tcpdump and returns (packets captured, packets dropped by the kernel).
-fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
+pub(crate) fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
     // SAFETY: kill(2) on a child we started and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let mut err = String::new();

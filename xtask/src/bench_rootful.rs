@@ -37,6 +37,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::bench_capture::stop_tcpdump;
+
 /// Rounds of every row (so at least this many A/B pairs).
 const ROUNDS: usize = 6;
 const SECONDS: &str = "3";
@@ -220,25 +222,6 @@ impl Contender {
             });
         Ok((String::from_utf8_lossy(&out.stdout).into_owned(), dropped.or(summary_drops)))
     }
-}
-
-/// Stops tcpdump and returns (packets captured, packets dropped by the kernel).
-fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
-    use std::io::Read;
-    // SAFETY: kill(2) on a child we started and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut err)?;
-    }
-    child.wait()?;
-    let count = |what: &str| {
-        err.lines()
-            .find(|l| l.contains(what))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("tcpdump printed no \"{what}\" line: {err}"))
-    };
-    Ok((count("packets captured")?, count("dropped by kernel")?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

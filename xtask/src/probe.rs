@@ -286,6 +286,20 @@ fn listen_backlog(addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
     Ok(l)
 }
 
+/// One `sendmmsg(2)`/`recvmmsg(2)` header per buffer of `iov`, without names or control
+/// data. The headers point into `iov`, which must outlive their use.
+fn mmsg_headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iov.iter_mut()
+        .map(|v| {
+            // SAFETY: mmsghdr is plain data; the zeroed fields mean "no name, no control data".
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 /// Sends `len`-byte datagrams to `to` for `time` at `pps` packets/s (0: unpaced), in
 /// batches of [`BATCH`] per `sendmmsg(2)`; returns how many the kernel accepted.
 fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
@@ -296,12 +310,7 @@ fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
     let mut iov: Vec<libc::iovec> = (0..BATCH)
         .map(|_| libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: len })
         .collect();
-    // SAFETY: mmsghdr is plain data; the zeroed fields mean "no name, no control data".
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = mmsg_headers(&mut iov);
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < time {
@@ -345,12 +354,7 @@ fn sink(addr: SocketAddr, time: Duration) -> Result<u64> {
         .iter_mut()
         .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
         .collect();
-    // SAFETY: as in `flood`.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = mmsg_headers(&mut iov);
     let start = Instant::now();
     let mut received = 0u64;
     loop {
