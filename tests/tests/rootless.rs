@@ -210,13 +210,21 @@ fn udp_echo_of_many_sizes() {
     if skip(!is_root(), "needs root to build the test network") {
         return;
     }
-    let net = TestNet::new();
+    udp_echo_through(&TestNet::new(), &[]);
+}
+
+/// Runs [`UDP_ECHO`] through childflow (with `options`) as both users to both of the
+/// server's addresses; every size must come back whole.
+fn udp_echo_through(net: &TestNet, options: &[&str]) {
     let dir = shared_dir();
     let script = shared_file(dir.path(), "udp.py", UDP_ECHO.as_bytes());
     for who in BOTH {
         for host in [net.server_v4().to_string(), net.server_v6().to_string()] {
-            let out = sh_ok(&net, who, &format!("{PYTHON} {} {host}", script.display()), 120);
-            assert_eq!(out.trim(), "ok 13 of 13", "{who:?} to {host}");
+            let mut cmd = cf(net, who);
+            cmd.args(options).args(["--", PYTHON, &script.display().to_string(), &host]);
+            let out = run(cmd, 120);
+            assert!(out.status.success(), "{who:?} to {host}: {}", text(&out.stderr));
+            assert_eq!(text(&out.stdout).trim(), "ok 13 of 13", "{who:?} to {host}");
         }
     }
 }
@@ -519,18 +527,7 @@ fn udp_echo_through_ip_fragments_at_mtu_1500() {
     if skip(!is_root(), "needs root to build the test network") {
         return;
     }
-    let net = TestNet::new();
-    let dir = shared_dir();
-    let script = shared_file(dir.path(), "udp.py", UDP_ECHO.as_bytes());
-    for who in BOTH {
-        for host in [net.server_v4().to_string(), net.server_v6().to_string()] {
-            // Datagrams up to 65,000 bytes leave the command's tap in fragments and come
-            // back in fragments.
-            let mut cmd = cf(&net, who);
-            cmd.args(["--mtu", "1500", "--", PYTHON, &script.display().to_string(), &host]);
-            let out = run(cmd, 120);
-            assert!(out.status.success(), "{who:?} to {host}: {}", text(&out.stderr));
-            assert_eq!(text(&out.stdout).trim(), "ok 13 of 13", "{who:?} to {host}");
-        }
-    }
+    // Datagrams up to 65,000 bytes leave the command's tap in fragments and come back in
+    // fragments.
+    udp_echo_through(&TestNet::new(), &["--mtu", "1500"]);
 }
