@@ -29,12 +29,24 @@ fn unsupported() -> bool {
 
 /// `childflow --root [--dns server] -- cmd`, dumping raw events into the net's directory.
 fn rootful(net: &TestNet, name: &str, cmd: &[&str]) -> (Command, PathBuf) {
+    rootful_with(net, name, &[], cmd)
+}
+
+/// Like [`rootful`], with more childflow `options` before the command.
+fn rootful_with(
+    net: &TestNet,
+    name: &str,
+    options: &[&std::ffi::OsStr],
+    cmd: &[&str],
+) -> (Command, PathBuf) {
     let events = net.dir.path().join(format!("{name}.events.jsonl"));
     let mut c = childflow();
     c.env("CHILDFLOW_RAW_EVENTS", &events)
         .env_remove("SUDO_UID")
         .env_remove("SUDO_GID")
-        .args(["--root", "--dns", &net.server_v4().to_string(), "--"])
+        .args(["--root", "--dns", &net.server_v4().to_string()])
+        .args(options)
+        .arg("--")
         .args(cmd);
     (c, events)
 }
@@ -49,9 +61,11 @@ fn run(mut c: Command) -> Output {
     out
 }
 
-fn events(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).expect("read the raw events");
-    text.lines().map(|l| serde_json::from_str(l).expect("an event is JSON")).collect()
+/// The records of a JSON Lines file (the raw events, a flow log).
+fn json_lines(path: &Path) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines().map(|l| serde_json::from_str(l).expect("a line is JSON")).collect()
 }
 
 /// The last flow event (the end, with final counters) for each flow key.
@@ -111,7 +125,7 @@ fn curl_http_and_https_by_name_with_dns_names_and_processes() {
     assert!(lines[0].starts_with("200 "), "{out}");
     assert_eq!(lines[1], "200 1000", "{out}");
 
-    let evs = events(&path);
+    let evs = json_lines(&path);
     let dns: Vec<&Value> = evs.iter().filter(|e| e["type"] == "dns").collect();
     assert!(
         dns.iter().any(|d| d["query"] == "www.example.test" && d["rcode"] == 0),
@@ -155,7 +169,7 @@ fn udp_echo_and_ping_v4_v6() {
     let (c, path) = rootful(&net, "udp", &["sh", "-c", &script]);
     let out = ok(&run(c));
     assert_eq!(out, "hello\nall-ok\n");
-    let evs = events(&path);
+    let evs = json_lines(&path);
     let flows = final_flows(&evs);
     let udp = flow_to(&flows, 17, &[SocketAddr::new(net.server_v4().into(), 7)]);
     assert_eq!(udp["packets"], serde_json::json!([1, 1]), "{udp}");
@@ -272,9 +286,13 @@ fn a_finished_run_leaves_nothing_within_two_seconds() {
     }
     // childflow returns once the command's results are final; the kernel's teardown (TCX
     // link release, the nft table) finishes behind it in a lingering process.
-    let mut child = childflow().args(["--root", "--", "true"]).spawn().unwrap();
+    let mut child = childflow().args(["--root", "--", "sleep", "1"]).spawn().unwrap();
     let id = format!("{:x}", child.id());
-    assert!(child.wait().unwrap().success(), "childflow --root -- true failed");
+    // First the run's state must be seen, or its absence afterwards proves nothing.
+    wait_for("the run's link, nft table and cgroup", Duration::from_secs(2), || {
+        run_leftovers(&id).len() >= 3
+    });
+    assert!(child.wait().unwrap().success(), "childflow --root -- sleep 1 failed");
     let returned = Instant::now();
     wait_for("the run's host state to disappear", Duration::from_secs(2), || {
         run_leftovers(&id).is_empty()
@@ -348,7 +366,7 @@ fn accounting_matches_tshark_on_the_runs_veth_exactly() {
     // The veth is gone with the run: dumpcap has ended or ends now.
     dumpcap.stop();
 
-    let evs = events(&path);
+    let evs = json_lines(&path);
     let flows = final_flows(&evs);
     let mut checked = Vec::new();
     for f in &flows {
@@ -398,7 +416,7 @@ fn each_flow_is_attributed_to_the_process_that_opened_it() {
     );
     let (c, path) = rootful(&net, "tree", &["sh", "-c", &script]);
     ok(&run(c));
-    let evs = events(&path);
+    let evs = json_lines(&path);
     let process_of = |proto: u8, remote: SocketAddr| {
         evs.iter()
             .find(|e| {
@@ -430,7 +448,7 @@ fn a_large_transfer_is_counted_whole() {
     let out = ok(&run(c));
     eprintln!("{SIZE} bytes through childflow --root in {:?}", started.elapsed());
     assert_eq!(out, SIZE.to_string());
-    let evs = events(&path);
+    let evs = json_lines(&path);
     let flows = final_flows(&evs);
     let f = flow_to(&flows, 6, &[SocketAddr::new(net.server_v4().into(), 80)]);
     let payload = f["payload_bytes"][1].as_u64().unwrap();
@@ -446,22 +464,12 @@ fn flow_log_and_capture_through_the_collector() {
     let net = TestNet::new();
     let log = net.dir.path().join("flows.jsonl");
     let pcap = net.dir.path().join("run.pcapng");
-    let raw = net.dir.path().join("raw.jsonl");
-    let mut c = childflow();
-    c.env_remove("SUDO_UID")
-        .env_remove("SUDO_GID")
-        .env("CHILDFLOW_RAW_EVENTS", &raw)
-        .args(["--root", "--dns", &net.server_v4().to_string(), "--flow-log"])
-        .arg(&log)
-        .arg("--capture")
-        .arg(&pcap)
-        .args(["--", "curl", "-sS", "-4", "-o", "/dev/null", "http://example.test/bytes/200000"]);
+    let url = "http://example.test/bytes/200000";
+    let options = ["--flow-log".as_ref(), log.as_os_str(), "--capture".as_ref(), pcap.as_os_str()];
+    let (c, raw) =
+        rootful_with(&net, "collector", &options, &["curl", "-sS", "-4", "-o", "/dev/null", url]);
     ok(&run(c));
-    let records: Vec<Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = json_lines(&log);
     let http = records
         .iter()
         .find(|r| r["record"] == "flow" && r["event"] == "end" && r["id"]["resp_p"] == 80)
@@ -522,23 +530,17 @@ fn flow_log_and_capture_through_the_collector() {
 
 #[test]
 fn dns_answers_over_tcp_name_flows() {
+    const URL: &str = "http://example.test/";
     if unsupported() {
         return;
     }
     let net = TestNet::new();
     let log = net.dir.path().join("flows.jsonl");
-    let raw = net.dir.path().join("raw.jsonl");
-    let mut c = childflow();
     // glibc's resolver takes `use-vc` (queries over TCP, RFC 1035 §4.2.2) from RES_OPTIONS.
-    c.env_remove("SUDO_UID")
-        .env_remove("SUDO_GID")
-        .env("CHILDFLOW_RAW_EVENTS", &raw)
-        .args(["--root", "--dns", &net.server_v4().to_string(), "--flow-log"])
-        .arg(&log)
-        .args(["--", "env", "RES_OPTIONS=use-vc", "curl", "-sS", "-4", "-o", "/dev/null"])
-        .arg("http://example.test/");
+    let cmd = ["env", "RES_OPTIONS=use-vc", "curl", "-sS", "-4", "-o", "/dev/null", URL];
+    let (c, raw) = rootful_with(&net, "tcp-dns", &["--flow-log".as_ref(), log.as_os_str()], &cmd);
     ok(&run(c));
-    let evs = events(&raw);
+    let evs = json_lines(&raw);
     let dns: Vec<&Value> = evs.iter().filter(|e| e["type"] == "dns").collect();
     assert!(
         dns.iter().any(|d| d["query"] == "example.test" && d["transport"] == "tcp"),
@@ -546,11 +548,7 @@ fn dns_answers_over_tcp_name_flows() {
     );
     let flows = final_flows(&evs);
     flow_to(&flows, 6, &[SocketAddr::new(net.server_v4().into(), 53)]);
-    let records: Vec<Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = json_lines(&log);
     let http = records
         .iter()
         .find(|r| r["record"] == "flow" && r["event"] == "end" && r["id"]["resp_p"] == 80)
