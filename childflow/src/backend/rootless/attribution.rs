@@ -9,11 +9,12 @@
 //! out. `/proc/<init>/net/{tcp,udp}{,6}` would do too, but the kernel walks its whole
 //! connection hash table for each read (4–8 ms each here), long enough for a quick `curl`
 //! to be gone; it remains the fallback, and the only way for ping sockets
-//! (`/proc/<init>/net/icmp{,6}`, a small table), which sock_diag does not cover. The rootful backend learns the same from eBPF; both emit
-//! [`ProcessEvent`]s, so the flow table, logs, TUI and pcapng comments do not know which ran.
+//! (`/proc/<init>/net/icmp{,6}`, a small table), which sock_diag does not cover. The
+//! rootful backend learns the same from eBPF; both emit [`ProcessEvent`]s, so the flow table, logs, TUI and pcapng comments do not know which ran.
 //!
-//! Runs on a thread of its own, fed the key of every new flow by the engine, so a slow
-//! `/proc` walk never stalls a packet. What it learns is cached (socket inode → pid, pid →
+//! Runs on a thread of its own, fed the key of every new flow by the engine at the flow's
+//! first packet (for TCP the SYN, while the command is still blocked in connect(2), not the
+//! flow's report after the upstream connect), so a slow `/proc` walk never stalls a packet. What it learns is cached (socket inode → pid, pid →
 //! process) and kept after the process exits. When the socket or the process is already
 //! gone by the time of the lookup (a command that sends one datagram and exits at once), the
 //! flow gets no process: nothing is guessed.

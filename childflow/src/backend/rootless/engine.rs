@@ -624,11 +624,6 @@ impl Engine {
 
     fn emit_flow(&mut self, id: FlowId, phase: FlowPhase) {
         if let Some(flow) = self.flows.get_mut(&id) {
-            if phase == FlowPhase::Start
-                && let Some(tx) = &self.cfg.new_flows
-            {
-                let _ = tx.send(flow.key);
-            }
             flow.packets_reported = flow.stats.packets[0] + flow.stats.packets[1];
             let ev = Event::Flow(FlowUpdate { key: flow.key, stats: flow.stats, phase });
             self.emit(ev);
@@ -645,6 +640,13 @@ impl Engine {
             Flow { key, stats, state, last_seen: now, next_update, packets_reported: 0 },
         );
         self.by_key.insert(key, id);
+        // Attribution starts at the flow's first packet, not at its report: a TCP flow is
+        // reported only after the upstream connect, and a short-lived command may be gone
+        // by then, while at its SYN it is still blocked in connect(2). The flow table takes
+        // a process event before or after its flow.
+        if let Some(tx) = &self.cfg.new_flows {
+            let _ = tx.send(key);
+        }
         id
     }
 
