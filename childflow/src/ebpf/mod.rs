@@ -2,24 +2,22 @@
 //! reading what they collect.
 //!
 //! Every attachment is owned: dropping the returned value detaches the programs and frees the
-//! maps. If the process dies, the kernel does the same: cgroup links with their fds, the TC
-//! filters with the interface they are on (see [`Accounting::attach_to`]); nothing is
-//! pinned.
+//! maps. If the process dies, the kernel does the same: cgroup and TCX links with their fds
+//! (see [`TcxLinks`]), and the links with the interface they are on; nothing is pinned.
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
+use crate::backend::rootful::startup::phase;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError,
-        SchedClassifier,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SchedClassifier,
     },
 };
-use crate::backend::rootful::startup::phase;
 use childflow_common::{
     event::{CaptureConfig, DROP_COUNTERS},
     flow::{FlowKey, FlowStats},
