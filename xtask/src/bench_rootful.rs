@@ -28,7 +28,10 @@
 //!   this machine (two clock reads), and that floor is in every number;
 //! - `childflow --root -- true` next to the rootless `childflow -- true`, median wall time
 //!   of 20 runs each, and how long the rootful run's host state outlives its return
-//!   (`--startup` runs only this row).
+//!   (`--startup` runs only this row; `CHILDFLOW_TRACE_STARTUP=1` makes childflow print
+//!   its phases);
+//! - `--tcx-floor [--expedited]` runs only the kernel's own TCX attach cost on a fresh veth,
+//!   without childflow (see `bench_tcx.rs`).
 
 use std::{
     process::{Child, Command, Stdio},
