@@ -431,7 +431,7 @@ fn update(p: &Parsed, new: &mut FlowStats, clock: &mut TickClock, dir: usize) {
         None => {
             // SAFETY: no preconditions.
             let now = unsafe { bpf_ktime_get_ns() };
-            *new = FlowStats::new(dir, now);
+            reset_stats(new, dir, now);
             new.account(dir, p.ip_len, p.payload_len, p.tcp_flags, now);
             match FLOWS.insert(&p.key, &*new, BPF_NOEXIST as u64) {
                 Ok(()) => emit(&p.key, new, FLOW_START),
@@ -449,6 +449,26 @@ fn update(p: &Parsed, new: &mut FlowStats, clock: &mut TickClock, dir: usize) {
             }
         }
     }
+}
+
+/// `*stats = FlowStats::new(dir, now)`, with eleven word stores: the aggregate assignment
+/// compiles to two calls of a byte-at-a-time `memset` subprogram (40 and 24 bytes), which
+/// the verifier walked byte by byte on every parser path that reaches a new flow: 19% of
+/// each TC program's verification (12,269 → 9,992 `processed` insns in the verifier's
+/// statistics).
+#[inline(always)]
+fn reset_stats(stats: &mut FlowStats, dir: usize, now: u64) {
+    const _: () = assert!(core::mem::size_of::<FlowStats>() == 88);
+    let words = (stats as *mut FlowStats).cast::<u64>();
+    let mut i = 0;
+    while i < 11 {
+        // SAFETY: `FlowStats` is 88 bytes, 8-aligned (its first field is a u64).
+        unsafe { words.add(i).write_volatile(0) };
+        i += 1;
+    }
+    stats.first_ns = now;
+    stats.last_ns = now;
+    stats.initiator = dir as u8;
 }
 
 /// Adds `v` to a counter in a map value with one `BPF_ATOMIC_ADD`.

@@ -28,7 +28,10 @@
 //!   this machine (two clock reads), and that floor is in every number;
 //! - `childflow --root -- true` next to the rootless `childflow -- true`, median wall time
 //!   of 20 runs each, and how long the rootful run's host state outlives its return
-//!   (`--startup` runs only this row).
+//!   (`--startup` runs only this row; `CHILDFLOW_TRACE_STARTUP=1` makes childflow print
+//!   its phases);
+//! - `--tcx-floor [--expedited]` runs only the kernel's own TCX attach cost on a fresh veth,
+//!   without childflow (see `bench_tcx.rs`).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -573,6 +576,23 @@ _license:
 \t.asciz \"GPL\"
 ";
 
+/// Assembles [`EMPTY_PROGRAM`] into `dir/empty.o` (section `tc`); returns that path.
+pub(crate) fn assemble_empty(dir: &std::path::Path) -> Result<String> {
+    let (src, obj) = (dir.join("empty.s"), dir.join("empty.o"));
+    std::fs::write(&src, EMPTY_PROGRAM)?;
+    let obj = obj.to_str().context("temp path")?.to_owned();
+    sh(&[
+        "/usr/lib/llvm-22/bin/llvm-mc",
+        "-triple",
+        "bpfel",
+        "-filetype=obj",
+        "-o",
+        &obj,
+        src.to_str().context("temp path")?,
+    ])?;
+    Ok(obj)
+}
+
 /// ns per run of an empty TC program (assembled with LLVM's `llvm-mc`, which setup installs
 /// with llvm-22, and attached with `tc` to both directions of the baseline veth) while
 /// `cmd` runs in the baseline namespace: what `bpf_stats` itself and calling any program
@@ -580,19 +600,7 @@ _license:
 fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
     let dir = std::env::temp_dir().join(format!("cfbench-empty-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (src, obj) = (dir.join("empty.s"), dir.join("empty.o"));
-    std::fs::write(&src, EMPTY_PROGRAM)?;
-    let assembled = sh(&[
-        "/usr/lib/llvm-22/bin/llvm-mc",
-        "-triple",
-        "bpfel",
-        "-filetype=obj",
-        "-o",
-        obj.to_str().context("temp path")?,
-        src.to_str().context("temp path")?,
-    ]);
-    let obj = obj.to_str().context("temp path")?.to_owned();
-    let result = assembled.and_then(|_| {
+    let result = assemble_empty(&dir).and_then(|obj| {
         sh(&["tc", "qdisc", "add", "dev", "cfbbh", "clsact"])?;
         let measured = (|| {
             for dir in ["ingress", "egress"] {

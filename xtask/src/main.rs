@@ -7,6 +7,7 @@
 mod bench;
 mod bench_capture;
 mod bench_rootful;
+mod bench_tcx;
 mod leftovers;
 mod probe;
 mod setup;
@@ -174,7 +175,8 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w; \
-                         `rootful --startup`: only the start-up row), \
+                         `rootful --startup`: only the start-up row; \
+                         `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
                          flows (the flow table: events/s on one core, memory of 100,000 flows)";
     let Some(kind) = rest.first() else {
@@ -192,6 +194,9 @@ fn bench(rest: &[String]) -> Result<()> {
         }
         "rootful" => {
             setup::ensure_quietly()?;
+            if rest.get(1).is_some_and(|a| a == "--tcx-floor") {
+                return bench_tcx::run(rest.get(2).is_some_and(|a| a == "--expedited"));
+            }
             let mut build = cargo();
             build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);
             status(build)?;

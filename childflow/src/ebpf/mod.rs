@@ -2,21 +2,20 @@
 //! reading what they collect.
 //!
 //! Every attachment is owned: dropping the returned value detaches the programs and frees the
-//! maps. If the process dies, the kernel does the same: cgroup links with their fds, the TC
-//! filters with the interface they are on (see [`Accounting::attach_to`]); nothing is
-//! pinned.
+//! maps. If the process dies, the kernel does the same: cgroup and TCX links with their fds
+//! (see [`TcxLinks`]), and the links with the interface they are on; nothing is pinned.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
+use crate::backend::rootful::startup::phase;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
-        SchedClassifier, TcAttachType, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SchedClassifier,
     },
 };
 use childflow_common::{
@@ -53,13 +52,30 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    /// Attaching a program to an interface failed.
-    #[error("failed to attach eBPF program {program} to {iface}")]
+    /// Attaching a TCX link to an interface failed.
+    #[error("failed to attach a TCX {direction} link to {iface}")]
     Attach {
-        program: &'static str,
+        direction: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: std::io::Error,
+    },
+    /// The interface to attach to does not exist.
+    #[error("failed to find interface {iface}")]
+    NoInterface {
+        iface: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// Loading the placeholder program of the TCX links failed.
+    #[error("failed to load the placeholder TC program")]
+    Placeholder(#[source] std::io::Error),
+    /// Putting a loaded program on its TCX link (`BPF_LINK_UPDATE`) failed.
+    #[error("failed to put eBPF program {program} on its TCX link")]
+    Update {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     /// Attaching a program to the run's cgroup failed.
     #[error("failed to attach eBPF program {program} to the run's cgroup")]
@@ -166,61 +182,111 @@ impl Accounting {
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
     ) -> Result<Self, EbpfError> {
+        Self::load_with(capture, filter, None)
+    }
+
+    /// Like [`Accounting::load`], and if `cgroup` is given (an open cgroup v2 directory),
+    /// attaches each attribution program to it as soon as that program is verified, while
+    /// the TC programs are still being verified: a cgroup attachment takes milliseconds
+    /// (the first one of a kind flips a static key, kernel/bpf/cgroup.c), which then stay
+    /// off the start-up's critical path. Pass no cgroup to
+    /// [`Accounting::attach_prepared`] afterwards.
+    pub fn load_with(
+        capture: CaptureConfig,
+        filter: Option<&childflow_common::filter::Program>,
+        cgroup: Option<&std::fs::File>,
+    ) -> Result<Self, EbpfError> {
         preflight()?;
-        let mut ebpf = loader_without_kernel_btf()
-            .btf(None)
-            .load(OBJECT.ok_or(EbpfError::NotBuilt)?)
-            .map_err(EbpfError::Object)?;
-        tracing::debug!("eBPF object parsed, maps created");
+        // aya probes the kernel's features once per process (a dozen tiny program loads
+        // and a perf link, several ms) the first time a loader needs them: here on a thread
+        // of its own, while the ELF is parsed and the kernel BTF is hidden on others.
+        let probe = std::thread::spawn(|| {
+            let _ = aya::features();
+            phase!("aya feature probes done");
+        });
+        let mut loader = loader_without_kernel_btf();
+        phase!("eBPF loader ready");
+        let loaded = loader.btf(None).load(OBJECT.ok_or(EbpfError::NotBuilt)?);
+        let _ = probe.join();
+        let mut ebpf = loaded.map_err(EbpfError::Object)?;
+        phase!("eBPF object parsed, maps created");
         write_and_freeze(&mut ebpf, "CONFIG", capture)?;
         write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
         // Each program is verified on a thread of its own: the verifier runs without a
         // global lock for a privileged loader, so the verifications overlap on every core.
         let programs: Vec<(&str, &mut aya::programs::Program)> = ebpf.programs_mut().collect();
-        std::thread::scope(|s| {
+        let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
-                .map(|(name, prog)| s.spawn(move || load_one(name, prog)))
+                .map(|(name, prog)| {
+                    s.spawn(move || {
+                        load_one(name, prog)?;
+                        match cgroup {
+                            Some(cgroup) => attach_cgroup(name, prog, cgroup),
+                            None => Ok(None),
+                        }
+                    })
+                })
                 .collect();
             running
                 .into_iter()
                 .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect::<Result<Vec<()>, _>>()
+                .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(Accounting { links: Vec::new(), ebpf })
+        Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf })
     }
 
     /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links,
-    /// and the attribution programs to `cgroup` if given.
-    ///
-    /// TCX, not classic `clsact` filters, on purpose: a TCX link is owned by its fd (so by
-    /// this process, or the lingering teardown process, see `rootful/linger.rs`), never
-    /// collides with another tc user of the interface, and is what the design names. Its
-    /// price is start-up time: attaching a TCX link waits for a full RCU grace period while
-    /// holding RTNL (kernel/bpf/tcx.c, `tcx_entry_sync`), and the two directions serialize on
-    /// RTNL: 25-35 ms of a run's start on this VM (median `--root -- true` 95 ms with TCX,
-    /// 59 ms with clsact filters, 20 A/B pairs at load 5.5), where the first filter of a
-    /// clsact qdisc waits only for an expedited grace period (net/sched/sch_generic.c,
-    /// `mini_qdisc_pair_swap`).
-    ///
-    /// The capture settings were written at load, so the first packet already sees them.
-    /// Every link is owned by this value (and so by this process's fds): nothing outlives
-    /// it, not even a SIGKILL of the process. Each attachment waits for an RCU grace period
-    /// in the kernel, so they are made in parallel, one thread each.
+    /// and the attribution programs to `cgroup` if given. Short for [`TcxLinks::attach`]
+    /// then [`Accounting::attach_prepared`]; a caller that knows the interface before the
+    /// programs are verified makes the links first, in parallel (see [`TcxLinks`]).
     pub fn attach_to(
         &mut self,
         iface: &str,
         cgroup: Option<&std::fs::File>,
     ) -> Result<(), EbpfError> {
-        let programs: Vec<(&str, &mut aya::programs::Program)> = self
-            .ebpf
-            .programs_mut()
-            .filter(|(name, _)| name.starts_with("cf_tc_") || cgroup.is_some())
-            .collect();
+        let links = TcxLinks::attach(iface)?;
+        self.attach_prepared(links, cgroup)
+    }
+
+    /// Puts `cf_tc_ingress`/`cf_tc_egress` on the TCX links `tcx` (which this value owns
+    /// from now on) and attaches the attribution programs to `cgroup` if given.
+    ///
+    /// The programs are swapped in with `BPF_LINK_UPDATE`, which replaces a link's program
+    /// in place (kernel/bpf/tcx.c, `tcx_link_update`: the same `bpf_mprog_entry`, no grace
+    /// period; ~0.0 ms in `cargo xtask bench rootful --tcx-floor`). The capture settings were
+    /// written at load, so the first packet already sees them. Every link is owned by this
+    /// value (and so by this process's fds): nothing outlives it, not even a SIGKILL of the
+    /// process. The cgroup attachments are made in parallel, one thread each.
+    pub fn attach_prepared(
+        &mut self,
+        tcx: TcxLinks,
+        cgroup: Option<&std::fs::File>,
+    ) -> Result<(), EbpfError> {
+        let TcxLinks { ingress, egress, .. } = tcx;
+        for (name, link) in [("cf_tc_ingress", &ingress), ("cf_tc_egress", &egress)] {
+            let program = program_name(name).unwrap_or("cf_tc");
+            let load = |source| EbpfError::Load { program, source };
+            let prog: &SchedClassifier = self
+                .ebpf
+                .program(name)
+                .ok_or(EbpfError::Load { program, source: ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(load)?;
+            let fd = prog.fd().map_err(load)?;
+            link_update(link, fd.as_fd())
+                .map_err(|source| EbpfError::Update { program, source })?;
+            phase!("{program} on its TCX link");
+        }
+        self.links.push(Box::new(ingress));
+        self.links.push(Box::new(egress));
+        let Some(cgroup) = cgroup else { return Ok(()) };
+        let programs: Vec<(&str, &mut aya::programs::Program)> =
+            self.ebpf.programs_mut().filter(|(name, _)| !name.starts_with("cf_tc_")).collect();
         let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
-                .map(|(name, prog)| s.spawn(move || attach_one(name, prog, iface, cgroup)))
+                .map(|(name, prog)| s.spawn(move || attach_cgroup(name, prog, cgroup)))
                 .collect();
             running
                 .into_iter()
@@ -243,12 +309,13 @@ impl Accounting {
         });
     }
 
-    /// Leaves the TC filters where they are instead of deleting them when this value is
-    /// dropped: for an interface about to disappear (the run's veth dies with the command's
-    /// namespace), deleting them first is netlink round trips for nothing.
+    /// Leaves the TCX links open instead of closing them when this value is dropped: for
+    /// an interface about to disappear (the run's veth dies with the command's namespace),
+    /// or links another process holds duplicates of (`rootful/linger.rs`), closing them
+    /// here is time for nothing. They close when the process exits.
     pub fn leave_tc_filters(&mut self) {
         for link in std::mem::take(&mut self.links) {
-            if link.is::<aya::programs::tc::SchedClassifierLink>() {
+            if link.is::<TcxLink>() {
                 std::mem::forget(link);
             } else {
                 self.links.push(link);
@@ -379,7 +446,7 @@ fn load_one(name: &str, prog: &mut aya::programs::Program) -> Result<(), EbpfErr
         P::CgroupSkb(p) => p.load(),
         _ => return Ok(()),
     };
-    tracing::debug!("loaded {program} in {:?}", started.elapsed());
+    phase!("{program} verified in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
     loaded.map_err(|source| EbpfError::Load { program, source })
 }
 
@@ -412,44 +479,142 @@ fn write_and_freeze<V: aya::Pod>(
 /// A link owned by [`Accounting`]; dropping it detaches the program.
 type OwnedLink = Box<dyn std::any::Any + Send>;
 
-/// Attaches one loaded program (`name` from the object) and takes ownership of its link.
-/// `None` for a program that is not attached in this configuration.
-fn attach_one(
+/// The `&'static` name of one of childflow's programs, `None` for anything else.
+fn program_name(name: &str) -> Option<&'static str> {
+    ["cf_tc_ingress", "cf_tc_egress", "cf_sock_create", "cf_skb_egress"]
+        .into_iter()
+        .find(|p| *p == name)
+}
+
+/// Attaches one loaded cgroup program (`name` from the object) to `cgroup` and takes
+/// ownership of its link. `None` for a program that is not a cgroup program.
+fn attach_cgroup(
     name: &str,
     prog: &mut aya::programs::Program,
-    iface: &str,
-    cgroup: Option<&std::fs::File>,
+    cgroup: &std::fs::File,
 ) -> Result<Option<OwnedLink>, EbpfError> {
-    let (program, tc) = match name {
-        "cf_tc_ingress" => ("cf_tc_ingress", Some(TcAttachType::Ingress)),
-        "cf_tc_egress" => ("cf_tc_egress", Some(TcAttachType::Egress)),
-        "cf_sock_create" => ("cf_sock_create", None),
-        "cf_skb_egress" => ("cf_skb_egress", None),
+    let program = match name {
+        "cf_sock_create" => "cf_sock_create",
+        "cf_skb_egress" => "cf_skb_egress",
         _ => return Ok(None),
     };
     let load = |source| EbpfError::Load { program, source };
     let at_cgroup = |source| EbpfError::AttachCgroup { program, source };
-    if let Some(attach_type) = tc {
-        let prog: &mut SchedClassifier = prog.try_into().map_err(load)?;
-        let id = prog
-            .attach_with_options(
-                iface,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| EbpfError::Attach { program, iface: iface.to_owned(), source })?;
-        return Ok(Some(Box::new(prog.take_link(id).map_err(load)?)));
-    }
-    let Some(cgroup) = cgroup else { return Ok(None) };
-    if program == "cf_sock_create" {
+    let link: OwnedLink = if program == "cf_sock_create" {
         let prog: &mut CgroupSock = prog.try_into().map_err(load)?;
         let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(at_cgroup)?;
-        Ok(Some(Box::new(prog.take_link(id).map_err(load)?)))
+        Box::new(prog.take_link(id).map_err(load)?)
     } else {
         let prog: &mut CgroupSkb = prog.try_into().map_err(load)?;
         let id = prog
             .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
             .map_err(at_cgroup)?;
-        Ok(Some(Box::new(prog.take_link(id).map_err(load)?)))
+        Box::new(prog.take_link(id).map_err(load)?)
+    };
+    phase!("{program} attached to the cgroup");
+    Ok(Some(link))
+}
+
+/// One TCX link, owned by its fd: closing it detaches the program.
+struct TcxLink(OwnedFd);
+
+/// TCX links on both directions of an interface, made before childflow's programs are
+/// verified, running a placeholder (`r0 = TC_ACT_UNSPEC; exit`: every packet passes, as
+/// with no program) until [`Accounting::attach_prepared`] swaps the real ones in.
+///
+/// Why: creating a TCX link waits for a full RCU grace period while holding RTNL
+/// (kernel/bpf/tcx.c, `tcx_link_prog_attach` → `tcx_entry_sync` → `synchronize_rcu()`), and
+/// the two directions serialize on RTNL: 22-24 ms median here (HZ=250), 0.2 ms with
+/// `rcu_expedited=1` (`cargo xtask bench rootful --tcx-floor`). Replacing a link's program
+/// costs no grace period. So the waits run while the verifier works on the other cores,
+/// instead of after it. TCX, not classic `clsact` filters, on purpose: a TCX link is owned
+/// by its fd (so by this process, or the lingering teardown process, see
+/// `rootful/linger.rs`), never collides with another tc user of the interface, and is what
+/// the design names.
+///
+/// Dropping the value before that detaches the placeholder (closes the links).
+pub struct TcxLinks {
+    ingress: TcxLink,
+    egress: TcxLink,
+    /// Kept for the lifetime of the links only through them; dropped with this value.
+    _placeholder: OwnedFd,
+}
+
+/// `BPF_PROG_LOAD`, `BPF_LINK_CREATE`, `BPF_LINK_UPDATE` (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+impl TcxLinks {
+    /// Loads the placeholder and attaches it to both directions of `iface`, ingress first
+    /// (each waits for a grace period; the kernel serializes them anyway).
+    pub fn attach(iface: &str) -> Result<TcxLinks, EbpfError> {
+        let index = nix::net::if_::if_nametoindex(iface)
+            .map_err(|source| EbpfError::NoInterface { iface: iface.to_owned(), source })?;
+        let placeholder = load_placeholder().map_err(EbpfError::Placeholder)?;
+        let attach = |direction, attach_type| {
+            let link = link_create(&placeholder, index, attach_type).map_err(|source| {
+                EbpfError::Attach { direction, iface: iface.to_owned(), source }
+            })?;
+            phase!("TCX {direction} link on {iface}");
+            Ok::<_, EbpfError>(TcxLink(link))
+        };
+        let ingress = attach("ingress", BPF_TCX_INGRESS)?;
+        let egress = attach("egress", BPF_TCX_EGRESS)?;
+        Ok(TcxLinks { ingress, egress, _placeholder: placeholder })
     }
+}
+
+/// `bpf(cmd, attr)`: the fd or 0 it returns, or the error.
+fn bpf(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<i32> {
+    // SAFETY: bpf(2) reads `attr.len()` bytes of `attr` and the buffers it points to, which
+    // the callers keep alive for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
+}
+
+/// Loads `r0 = -1 (TC_ACT_UNSPEC); exit` as a SCHED_CLS program (2 instructions: the
+/// verifier takes microseconds).
+fn load_placeholder() -> std::io::Result<OwnedFd> {
+    // struct bpf_insn {code, dst_reg:4 src_reg:4, off, imm}, little-endian in a u64.
+    let insns: [u64; 2] = [
+        0xb7 | ((-1i32 as u32 as u64) << 32), // BPF_ALU64 | BPF_MOV | BPF_K: r0 = -1
+        0x95,                                 // BPF_JMP | BPF_EXIT
+    ];
+    let license = c"GPL";
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; rest zero.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..64].copy_from_slice(b"cf_placeholder\0\0");
+    let fd = bpf(BPF_PROG_LOAD, &attr)?;
+    // SAFETY: a new fd the kernel just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_CREATE` of `prog` as a TCX link of type `attach_type` on `ifindex`, appended
+/// after any other TCX program there.
+fn link_create(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
+    // union bpf_attr, link_create: prog_fd, target_ifindex, attach_type, flags, tcx {...}.
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: a new fd the kernel just returned to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_UPDATE`: `link` runs `prog` from now on.
+fn link_update(link: &TcxLink, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    // union bpf_attr, link_update: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(link.0.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
 }

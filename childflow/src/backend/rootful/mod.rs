@@ -9,14 +9,19 @@
 //!        nft table childflow_<id> (masquerade)  cgroup programs on childflow-<id> (attribution)
 //! ```
 //!
-//! Order of set-up, arranged so the slow parts overlap (timings with `-vv`): preflight
-//! (root, BTF, TCX, cgroup v2) before touching anything; the cgroup and its reaper
-//! ([`cgroup`]); the sandbox, cloned straight into the cgroup (`CLONE_INTO_CGROUP`) and
-//! waiting; then at once, on threads of their own, the programs ([`crate::ebpf`]: object,
-//! maps, verification of each program in parallel) and the NAT table ([`nft`], which
-//! matches the veth by its name), while this thread creates the veth, addresses and routes
-//! ([`net`]); then the programs are attached and the sandbox is released: the command
-//! starts only once every program sees its traffic. While it runs, the kernel's ring
+//! Order of set-up, arranged so the slow parts overlap (timings with `-vv`, or on stderr
+//! with `CHILDFLOW_TRACE_STARTUP=1`, see [`startup`]): preflight (root, BTF, TCX, cgroup
+//! v2) before touching anything; the cgroup and its reaper ([`cgroup`]); the sandbox,
+//! cloned straight into the cgroup (`CLONE_INTO_CGROUP`) and waiting (no thread may exist
+//! before this clone); then at once, on threads of their own, the programs
+//! ([`crate::ebpf`]: aya's feature probes, object, maps, verification of each program in
+//! parallel, each attribution program attached to the cgroup as soon as it is verified)
+//! and the NAT table ([`nft`], which matches the veth by its name), while this thread
+//! creates the veth, addresses and routes ([`net`]) and then the TCX links on the host end,
+//! with a placeholder program: their RCU grace periods (~11 ms each) pass while the
+//! verifier still works ([`crate::ebpf::TcxLinks`]). When the verifier is done, the TC
+//! programs replace the placeholder (no grace period) and the sandbox is released: the
+//! command starts only once every program sees its traffic. While it runs, the kernel's ring
 //! buffers are drained through `AsyncFd` and the flow map is sampled every second
 //! ([`flows`]); every event goes to the [`Emitter`] without blocking.
 //!
@@ -48,6 +53,7 @@ mod linger;
 pub mod net;
 pub mod nft;
 mod raw;
+pub(crate) mod startup;
 
 use std::{
     ffi::{CStr, CString},
@@ -71,9 +77,10 @@ use childflow_common::{
 };
 use tokio::io::unix::AsyncFd;
 
+use self::startup::phase;
 use crate::{
     cli::Config,
-    ebpf::Accounting,
+    ebpf::{Accounting, TcxLinks},
     event::{Direction, DropReport, Emitter, Event, PacketEvent},
     sandbox::{self, Credentials, ExitStatus, Namespaces, Spec},
 };
@@ -325,6 +332,7 @@ impl Drain {
 /// Runs the command of `config` under the rootful backend, reporting to `events`; returns
 /// how the command ended once it has and every event is emitted.
 pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
+    phase!("rootful backend entered");
     preflight()?;
     let run_id = format!("{:x}", std::process::id());
     let credentials = invoking_user()?;
@@ -333,7 +341,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         None => None,
     };
 
-    tracing::debug!("preflight done");
+    phase!("preflight done");
     let capture = config.capture.as_ref().map_or(
         CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
         |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
@@ -366,13 +374,15 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         cgroup: Some(std::sync::Arc::new(cg.open()?.into())),
         setup_before_release: true,
     };
-    tracing::debug!("reaper, cgroup and resolv.conf ready");
+    phase!("reaper, cgroup and resolv.conf ready");
     let mut sandbox = sandbox::spawn(&spec, move || child_setup(&resolv))?;
-    tracing::debug!("sandbox cloned");
+    phase!("sandbox cloned");
     // The verifier and map creation take a while: run them while netlink sets up the veth.
+    // The attribution programs go on the cgroup (which exists) as soon as each is verified.
+    let cgroup_dir = cg.open()?;
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
-        .spawn(move || Accounting::load(capture, kernel_filter.as_ref()))
+        .spawn(move || Accounting::load_with(capture, kernel_filter.as_ref(), Some(&cgroup_dir)))
         .context("failed to start the eBPF loader thread")?;
     // The NAT table matches the veth by name, which is known now, before the veth exists.
     // Its creation often waits for locks other netlink users hold (RTNL, taken when the
@@ -395,14 +405,18 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let used = net::host_addresses(&host).await?;
         let addressing = net::Addressing::pick(&run_id, std::process::id(), &used)?;
         let child = net::netns_handle(init_pid)?;
-        tracing::debug!("netlink sockets open, host addresses read");
+        phase!("netlink sockets open, host addresses read");
         let host_index = net::create(&host, &child, &addressing, init_pid).await?;
-        tracing::debug!("veth created and configured");
+        phase!("veth created and configured");
         net::enable_forwarding(&addressing.host_if)?;
         anyhow::Ok((host, host_index, addressing))
     })?;
-    tracing::debug!("veth and routes ready");
+    phase!("veth and routes ready");
+    // The TCX links, with a placeholder program until the verifier is done: their grace
+    // periods overlap the verification instead of following it (see `TcxLinks`).
+    let tcx = TcxLinks::attach(&addressing.host_if)?;
     let nat = nat_thread.join().map_err(|_| anyhow::anyhow!("the nftables thread panicked"))??;
+    phase!("nft table ready");
     tracing::debug!(
         "run {run_id}: {} {} / {}, nft table {}, cgroup {}",
         addressing.host_if,
@@ -411,12 +425,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         nat.name(),
         cg.path().display()
     );
-    let cgroup_dir = cg.open()?;
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
-    tracing::debug!("eBPF programs loaded");
-    accounting.attach_to(&addressing.host_if, Some(&cgroup_dir))?;
-    tracing::debug!("eBPF programs attached");
+    phase!("eBPF programs loaded");
+    accounting.attach_prepared(tcx, None)?;
+    phase!("eBPF programs attached");
     let clock = flows::Clock::now();
     let mut drain = Drain {
         emitter: events,
@@ -442,7 +455,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     })?;
 
     let released = sandbox.release();
-    tracing::debug!("command started");
+    phase!("command started");
     let _ = std::fs::remove_file(&resolv_path);
     released?;
     sandbox::signals::forward_to(sandbox.pid(), |_| {})
@@ -501,7 +514,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracing::warn!("{lost} events were dropped because the collector fell behind");
     }
     drain.warn_kernel_drops();
-    tracing::debug!("command ended, events flushed");
+    phase!("command ended, events flushed");
 
     // What is left is the kernel's teardown, slow (RCU grace periods) and invisible in the
     // results: hand it to a lingering process (see [`linger`]) and return. The veth dies
@@ -515,6 +528,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     drop((rings, accounting, nat, host, runtime));
     cg.leave_to_reaper();
     drop(reaper);
-    tracing::debug!("teardown handed over");
+    phase!("teardown handed over");
     Ok(status)
 }
