@@ -14,6 +14,8 @@
 //! - `rr`: median request/response round trip (1 byte each way, one connection); the host
 //!   row is the plain veth the others are compared with;
 //! - `connect`: median TCP connect time;
+//! - (`rr` and `connect` run in `--rounds` rounds interleaved across the contenders, each
+//!   round's numbers and the load average printed; the table has the median of the rounds)
 //! - `start`: median wall time of `CONTENDER -- true`;
 //! - `rss`: the resident memory of the contender's own process (childflow, pasta,
 //!   slirp4netns) while the command holds 1,000 open connections;
@@ -63,6 +65,8 @@ struct Options {
     startup_runs: usize,
     /// Which measurements to run (`up,down,rr,connect,start,rss,many,udp`).
     tests: Vec<String>,
+    /// Rounds of the `rr` and `connect` rows, interleaved across the contenders.
+    rounds: usize,
     /// Connections held for the `rss` row, and in flight for the `many` row.
     flows: usize,
     conns: usize,
@@ -92,6 +96,7 @@ fn parse(args: &[String]) -> Result<Options> {
         only: None,
         startup_runs: 21,
         tests: ALL_TESTS.iter().map(|t| t.to_string()).collect(),
+        rounds: 7,
         flows: 1000,
         conns: 10_000,
         probe: PathBuf::new(),
@@ -108,6 +113,7 @@ fn parse(args: &[String]) -> Result<Options> {
             "--startup-runs" => o.startup_runs = value()?.parse().context("--startup-runs N")?,
             "--tests" => o.tests = value()?.split(',').map(String::from).collect(),
             "--flows" => o.flows = value()?.parse().context("--flows N")?,
+            "--rounds" => o.rounds = value()?.parse().context("--rounds N")?,
             "--conns" => o.conns = value()?.parse().context("--conns N")?,
             "--user" => {
                 let name = value()?;
@@ -118,7 +124,8 @@ fn parse(args: &[String]) -> Result<Options> {
                     "usage: cargo xtask bench rootless [--time SECONDS] [--mtu BYTES] \
                      [--bin PATH] [--only host|childflow|pasta|slirp4netns] [--startup-runs N] \
                      [--user NAME (default childflow-test)] \
-                     [--tests up,down,rr,connect,start,rss,many,udp] [--flows N] [--conns N]"
+                     [--tests up,down,rr,connect,start,rss,many,udp] [--flows N] [--conns N] \
+                     [--rounds N (rr and connect, default 7)]"
                 );
                 std::process::exit(0);
             }
@@ -532,6 +539,7 @@ fn bench_all(o: &Options) -> Result<()> {
         o.seconds, o.mtu, o.flows, o.conns
     );
     let want = |t: &str| o.tests.iter().any(|x| x == t);
+    let mut latency = latency_rounds(&chosen, o, want("rr"), want("connect"));
     let mut rows = Vec::new();
     for &c in &chosen {
         eprintln!("bench: {} ...", c.name());
@@ -550,8 +558,8 @@ fn bench_all(o: &Options) -> Result<()> {
             who: c,
             up: measure("up", &|| throughput(c, o, false)),
             down: measure("down", &|| throughput(c, o, true)),
-            rr: measure("rr", &|| probe_number(c, o, "rr", 2000)),
-            connect: measure("connect", &|| probe_number(c, o, "connect", 500)),
+            rr: want("rr").then(|| latency.next_median(c, "rr")),
+            connect: want("connect").then(|| latency.next_median(c, "connect")),
             start: if want("start") && !host {
                 let r = startup(c, o);
                 if let Err(e) = &r {
@@ -569,6 +577,66 @@ fn bench_all(o: &Options) -> Result<()> {
     }
     print_table(&rows, o);
     Ok(())
+}
+
+/// Each round's medians of the `rr` and `connect` probes, per contender.
+struct Latency(Vec<(Contender, &'static str, Vec<f64>)>);
+
+impl Latency {
+    /// The median over the rounds of contender `c`'s `kind` probe.
+    fn next_median(&mut self, c: Contender, kind: &str) -> Result<f64> {
+        let (_, _, v) = self
+            .0
+            .iter_mut()
+            .find(|(w, k, _)| *w == c && *k == kind)
+            .with_context(|| format!("no {kind} rounds for {}", c.name()))?;
+        if v.is_empty() {
+            bail!("every {kind} round of {} failed", c.name());
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    }
+}
+
+/// Runs the `rr` and `connect` probes in rounds, each round every contender in turn, and
+/// prints each round's numbers with the load average. A single run per contender is not
+/// enough: the round trip depends on where the scheduler puts the threads and whether the
+/// other vCPU was idle (halted) when woken, which drifts over seconds, so the host row
+/// alone swung 15..68 µs between sessions. Interleaving spreads that drift over every
+/// contender alike; the table shows the median of the rounds.
+fn latency_rounds(chosen: &[Contender], o: &Options, rr: bool, connect: bool) -> Latency {
+    let kinds: Vec<(&'static str, usize)> = [("rr", rr, 2000), ("connect", connect, 300)]
+        .into_iter()
+        .filter(|k| k.1)
+        .map(|(k, _, n)| (k, n))
+        .collect();
+    let mut all = Vec::new();
+    for &c in chosen {
+        for &(k, _) in &kinds {
+            all.push((c, k, Vec::new()));
+        }
+    }
+    if kinds.is_empty() {
+        return Latency(all);
+    }
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("bench: rr/connect, {} interleaved rounds; load {}", o.rounds, load().trim());
+    for round in 0..o.rounds {
+        let mut line = format!("round {round}:");
+        for (c, k, v) in all.iter_mut() {
+            let n = kinds.iter().find(|(kind, _)| kind == k).map_or(0, |(_, n)| *n);
+            match probe_number(*c, o, k, n) {
+                Ok(x) => {
+                    line += &format!(" {} {k} {x:.0}", c.name());
+                    v.push(x);
+                }
+                Err(e) => eprintln!("{} {k}: {e:#}", c.name()),
+            }
+        }
+        eprintln!("{line}");
+    }
+    eprintln!("bench: rr/connect done; load {}", load().trim());
+    Latency(all)
 }
 
 fn print_table(rows: &[Row], o: &Options) {

@@ -94,13 +94,24 @@ struct Procfs {
     diag: Option<OwnedFd>,
     /// Socket inode → pid, from the fd scans so far.
     inodes: HashMap<u64, u32>,
+    /// Where the latest sockets were found (pid, fd), newest last: a command that opens
+    /// one connection after another usually gets the same fd number for each (the lowest
+    /// free one), so one readlink(2) there replaces the walk of the tree and all its fds.
+    recent: Vec<(u32, u32)>,
     /// Everything read about each process, kept after it exits.
     processes: HashMap<u32, ProcessInfo>,
 }
 
 impl Procfs {
     fn new(root: PathBuf, init: u32) -> Procfs {
-        Procfs { root, init, diag: None, inodes: HashMap::new(), processes: HashMap::new() }
+        Procfs {
+            root,
+            init,
+            diag: None,
+            inodes: HashMap::new(),
+            recent: Vec::new(),
+            processes: HashMap::new(),
+        }
     }
 
     /// The process holding the command-side socket of flow `key`, if it can still be told.
@@ -109,8 +120,8 @@ impl Procfs {
             tracing::debug!("{key}: no socket of the command has this address");
             return None;
         };
-        let pid = match self.inodes.get(&inode) {
-            Some(&pid) => pid,
+        let pid = match self.inodes.get(&inode).copied().or_else(|| self.recent_holder(inode)) {
+            Some(pid) => pid,
             None => {
                 self.scan_fds();
                 let Some(&pid) = self.inodes.get(&inode) else {
@@ -174,6 +185,27 @@ impl Procfs {
         best.map(|(_, inode)| inode)
     }
 
+    /// The pid holding socket `inode` at one of the [`Procfs::recent`] places, if any.
+    fn recent_holder(&mut self, inode: u64) -> Option<u32> {
+        let at = self.recent.iter().rposition(|&(pid, fd)| {
+            fs::read_link(self.root.join(format!("{pid}/fd/{fd}")))
+                .is_ok_and(|t| socket_inode_of_link(&t.to_string_lossy()) == Some(inode))
+        })?;
+        let (pid, fd) = self.recent.remove(at);
+        self.found(inode, pid, fd);
+        Some(pid)
+    }
+
+    /// Records that `pid` holds socket `inode` as `fd`.
+    fn found(&mut self, inode: u64, pid: u32, fd: u32) {
+        self.inodes.insert(inode, pid);
+        self.recent.retain(|&place| place != (pid, fd));
+        if self.recent.len() == RECENT {
+            self.recent.remove(0);
+        }
+        self.recent.push((pid, fd));
+    }
+
     /// Walks the fds of every process of the command tree, refreshing the inode → pid cache.
     fn scan_fds(&mut self) {
         for pid in self.tree() {
@@ -181,8 +213,14 @@ impl Procfs {
             for fd in fds.flatten() {
                 if let Ok(target) = fs::read_link(fd.path())
                     && let Some(inode) = socket_inode_of_link(&target.to_string_lossy())
+                    && !self.inodes.contains_key(&inode)
                 {
-                    self.inodes.insert(inode, pid);
+                    match fd.file_name().to_str().and_then(|n| n.parse().ok()) {
+                        Some(fd) => self.found(inode, pid, fd),
+                        None => {
+                            self.inodes.insert(inode, pid);
+                        }
+                    }
                 }
             }
         }
@@ -211,6 +249,9 @@ impl Procfs {
         found
     }
 }
+
+/// How many recent socket places [`Procfs::recent`] remembers.
+const RECENT: usize = 8;
 
 /// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -436,6 +477,29 @@ mod tests {
         assert_eq!(matches(&k, &e("[::ffff:10.0.2.100]:5000", "[::ffff:198.18.1.2]:7")), Some(2));
         assert_eq!(matches(&k, &e("10.0.2.100:5001", "198.18.1.2:7")), None, "another port");
         assert_eq!(matches(&k, &e("10.0.2.100:5000", "198.18.1.3:7")), None, "another peer");
+    }
+
+    #[test]
+    fn a_socket_at_a_recent_place_is_found_with_one_readlink() {
+        let inode_of = |fd: i32| {
+            let link = fs::read_link(format!("/proc/self/fd/{fd}")).expect("our own fd");
+            socket_inode_of_link(&link.to_string_lossy()).expect("a socket")
+        };
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let second = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (me, fd) = (std::process::id(), second.as_raw_fd());
+        // No command tree under pid 0: only the recent places can find anything.
+        let mut procfs = Procfs::new(PathBuf::from("/proc"), 0);
+        procfs.found(inode_of(first.as_raw_fd()), me, first.as_raw_fd() as u32);
+        assert_eq!(procfs.recent_holder(inode_of(fd)), None, "not at a recent place yet");
+        procfs.recent.push((me, fd as u32));
+        assert_eq!(procfs.recent_holder(inode_of(fd)), Some(me));
+        assert_eq!(procfs.inodes.get(&inode_of(fd)), Some(&me), "and it is cached");
+        assert_eq!(procfs.recent.last(), Some(&(me, fd as u32)), "the newest place is last");
+        for fd in 100..100 + RECENT as u32 {
+            procfs.found(fd.into(), me, fd);
+        }
+        assert_eq!(procfs.recent.len(), RECENT, "only the latest places are kept");
     }
 
     #[test]

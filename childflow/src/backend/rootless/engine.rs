@@ -406,6 +406,88 @@ struct Conn {
     /// The socket's deadline as last armed in [`Engine::timers`] (older entries there for
     /// this connection are stale and skipped).
     poll_at: Option<Instant>,
+    /// The socket's receive and send buffers, lent from the [`BufferPool`].
+    lent: Option<Lent>,
+}
+
+impl Conn {
+    /// Drops the socket, then takes back the buffers it borrowed.
+    fn into_buffers(mut self) -> Option<[Box<[u8]>; 2]> {
+        let lent = self.lent.take()?;
+        self.set = SocketSet::new(Vec::new());
+        // SAFETY: the only socket that borrowed the buffers was in the set just dropped.
+        Some(unsafe { lent.reclaim() })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(lent) = self.lent.take() {
+            self.set = SocketSet::new(Vec::new());
+            // SAFETY: as in `into_buffers`: the borrowing socket is gone.
+            drop(unsafe { lent.reclaim() });
+        }
+    }
+}
+
+/// Buffers of a TCP socket lent out as `'static` slices. Invariant: the slices handed out
+/// by [`BufferPool::lend`] are the only references into them, and they live in one
+/// connection's socket.
+struct Lent([*mut [u8]; 2]);
+
+impl Lent {
+    /// # Safety
+    /// The slices lent out must no longer be reachable (their socket was dropped).
+    unsafe fn reclaim(self) -> [Box<[u8]>; 2] {
+        // SAFETY: the pointers came from `Box::into_raw` in `BufferPool::lend`, and by the
+        // caller's promise nothing borrows them any more.
+        self.0.map(|p| unsafe { Box::from_raw(p) })
+    }
+}
+
+/// TCP socket buffers, reused from connection to connection.
+///
+/// smoltcp's sockets own their buffers and never give them back, so each connection used to
+/// allocate two fresh buffers of [`EngineConfig::tcp_buffer`] bytes and free them at its
+/// end: an mmap(2) and a munmap(2) each (the latter a TLB shootdown on the CPUs the process
+/// ran on) and a page fault for every page first touched. perf put that at about a third of
+/// the engine's CPU time per connect, on the path between the command's SYN and the
+/// SYN-ACK. Lent as `'static` slices instead, the buffers come back when their socket has
+/// been dropped ([`Conn::into_buffers`]). At most [`BufferPool::KEEP`] are kept, so an
+/// engine that once held many connections does not keep their memory.
+struct BufferPool {
+    free: Vec<Box<[u8]>>,
+    size: usize,
+}
+
+impl BufferPool {
+    /// Buffers kept for reuse (four connections' worth).
+    const KEEP: usize = 8;
+
+    fn new(size: usize) -> BufferPool {
+        BufferPool { free: Vec::new(), size }
+    }
+
+    /// A receive and a send buffer for a new socket, and the record to take them back.
+    fn lend(&mut self) -> (Lent, [&'static mut [u8]; 2]) {
+        let mut take = || {
+            let buf = self.free.pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice());
+            Box::into_raw(buf)
+        };
+        let raw = [take(), take()];
+        // SAFETY: each pointer is a live, unaliased allocation from `Box::into_raw`; it is
+        // turned back into a box only by `Lent::reclaim`, after these slices are gone.
+        let slices = raw.map(|p| unsafe { &mut *p });
+        (Lent(raw), slices)
+    }
+
+    fn give_back(&mut self, bufs: [Box<[u8]>; 2]) {
+        for b in bufs {
+            if self.free.len() < Self::KEEP && b.len() == self.size {
+                self.free.push(b);
+            }
+        }
+    }
 }
 
 /// How often idle timeouts and periodic flow updates are checked.
@@ -435,6 +517,10 @@ pub struct Engine {
     events: Emitter,
     /// Events held back until [`Engine::flush_events`] (see [`Engine::defer_events`]).
     deferred: Option<Vec<Event>>,
+    /// New flows' keys for the attribution thread, held back like the events.
+    deferred_keys: Vec<FlowKey>,
+    /// TCP sockets' buffers.
+    buffers: BufferPool,
     peer_mac: Option<Mac>,
     next_housekeeping: Instant,
     /// Datagrams the command sent in fragments, being put back together.
@@ -464,6 +550,7 @@ impl Engine {
         });
         // Accept segments to any destination: every connection of the command ends here.
         iface.set_any_ip(true);
+        let buffers = BufferPool::new(cfg.tcp_buffer);
         Engine {
             cfg,
             iface,
@@ -480,6 +567,8 @@ impl Engine {
             closing: Vec::new(),
             events,
             deferred: None,
+            deferred_keys: Vec::new(),
+            buffers,
             peer_mac: None,
             next_housekeeping: now,
             frags: frag::Reassembler::default(),
@@ -589,6 +678,11 @@ impl Engine {
 
     /// Sends the events held back since the last flush (see [`Engine::defer_events`]).
     pub fn flush_events(&mut self) {
+        if let Some(tx) = &self.cfg.new_flows {
+            for key in self.deferred_keys.drain(..) {
+                let _ = tx.send(key);
+            }
+        }
         if let Some(held) = &mut self.deferred {
             for ev in held.drain(..) {
                 self.events.emit(ev);
@@ -643,9 +737,15 @@ impl Engine {
         // Attribution starts at the flow's first packet, not at its report: a TCP flow is
         // reported only after the upstream connect, and a short-lived command may be gone
         // by then, while at its SYN it is still blocked in connect(2). The flow table takes
-        // a process event before or after its flow.
+        // a process event before or after its flow. With events deferred, the key waits for
+        // the same flush: waking the attribution thread (a futex wake, and CPU time it takes
+        // from the command's and the engine's) must not delay the SYN-ACK either.
         if let Some(tx) = &self.cfg.new_flows {
-            let _ = tx.send(key);
+            if self.deferred.is_some() {
+                self.deferred_keys.push(key);
+            } else {
+                let _ = tx.send(key);
+            }
         }
         id
     }
@@ -657,7 +757,9 @@ impl Engine {
             if self.by_key.get(&flow.key) == Some(&id) {
                 self.by_key.remove(&flow.key);
             }
-            self.conns.remove(&id);
+            if let Some(bufs) = self.conns.remove(&id).and_then(Conn::into_buffers) {
+                self.buffers.give_back(bufs);
+            }
         }
     }
 
@@ -970,24 +1072,29 @@ impl Engine {
         let FlowState::TcpConnecting { syn } = &mut flow.state else { return };
         let syn = std::mem::take(syn);
         let key = flow.key;
-        let buf = || tcp::SocketBuffer::new(vec![0u8; self.cfg.tcp_buffer]);
-        let mut socket = tcp::Socket::new(buf(), buf());
+        let (lent, [rx, tx]) = self.buffers.lend();
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         // ACK at once: a delayed ACK only slows the command's sender down (the 10 ms
         // default shows up as a stall on every window-limited round trip).
         socket.set_ack_delay(None);
         socket.set_nagle_enabled(false);
         let endpoint =
             IpListenEndpoint { addr: Some(key.remote_ip().into()), port: key.remote_port };
-        if socket.listen(endpoint).is_err() {
+        let mut set = SocketSet::new(Vec::new());
+        let listening = socket.listen(endpoint).is_ok();
+        let handle = set.add(socket);
+        let conn = Conn { set, dirty: false, poll_at: None, lent: Some(lent) };
+        if !listening {
+            if let Some(bufs) = conn.into_buffers() {
+                self.buffers.give_back(bufs);
+            }
             self.end_flow(id, CloseReason::Failed);
             return;
         }
-        let mut set = SocketSet::new(Vec::new());
-        let handle = set.add(socket);
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.state = FlowState::TcpOpen { handle, child_rst: false, end: None };
         }
-        self.conns.insert(id, Conn { set, dirty: false, poll_at: None });
+        self.conns.insert(id, conn);
         // The held SYN, then the SYN-ACK at once (the command's connect waits for it).
         self.conn_ingress(id, syn, now);
         self.egress(id, now);
@@ -1789,6 +1896,68 @@ mod tests {
         assert_eq!(end.stats.history(), b"ShADdFaf");
         let packets = rx.try_iter().count();
         assert_eq!(packets, 0, "events were drained above");
+    }
+
+    #[test]
+    fn a_closed_connections_buffers_serve_the_next_one() {
+        let (mut e, _rx) = engine();
+        let mut child = Child::new();
+        for (round, port) in [40_001u16, 40_002].into_iter().enumerate() {
+            let now = t(1000 * round as i64);
+            let buf = || tcp::SocketBuffer::new(vec![0u8; 4096]);
+            let mut client = tcp::Socket::new(buf(), buf());
+            client
+                .connect(child.iface.context(), (IpAddress::v4(198, 18, 0, 1), 80), port)
+                .unwrap();
+            let c = child.sockets.add(client);
+            child.exchange(&mut e, now, |_| {});
+            let id = connect_id(&actions(&mut e));
+            e.tcp_connected(id, now);
+            assert!(e.buffers.free.is_empty(), "round {round}: the socket took the free buffers");
+            child.exchange(&mut e, now, |_| {});
+            let msg = format!("hello {round}");
+            child.sockets.get_mut::<tcp::Socket>(c).send_slice(msg.as_bytes()).unwrap();
+            let mut got = Vec::new();
+            child.exchange(&mut e, now, |e| {
+                let Some((sock, _)) = e.tcp_socket(id) else { return };
+                while sock.can_recv() {
+                    let mut chunk = [0u8; 64];
+                    let n = sock.recv_slice(&mut chunk).unwrap();
+                    got.extend_from_slice(&chunk[..n]);
+                }
+            });
+            assert_eq!(got, msg.as_bytes(), "round {round}: the bytes arrive, and only they");
+            child.sockets.get_mut::<tcp::Socket>(c).close();
+            e.tcp_socket(id).expect("the connection is open").0.close();
+            e.tcp_relay_done(id, RelayEnd::Fin, now);
+            child.exchange(&mut e, now, |_| {});
+            assert_eq!(e.flow_count(), 0, "round {round}: the flow ended");
+            assert_eq!(e.buffers.free.len(), 2, "round {round}: both buffers came back");
+            child.sockets.remove(c);
+        }
+    }
+
+    #[test]
+    fn the_pool_keeps_only_a_few_buffers() {
+        let mut pool = BufferPool::new(1024);
+        let lent: Vec<Lent> = (0..BufferPool::KEEP).map(|_| pool.lend().0).collect();
+        for l in lent {
+            // SAFETY: the slices `lend` returned were dropped at once.
+            pool.give_back(unsafe { l.reclaim() });
+        }
+        assert_eq!(pool.free.len(), BufferPool::KEEP);
+    }
+
+    #[test]
+    fn deferred_flows_reach_the_attribution_thread_at_the_flush() {
+        let (tx, keys) = crossbeam_channel::unbounded();
+        let (mut e, _rx) = engine_with(|c| c.new_flows = Some(tx));
+        e.defer_events();
+        e.ingest(tcp_from_child("10.0.2.100:40000", "198.18.0.1:80", 1, true, b""), t(0));
+        assert!(keys.try_recv().is_err(), "nothing before the flush (the SYN-ACK comes first)");
+        e.flush_events();
+        let key = keys.try_recv().expect("the SYN's flow goes to attribution at the flush");
+        assert_eq!(key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
     }
 
     #[test]
