@@ -15,8 +15,8 @@
 //! back and drops the cached tail page first, `filemap_write_and_wait_range` in
 //! `mm/filemap.c` `kiocb_invalidate_pages`).
 //!
-//! Not used for tmpfs (no device to DMA to; `O_DIRECT` there would still copy), pipes, or
-//! filesystems that refuse `O_DIRECT` (the open fails with `EINVAL`): those keep the plain
+//! Not used for tmpfs (no device to DMA to; `O_DIRECT` there would still copy), anything
+//! but regular files (FIFOs, devices), or filesystems that refuse `O_DIRECT` (the open fails with `EINVAL`): those keep the plain
 //! buffered file.
 //!
 //! Invariants: `staged` always starts at file offset `direct_end`, which is a multiple of
@@ -97,6 +97,11 @@ impl DirectFile {
     /// use for them (tmpfs) or refuses them: the caller then writes a plain file.
     pub fn create(path: &Path) -> io::Result<Option<Self>> {
         let buffered = File::create(path)?;
+        // Only regular files: on a FIFO O_DIRECT means packet mode (pipe(7)), and devices
+        // (`-c /dev/null`) have nothing to gain.
+        if !buffered.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
         // SAFETY: an all-zero statfs is valid; fstatfs fills it.
         let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: fstatfs(2) on an open descriptor into a valid out-pointer.
@@ -225,6 +230,12 @@ mod tests {
         f.flush().expect("last flush");
         f.flush().expect("a flush with nothing new");
         assert!(std::fs::read(&path).expect("read back") == want, "final bytes");
+    }
+
+    #[test]
+    fn devices_get_no_direct_file() {
+        let f = DirectFile::create(Path::new("/dev/null")).expect("open /dev/null");
+        assert!(f.is_none(), "only regular files are written around the page cache");
     }
 
     #[test]
