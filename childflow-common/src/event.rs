@@ -198,9 +198,14 @@ mod user {
     /// not continue its CPU's pending packet (a chunk was lost to a full ring, which the
     /// kernel counted) completes that packet with the bytes that did arrive, so every
     /// packet still comes out once, shorter (`cap_len` is what its data holds).
+    ///
+    /// The join buffers are reused (one spare per CPU at most) and sized for the whole
+    /// packet up front: at bulk rates (64 KiB GSO packets in 4–5 records, ~15k/s) a fresh
+    /// buffer grown record by record was several allocations, copies and page faults each.
     #[derive(Debug, Default)]
     pub struct Reassembly {
         pending: std::collections::HashMap<u32, (PacketHeader, std::vec::Vec<u8>)>,
+        spare: std::vec::Vec<std::vec::Vec<u8>>,
     }
 
     impl Reassembly {
@@ -223,6 +228,7 @@ mod user {
                     if !more {
                         let (h, d) = self.pending.remove(&header.cpu).expect("checked above");
                         emit(h, &d, out);
+                        self.keep(d);
                     }
                     return;
                 }
@@ -232,7 +238,11 @@ mod user {
             }
             self.flush_cpu(header.cpu, out);
             if more {
-                self.pending.insert(header.cpu, (header, data.to_vec()));
+                let mut d = self.spare.pop().unwrap_or_default();
+                // The whole packet, as far as the kernel copies it (CAPTURE_MAX bounds it).
+                d.reserve((header.orig_len as usize).clamp(data.len(), 1 << 20));
+                d.extend_from_slice(data);
+                self.pending.insert(header.cpu, (header, d));
             } else {
                 emit(header, data, out);
             }
@@ -249,6 +259,15 @@ mod user {
         fn flush_cpu(&mut self, cpu: u32, out: &mut impl FnMut(PacketHeader, &[u8])) {
             if let Some((h, d)) = self.pending.remove(&cpu) {
                 emit(h, &d, out);
+                self.keep(d);
+            }
+        }
+
+        /// Keeps an emitted join buffer for the next packet, up to one per pending slot.
+        fn keep(&mut self, mut d: std::vec::Vec<u8>) {
+            if self.spare.len() <= self.pending.len() {
+                d.clear();
+                self.spare.push(d);
             }
         }
     }

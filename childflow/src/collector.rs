@@ -204,6 +204,9 @@ impl Collector {
             self.for_each_consumer(|c, _| c.dns(&record));
         }
         self.write_output();
+        if let Event::Packet(p) = event {
+            crate::event::recycle_packet_bytes(p.data);
+        }
     }
 
     /// Ends idle flows, emits due update records, and lets consumers tick, as of `now`.

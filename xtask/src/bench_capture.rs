@@ -147,6 +147,40 @@ struct Measured {
     drops: Option<u64>,
     /// Seconds the capture was running (for packets/s): iperf3's duration.
     seconds: f64,
+    /// CPU seconds (user + system) of childflow and the command tree, plus tcpdump's in
+    /// its row: what the run cost the machine, whatever else ran on it.
+    cpu: f64,
+}
+
+impl Measured {
+    /// CPU seconds per gigabyte iperf3 moved (TCP): the cost of capturing measured in CPU,
+    /// which other load on a shared machine does not move as much as throughput.
+    fn cpu_per_gb(&self) -> Option<f64> {
+        let gb = self.gbit * self.seconds / 8.0;
+        (gb > 0.0 && self.cpu > 0.0).then(|| self.cpu / gb)
+    }
+}
+
+/// Waits for `child` and returns its status with the CPU seconds it and every descendant it
+/// reaped used (wait4(2)'s rusage), which std's `wait` does not give.
+fn wait_with_cpu(child: &mut Child) -> Result<(std::process::ExitStatus, f64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4(2) on our own unreaped child, into valid out-pointers.
+        let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        if r >= 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).context("wait4 failed");
+        }
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((std::process::ExitStatus::from_raw(status), secs(usage.ru_utime) + secs(usage.ru_stime)))
 }
 
 /// `childflow [-c FILE] --summary-format json -- sh -c 'sleep 1; iperf3 ...'` as the bench
@@ -200,21 +234,26 @@ fn start_tcpdump(pid: u32, file: &Path) -> Result<Child> {
 }
 
 /// Stops tcpdump and returns (packets captured, packets dropped by the kernel).
-pub(crate) fn stop_tcpdump(mut child: Child) -> Result<(u64, u64)> {
+pub(crate) fn stop_tcpdump(child: Child) -> Result<(u64, u64)> {
+    stop_tcpdump_cpu(child).map(|(captured, dropped, _)| (captured, dropped))
+}
+
+/// [`stop_tcpdump`], also returning the CPU seconds tcpdump used.
+fn stop_tcpdump_cpu(mut child: Child) -> Result<(u64, u64, f64)> {
     // SAFETY: kill(2) on a child we started and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut err)?;
     }
-    child.wait()?;
+    let (_, cpu) = wait_with_cpu(&mut child)?;
     let count = |what: &str| {
         err.lines()
             .find(|l| l.contains(what))
             .and_then(|l| l.split_whitespace().next()?.parse().ok())
             .with_context(|| format!("tcpdump printed no \"{what}\" line: {err}"))
     };
-    Ok((count("packets captured")?, count("dropped by kernel")?))
+    Ok((count("packets captured")?, count("dropped by kernel")?, cpu))
 }
 
 /// Transmit drops of the tap (frames for the engine the kernel dropped), as seen from the
@@ -245,9 +284,9 @@ fn count_packets(file: &Path) -> Result<u64> {
         .with_context(|| format!("capinfos printed {text:?} for {}", file.display()))
 }
 
-/// What [`observe`] saw: the tap's drops, tcpdump's (captured, dropped), and the thread
-/// reading childflow's stderr.
-type Observed = (u64, Option<(u64, u64)>, std::thread::JoinHandle<String>);
+/// What [`observe`] saw: the tap's drops, tcpdump's (captured, dropped, CPU seconds), and
+/// the thread reading childflow's stderr.
+type Observed = (u64, Option<(u64, u64, f64)>, std::thread::JoinHandle<String>);
 
 /// While childflow runs: finds the command, starts tcpdump if asked, waits for the traffic
 /// to end, then reads the tap's drops and stops tcpdump. Returns those and childflow's
@@ -280,7 +319,7 @@ fn observe(
     };
     let waited = done_rx.recv_timeout(Duration::from_secs(u64::from(o.seconds) + 30));
     let drops = tap_drops(pid);
-    let counts = tcpdump.map(stop_tcpdump).transpose();
+    let counts = tcpdump.map(stop_tcpdump_cpu).transpose();
     if waited.is_err() {
         bail!("the traffic did not end in time");
     }
@@ -319,7 +358,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
     if let Some(mut out) = child.stdout.take() {
         out.read_to_string(&mut json)?;
     }
-    let status = child.wait()?;
+    let (status, cpu) = wait_with_cpu(&mut child)?;
     let (tap_drops, tcpdump_counts, reader) = observed?;
     let err = reader.join().unwrap_or_default();
     if !status.success() {
@@ -327,7 +366,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
     }
     let v: serde_json::Value =
         serde_json::from_str(&json).with_context(|| format!("iperf3 printed no JSON: {json}"))?;
-    let mut m = Measured { tap_drops, ..Measured::default() };
+    let mut m = Measured { tap_drops, cpu, ..Measured::default() };
     let end = &v["end"];
     match workload {
         Workload::Tcp => {
@@ -353,8 +392,9 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
             m.drops = Some(drops.map(Iterator::sum).unwrap_or(0));
         }
         Capture::Tcpdump => {
-            let (_, dropped) = tcpdump_counts.context("tcpdump did not run")?;
+            let (_, dropped, tcpdump_cpu) = tcpdump_counts.context("tcpdump did not run")?;
             m.drops = Some(dropped);
+            m.cpu += tcpdump_cpu;
         }
     }
     if let Some(f) = &file {
@@ -471,10 +511,12 @@ fn print_tables(results: &Results) {
         };
         println!("\n{title}");
         println!(
-            "{:<13} {:>10} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
+            "{:<13} {:>10} {:>7} {:>8} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
             "",
             rate,
             "cost",
+            "CPU s/GB",
+            "CPU +",
             "engine pkt/s",
             "tap drop",
             "written",
@@ -498,6 +540,12 @@ fn print_tables(results: &Results) {
                 }
                 _ => "-".into(),
             };
+            let cpu_gb = |m: &Measured| m.cpu_per_gb().filter(|_| workload == Workload::Tcp);
+            let cpu_cost = match (capture, cpu_gb(m), base.and_then(cpu_gb)) {
+                (Capture::None, _, _) => "-".to_string(),
+                (_, Some(a), Some(b)) => format!("{:+.1}%", (a / b - 1.0) * 100.0),
+                _ => "-".into(),
+            };
             let written_ps = |m: &Measured| m.written.and_then(|n| per_sec(n, m));
             // Packets written per second, relative to tcpdump's on the same traffic.
             let ratio = match (capture, written_ps(m), tcpdump.and_then(written_ps)) {
@@ -505,10 +553,12 @@ fn print_tables(results: &Results) {
                 _ => "-".into(),
             };
             println!(
-                "{:<13} {:>10} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
+                "{:<13} {:>10} {:>7} {:>8} {:>7} {:>11} {:>9} {:>9} {:>10} {:>7} {:>10}",
                 capture.name(),
                 shown,
                 cost,
+                cpu_gb(m).map_or("-".into(), |v| format!("{v:.3}")),
+                cpu_cost,
                 kilo(per_sec(m.engine_packets, m)),
                 m.tap_drops,
                 opt(m.written),
@@ -520,7 +570,9 @@ fn print_tables(results: &Results) {
     }
     println!(
         "\ncost: against the first row (TCP: throughput; UDP: packets through the engine). \
-         tap drop: frames the kernel dropped\nbecause the engine read the tap too slowly (before \
-         any capture point). drops: childflow's capture drops / tcpdump's \"dropped by kernel\"."
+         CPU s/GB (TCP): CPU seconds of childflow,\nthe command tree and tcpdump per GB iperf3 \
+         moved; CPU +: that against the first row (less moved by other load than throughput).\n\
+         tap drop: frames the kernel dropped because the engine read the tap too slowly (before \
+         any capture point).\ndrops: childflow's capture drops / tcpdump's \"dropped by kernel\"."
     );
 }

@@ -21,6 +21,9 @@
 //! - capture at a fixed [`CAPTURE_PPS`] of 64-byte datagrams: `childflow --root -c` against
 //!   `tcpdump -w` on the baseline veth, files on /dev/shm: packets written (capinfos) and
 //!   each capture's own drop count;
+//! - capture of bulk TCP: `childflow --root -c` against `childflow --root`, and `tcpdump -w`
+//!   on the baseline veth against the baseline, files on /dev/shm and then on the disk
+//!   (the temp dir): the cost is the median of the per-round throughput ratios of each pair;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
 //!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
 //!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
@@ -34,6 +37,7 @@
 //!   without childflow (see `bench_tcx.rs`).
 
 use std::{
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -480,6 +484,69 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
     Ok(())
 }
 
+/// What capturing bulk TCP costs: `childflow --root -c` against `childflow --root`, and
+/// `tcpdump -w` on the baseline veth against the bare baseline, interleaved, files in `dir`
+/// (deleted after each run). The cost is the median of the per-round throughput ratios of
+/// each pair (the two runs of a round are close in time, so drift mostly cancels); the
+/// files' packet counts (capinfos) and each capture's drops are shown next to it.
+fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
+    let file = |name: &str| {
+        dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
+    };
+    let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
+    let rows = [
+        ("childflow --root", Contender::Childflow(Vec::new()), None),
+        (
+            "childflow --root -c",
+            Contender::Childflow(
+                ["-c", &cf_file, "--summary-format", "json"].map(String::from).to_vec(),
+            ),
+            Some(&cf_file),
+        ),
+        ("veth+NAT (no eBPF)", Contender::Baseline, None),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file)),
+    ];
+    println!(
+        "
+capture of bulk TCP, files in {} (median of {ROUNDS}):",
+        dir.display()
+    );
+    let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
+    // Per row and round: (Gbit/s, packets written, capture drops).
+    let mut results = vec![Vec::new(); rows.len()];
+    for i in 0..ROUNDS {
+        for r in order(rows.len(), i) {
+            let (contender, path) = (&rows[r].1, rows[r].2);
+            let (out, drops) = contender.run(bin, &iperf)?;
+            let gbit = parse_iperf(&out)? / 1e9;
+            let written = path.map(|p| count_packets(p)).transpose()?;
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+            results[r].push((gbit, written, drops));
+        }
+    }
+    for (r, (name, _, path)) in rows.iter().enumerate() {
+        let gbits: Vec<f64> = results[r].iter().map(|x| x.0).collect();
+        // Rows 1 and 3 are the captures of rows 0 and 2.
+        let cost = if r % 2 == 1 {
+            let ratios = gbits.iter().zip(&results[r - 1]).map(|(x, b)| x / b.0 - 1.0).collect();
+            format!("cost {:+6.1}%", median(ratios) * 100.0)
+        } else {
+            String::new()
+        };
+        let capture = if path.is_some() {
+            let written: Vec<u64> = results[r].iter().filter_map(|x| x.1).collect();
+            let drops: Vec<u64> = results[r].iter().filter_map(|x| x.2).collect();
+            format!("written {written:?}, capture drops {drops:?}")
+        } else {
+            String::new()
+        };
+        println!("{name:<24} {:>6.2} Gbit/s  {cost:<13} {capture}", median(gbits));
+    }
+    Ok(())
+}
+
 /// Packets in a pcap or pcapng file, as capinfos counts them.
 fn count_packets(file: &str) -> Result<u64> {
     let out = Command::new("capinfos")
@@ -653,6 +720,10 @@ pub fn run(bin: &str, startup_only: bool) -> Result<()> {
     println!("\nthe same, with and without the programs on childflow's own plumbing:");
     same_plumbing(bin, probe)?;
     capture_rate(bin, probe, CAPTURE_PPS)?;
+    // Both: tmpfs takes the disk out, but the disk is where captures usually go (and
+    // childflow writes it around the page cache, `capture/direct.rs`).
+    capture_bulk(bin, Path::new("/dev/shm"))?;
+    capture_bulk(bin, &std::env::temp_dir())?;
     println!("\nper-run program cost (bpf_stats run_time_ns / run_cnt):");
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
     for (what, cmd) in [("bulk TCP", iperf), ("64-byte UDP", flood_args(probe, 0))] {

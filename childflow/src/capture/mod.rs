@@ -38,6 +38,7 @@
 //! - A write error (e.g. a full disk) stops the capture and is returned once; later packets
 //!   are counted as lost and nothing else of the run is affected.
 
+pub mod direct;
 pub mod filter;
 pub mod keylog;
 pub mod pcapng;
@@ -190,7 +191,7 @@ pub struct Capture {
     secrets: Vec<u8>,
     /// Every (address → names) seen, for the head of each new ring file.
     names: BTreeMap<IpAddr, Vec<String>>,
-    file: Option<File>,
+    file: Option<Output>,
     path: PathBuf,
     /// Bytes already written to the current file.
     file_bytes: u64,
@@ -485,19 +486,21 @@ impl Capture {
                 .map_or(0, |&(_, end)| end)
         };
         let Some(file) = self.file.as_mut() else { return Ok(()) };
-        for chunk in [&head[..], &self.buf[..cut]] {
-            if chunk.is_empty() {
-                continue;
-            }
-            if let Err(source) = file.write_all(chunk) {
-                // Cut what part of the chunk got out, so the file ends on a whole block and
-                // stays readable up to here (a pipe cannot be cut; nothing to do then).
-                let _ = file.set_len(self.file_bytes);
-                return Err(CaptureError::Write { path: self.path.clone(), source });
-            }
-            self.file_bytes += chunk.len() as u64;
-            self.stats.bytes += chunk.len() as u64;
+        let before = self.file_bytes;
+        let written = [&head[..], &self.buf[..cut]]
+            .into_iter()
+            .filter(|chunk| !chunk.is_empty())
+            .try_for_each(|chunk| file.write_all(chunk))
+            .and_then(|()| file.flush());
+        if let Err(source) = written {
+            // Cut what part of this write got out, so the file ends on a whole block and
+            // stays readable up to the last flush (a pipe cannot be cut; nothing to do then).
+            let _ = file.set_len(before);
+            return Err(CaptureError::Write { path: self.path.clone(), source });
         }
+        let len = (head.len() + cut) as u64;
+        self.file_bytes += len;
+        self.stats.bytes += len;
         self.buf.drain(..cut);
         self.marks.retain_mut(|(_, end)| {
             *end = end.saturating_sub(cut);
@@ -552,9 +555,9 @@ impl Capture {
             }
         }
         let file = if self.to_stdout {
-            io::stdout().as_fd().try_clone_to_owned().map(File::from)
+            io::stdout().as_fd().try_clone_to_owned().map(|f| Output::Plain(File::from(f)))
         } else {
-            File::create(&path)
+            Output::create(&path)
         }
         .map_err(|source| CaptureError::Create { path: path.clone(), source })?;
         self.file = Some(file);
@@ -571,6 +574,46 @@ impl Capture {
             pcapng::decryption_secrets(&mut self.buf, pcapng::SECRETS_TLS_KEY_LOG, &self.secrets);
         }
         Ok(())
+    }
+}
+
+/// The open capture file.
+enum Output {
+    /// Written through the page cache: tmpfs, pipes (`-c -`), and file systems that refuse
+    /// `O_DIRECT`.
+    Plain(File),
+    /// A file on a block device, written around the page cache ([`direct`]).
+    Direct(direct::DirectFile),
+}
+
+impl Output {
+    fn create(path: &Path) -> io::Result<Self> {
+        Ok(match direct::DirectFile::create(path)? {
+            Some(f) => Output::Direct(f),
+            None => Output::Plain(File::create(path)?),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Output::Plain(f) => f.write_all(bytes),
+            Output::Direct(f) => f.write_all(bytes),
+        }
+    }
+
+    /// Puts everything written so far into the file.
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Plain(_) => Ok(()),
+            Output::Direct(f) => f.flush(),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        match self {
+            Output::Plain(f) => f.set_len(len),
+            Output::Direct(f) => f.set_len(len),
+        }
     }
 }
 

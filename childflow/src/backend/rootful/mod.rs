@@ -245,7 +245,7 @@ impl Drain {
                     Direction::In
                 },
                 orig_len: header.orig_len,
-                data: data.to_vec(),
+                data: crate::event::packet_bytes(data),
             }));
         }
     }

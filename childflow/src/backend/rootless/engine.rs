@@ -712,7 +712,7 @@ impl Engine {
             ts: self.unix(now),
             direction: dir,
             orig_len: frame.len() as u32,
-            data: frame[..snap].to_vec(),
+            data: crate::event::packet_bytes(&frame[..snap]),
         }));
     }
 

@@ -1,0 +1,252 @@
+//! A capture file written with `O_DIRECT` (no page cache), for files on block devices.
+//!
+//! Why: a bulk capture writes about a gigabyte a second. Through the page cache every byte
+//! is copied into freshly allocated cache pages, then written back by kworkers, and the
+//! writer is throttled in `balance_dirty_pages` once the disk lags: on the project's VM a
+//! buffered `dd` to the root disk managed 353 MB/s against 1.7 GB/s with `oflag=direct`.
+//! With `O_DIRECT` the device reads our buffer (virtio DMA): the only copy left is the one
+//! into the aligned staging buffer here, into memory that is reused and already mapped.
+//!
+//! `O_DIRECT` needs the buffer address, the file offset and the length aligned to the
+//! device's block size ([`ALIGN`] covers every common one). So whole aligned chunks go out
+//! with `O_DIRECT` and the unaligned tail stays staged; [`DirectFile::flush`] also writes
+//! that tail through a second, buffered descriptor, so the file on disk is complete up to
+//! the last flush (the next direct write of the same offsets replaces it: the kernel writes
+//! back and drops the cached tail page first, `filemap_write_and_wait_range` in
+//! `mm/filemap.c` `kiocb_invalidate_pages`).
+//!
+//! Not used for tmpfs (no device to DMA to; `O_DIRECT` there would still copy), anything
+//! but regular files (FIFOs, devices), or filesystems that refuse `O_DIRECT` (the open fails with `EINVAL`): those keep the plain
+//! buffered file.
+//!
+//! Invariants: `staged` always starts at file offset `direct_end`, which is a multiple of
+//! [`ALIGN`]; every byte before `direct_end` was written with `O_DIRECT`; after `flush` the
+//! file's bytes equal everything ever given to `write`.
+
+use std::{
+    alloc::{Layout, alloc, dealloc},
+    fs::{File, OpenOptions},
+    io,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, OpenOptionsExt},
+    },
+    path::Path,
+};
+
+/// Alignment of buffer, offsets and lengths: the page size, a multiple of every logical
+/// block size of the devices we meet (512 or 4096).
+pub const ALIGN: usize = 4096;
+
+/// Size of the staging buffer: large writes keep the device busy with few syscalls.
+pub const STAGE: usize = 4 << 20;
+
+/// `statfs(2)` magic of tmpfs (`include/uapi/linux/magic.h`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// An owned, [`ALIGN`]ed byte buffer of [`STAGE`] bytes.
+struct Aligned {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: `Aligned` owns its allocation exclusively, like a `Box<[u8]>`.
+unsafe impl Send for Aligned {}
+
+impl Aligned {
+    fn layout() -> Layout {
+        // ALIGN is a power of two and STAGE a multiple of it: this cannot fail.
+        Layout::from_size_align(STAGE, ALIGN).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn new() -> io::Result<Self> {
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc(Self::layout()) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(Aligned { ptr })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is STAGE bytes, owned by self; u8 has no invalid values
+        // but may be uninitialized, so it is zeroed once in `DirectFile::create`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), STAGE) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), Self::layout()) };
+    }
+}
+
+/// See the module documentation.
+pub struct DirectFile {
+    direct: File,
+    buffered: File,
+    stage: Aligned,
+    /// Bytes staged (from file offset `direct_end`).
+    staged: usize,
+    direct_end: u64,
+    /// `staged` at the last tail write: nothing new to write if unchanged.
+    tail_written: usize,
+}
+
+impl DirectFile {
+    /// Creates (truncates) `path` for direct writes; `Ok(None)` when the file system has no
+    /// use for them (tmpfs) or refuses them: the caller then writes a plain file.
+    pub fn create(path: &Path) -> io::Result<Option<Self>> {
+        let buffered = File::create(path)?;
+        // Only regular files: on a FIFO O_DIRECT means packet mode (pipe(7)), and devices
+        // (`-c /dev/null`) have nothing to gain.
+        if !buffered.metadata()?.file_type().is_file() {
+            return Ok(None);
+        }
+        // SAFETY: an all-zero statfs is valid; fstatfs fills it.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs(2) on an open descriptor into a valid out-pointer.
+        if unsafe { libc::fstatfs(buffered.as_raw_fd(), &mut fs) } != 0 {
+            return Ok(None);
+        }
+        if fs.f_type as i64 == TMPFS_MAGIC {
+            return Ok(None);
+        }
+        let direct = match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut stage = Aligned::new()?;
+        // Touched once here, so the first packets do not pay the page faults.
+        stage.bytes().fill(0);
+        Ok(Some(DirectFile { direct, buffered, stage, staged: 0, direct_end: 0, tail_written: 0 }))
+    }
+
+    /// Stages `bytes`, writing whole stages out as they fill.
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(STAGE - self.staged);
+            let at = self.staged;
+            self.stage.bytes()[at..at + n].copy_from_slice(&bytes[..n]);
+            self.staged += n;
+            bytes = &bytes[n..];
+            if self.staged == STAGE {
+                self.write_aligned()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is staged: the aligned part with `O_DIRECT`, the tail buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.write_aligned()?;
+        if self.staged > 0 && self.staged != self.tail_written {
+            let staged = self.staged;
+            let end = self.direct_end;
+            let tail = &self.stage.bytes()[..staged];
+            self.buffered.write_all_at(tail, end)?;
+            self.tail_written = staged;
+        }
+        Ok(())
+    }
+
+    /// Cuts the file to `len` bytes (after a failed write, so it ends on a whole block).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.buffered.set_len(len)
+    }
+
+    /// Writes the whole aligned chunks of the stage with `O_DIRECT` and moves the rest to
+    /// the front.
+    fn write_aligned(&mut self) -> io::Result<()> {
+        let whole = self.staged / ALIGN * ALIGN;
+        if whole == 0 {
+            return Ok(());
+        }
+        let end = self.direct_end;
+        self.direct.write_all_at(&self.stage.bytes()[..whole], end)?;
+        self.direct_end += whole as u64;
+        let rest = self.staged - whole;
+        self.stage.bytes().copy_within(whole..self.staged, 0);
+        self.staged = rest;
+        // The tail now sits at a new offset: it has not been written there.
+        self.tail_written = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory on the disk the tests build on (target/), not tmpfs; `None` if the file
+    /// system refuses O_DIRECT.
+    fn disk_file(name: &str) -> (tempfile_dir::Dir, Option<DirectFile>, std::path::PathBuf) {
+        let dir = tempfile_dir::Dir::new(name);
+        let path = dir.0.join("capture.pcapng");
+        let f = DirectFile::create(&path).expect("create the direct file");
+        (dir, f, path)
+    }
+
+    /// A scratch directory under target/ removed on drop (no tempfile crate needed).
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new(name: &str) -> Self {
+                let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+                let path = base.join(format!("cf-direct-{name}-{}", std::process::id()));
+                std::fs::create_dir_all(&path).expect("create the scratch directory");
+                Dir(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn the_file_holds_every_byte_after_each_flush() {
+        let (_dir, f, path) = disk_file("bytes");
+        let Some(mut f) = f else {
+            eprintln!("skipped: the file system under target/ refuses O_DIRECT");
+            return;
+        };
+        let mut want = Vec::new();
+        // Odd sizes across the alignment and the stage size, flushed at odd moments.
+        for (i, len) in
+            [1usize, 4095, 4097, 100_000, STAGE - 3, 7, STAGE * 2 + 11].into_iter().enumerate()
+        {
+            let chunk: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            f.write_all(&chunk).expect("write");
+            want.extend_from_slice(&chunk);
+            if i % 2 == 0 {
+                f.flush().expect("flush");
+                let got = std::fs::read(&path).expect("read back");
+                assert_eq!(got.len(), want.len(), "file length after flush {i}");
+                assert!(got == want, "file bytes after flush {i}");
+            }
+        }
+        f.flush().expect("last flush");
+        f.flush().expect("a flush with nothing new");
+        assert!(std::fs::read(&path).expect("read back") == want, "final bytes");
+    }
+
+    #[test]
+    fn devices_get_no_direct_file() {
+        let f = DirectFile::create(Path::new("/dev/null")).expect("open /dev/null");
+        assert!(f.is_none(), "only regular files are written around the page cache");
+    }
+
+    #[test]
+    fn tmpfs_gets_no_direct_file() {
+        let dir = std::path::Path::new("/dev/shm");
+        if !dir.is_dir() {
+            return;
+        }
+        let path = dir.join(format!("cf-direct-test-{}", std::process::id()));
+        let f = DirectFile::create(&path).expect("create on tmpfs");
+        let _ = std::fs::remove_file(&path);
+        assert!(f.is_none(), "tmpfs is written through the page cache");
+    }
+}
