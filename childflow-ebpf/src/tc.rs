@@ -122,6 +122,8 @@ static FILTER: Array<filter::Program> = Array::with_max_entries(1, BPF_F_RDONLY_
 #[map]
 static FILTER_STACK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Captured packets and DNS. The loader sizes it per run (`packet_ring_bytes` in
+/// childflow's `ebpf` module): large when capturing, small for DNS alone.
 #[map]
 static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 

@@ -205,6 +205,8 @@ impl Accounting {
             phase!("aya feature probes done");
         });
         let mut loader = loader_without_kernel_btf();
+        // The packet ring carries whole packets only when capturing; otherwise DNS alone.
+        loader.map_max_entries("PACKETS", packet_ring_bytes(&capture));
         phase!("eBPF loader ready");
         let loaded = loader.btf(None).load(OBJECT.ok_or(EbpfError::NotBuilt)?);
         let _ = probe.join();
@@ -378,6 +380,17 @@ impl Accounting {
         }
         Ok(out)
     }
+}
+
+/// Size of the `PACKETS` ring for a run with `capture`.
+///
+/// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
+/// the collector's scheduling delays on a busy machine: 8 MiB (7 ms of such traffic) lost
+/// thousands of records per bulk run in `cargo xtask bench rootful`'s capture row. Without
+/// capture only DNS packets go through it, for which 1 MiB is plenty; a smaller ring is
+/// also quicker to create (the kernel zeroes every page of it at map creation).
+fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
+    if capture.capture_all != 0 { 64 << 20 } else { 1 << 20 }
 }
 
 /// An `EbpfLoader` that never parsed the kernel's BTF.
