@@ -35,6 +35,9 @@
 //!   its phases);
 //! - `--tcx-floor [--expedited]` runs only the kernel's own TCX attach cost on a fresh veth,
 //!   without childflow (see `bench_tcx.rs`).
+//! - `--prog-run [--pair] [OBJECT...]` runs only the programs' CPU cost per packet type with
+//!   `BPF_PROG_TEST_RUN`, insensitive to load, for A/B of program objects (see
+//!   `bench_progrun.rs`); the `bpf_stats` rows above include real traffic's cache misses.
 
 use std::{
     path::Path,

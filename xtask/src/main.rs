@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_capture;
+mod bench_progrun;
 mod bench_rootful;
 mod bench_tcx;
 mod leftovers;
@@ -176,7 +177,8 @@ fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w; \
                          `rootful --startup`: only the start-up row; \
-                         `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost), \
+                         `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost; \
+                         `rootful --prog-run [--pair] [OBJECT...]`: BPF_PROG_TEST_RUN per packet type), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
                          flows (the flow table: events/s on one core, memory of 100,000 flows)";
     let Some(kind) = rest.first() else {
@@ -196,6 +198,9 @@ fn bench(rest: &[String]) -> Result<()> {
             setup::ensure_quietly()?;
             if rest.get(1).is_some_and(|a| a == "--tcx-floor") {
                 return bench_tcx::run(rest.get(2).is_some_and(|a| a == "--expedited"));
+            }
+            if rest.get(1).is_some_and(|a| a == "--prog-run") {
+                return bench_progrun::run(&rest[2..]);
             }
             let mut build = cargo();
             build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);

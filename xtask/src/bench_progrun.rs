@@ -1,0 +1,301 @@
+//! `cargo xtask bench rootful --prog-run [OBJECT...]`: the CPU cost of childflow's packet
+//! programs per packet type, measured with `BPF_PROG_TEST_RUN` (`repeat`), which does not
+//! depend on the machine's load the way `bpf_stats` under real traffic does.
+//!
+//! Each object (default: the newest `childflow.bpf.o` under `target/`) is loaded the way
+//! childflow loads it (`CONFIG` with capture off and `FILTER` empty, both written and frozen
+//! before the programs are verified), and `cf_tc_ingress`, `cf_tc_egress` and
+//! `cf_skb_egress` run [`REPEAT`] times on each packet of [`packets`]: the first run creates
+//! the flow, the rest are packets of an existing flow. Objects are run interleaved, in
+//! [`ROUNDS`] rounds (order reversed every other round); the table has the medians in ns per
+//! run. The kernel's test-run loop costs ~31 ns per run on the dev VM by itself (an empty
+//! classifier, `r0 = -1; exit`, measured with `bpftool prog run`), so the numbers are the
+//! program plus that floor. Nothing here measures cache misses of real traffic (the
+//! packet and the flow entry stay hot in the loop): confirm with the `bpf_stats` rows.
+//!
+//! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
+//! the same flow through `cf_tc_egress` on CPU 1 at once: what sharing one flow entry
+//! between two CPUs costs.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::Program,
+};
+use childflow_common::{
+    event::{CAPTURE_MAX, CaptureConfig},
+    filter,
+};
+
+const ROUNDS: usize = 9;
+const REPEAT: u32 = 500_000;
+const PROGRAMS: [&str; 3] = ["cf_tc_ingress", "cf_tc_egress", "cf_skb_egress"];
+
+/// Writes `v` into slot 0 of array map `name` and freezes the map (`BPF_MAP_FREEZE`).
+fn freeze<V: aya::Pod>(ebpf: &mut Ebpf, name: &str, v: V) -> Result<()> {
+    let map = ebpf.map_mut(name).with_context(|| format!("no map {name}"))?;
+    let mut array: Array<&mut MapData, V> = Array::try_from(map)?;
+    array.set(0, v, 0)?;
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+        bail!("map {name} is not an array");
+    };
+    // BPF_MAP_FREEZE (22): attr is the map fd.
+    let attr = [data.fd().as_fd().as_raw_fd() as u32, 0u32];
+    // SAFETY: a valid bpf_attr prefix for BPF_MAP_FREEZE, 8 bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 22, attr.as_ptr(), 8) };
+    if rc != 0 {
+        bail!("failed to freeze map {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An Ethernet + IPv4 frame from 10.77.0.2:40000 (the command's side) to
+/// 198.18.250.2:5201, TCP with `flags` or UDP, with `payload` zero bytes.
+fn packet(proto: u8, flags: u8, payload: usize) -> Vec<u8> {
+    let l4 = if proto == 6 { 20 } else { 8 };
+    let mut pkt = vec![0u8; 14 + 20 + l4 + payload];
+    pkt[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    pkt[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    pkt[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut pkt[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4 + payload) as u16).to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&[10, 77, 0, 2]);
+    ip[16..20].copy_from_slice(&[198, 18, 250, 2]);
+    let t = &mut pkt[34..34 + l4];
+    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    if proto == 6 {
+        t[12] = 5 << 4;
+        t[13] = flags;
+    } else {
+        t[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+    }
+    pkt
+}
+
+/// The same frame in the other direction (addresses and ports swapped).
+fn reversed(mut p: Vec<u8>) -> Vec<u8> {
+    let (src, dst) = (p[26..30].to_vec(), p[30..34].to_vec());
+    p[26..30].copy_from_slice(&dst);
+    p[30..34].copy_from_slice(&src);
+    let (sp, dp) = (p[34..36].to_vec(), p[36..38].to_vec());
+    p[34..36].copy_from_slice(&dp);
+    p[36..38].copy_from_slice(&sp);
+    p
+}
+
+/// The packet types of the table: a bulk TCP data segment (1448 bytes of payload), a pure
+/// ACK, a 64-byte UDP datagram (IP length), a SYN.
+fn packets() -> [(&'static str, Vec<u8>); 4] {
+    [
+        ("bulk TCP", packet(6, 0x10, 1448)),
+        ("pure ACK", packet(6, 0x10, 0)),
+        ("UDP 64", packet(17, 0, 36)),
+        ("SYN", packet(6, 0x02, 0)),
+    ]
+}
+
+/// `union bpf_attr` for `BPF_PROG_TEST_RUN` (include/uapi/linux/bpf.h, `test`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRun {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Average ns per run of program `fd` on `pkt`, over `repeat` runs (the kernel's figure).
+fn test_run(fd: i32, pkt: &[u8], repeat: u32) -> Result<u32> {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let mut attr = TestRun {
+        prog_fd: fd as u32,
+        data_size_in: pkt.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: pkt.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: BPF_PROG_TEST_RUN (10) with a complete attr whose buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, 10, &mut attr as *mut TestRun, size_of::<TestRun>())
+    };
+    if rc != 0 {
+        bail!("BPF_PROG_TEST_RUN failed: {}", std::io::Error::last_os_error());
+    }
+    Ok(attr.duration)
+}
+
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("failed to pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A loaded object: its programs' fds by name (the `Ebpf` keeps them open).
+struct Loaded {
+    path: String,
+    _ebpf: Ebpf,
+    fds: Vec<(&'static str, i32)>,
+}
+
+fn load(path: &str) -> Result<Loaded> {
+    let obj = std::fs::read(path).with_context(|| format!("failed to read {path}"))?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    let mut ebpf = loader.load(&obj).with_context(|| format!("failed to load {path}"))?;
+    freeze(&mut ebpf, "CONFIG", CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX })?;
+    freeze(&mut ebpf, "FILTER", filter::Program::default())?;
+    let mut fds = Vec::new();
+    for name in PROGRAMS {
+        let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
+        let fd = match prog {
+            Program::SchedClassifier(p) => {
+                p.load()?;
+                p.fd()?.as_fd().as_raw_fd()
+            }
+            Program::CgroupSkb(p) => {
+                p.load()?;
+                p.fd()?.as_fd().as_raw_fd()
+            }
+            _ => bail!("{name} is not a TC or cgroup_skb program"),
+        };
+        fds.push((name, fd));
+    }
+    Ok(Loaded { path: path.to_owned(), _ebpf: ebpf, fds })
+}
+
+/// The newest `childflow.bpf.o` a build left under `target/`.
+fn newest_object() -> Result<String> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for profile in ["debug", "release"] {
+        let Ok(dirs) = std::fs::read_dir(crate::root().join("target").join(profile).join("build"))
+        else {
+            continue;
+        };
+        for dir in dirs.flatten() {
+            let obj = dir.path().join("out/childflow.bpf.o");
+            if let Ok(modified) = obj.metadata().and_then(|m| m.modified())
+                && best.as_ref().is_none_or(|(t, _)| modified > *t)
+            {
+                best = Some((modified, obj));
+            }
+        }
+    }
+    let (_, obj) = best.context("no childflow.bpf.o under target/: build childflow first")?;
+    Ok(obj.to_str().context("object path is not UTF-8")?.to_owned())
+}
+
+fn median(mut v: Vec<u32>) -> u32 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let pair = args.iter().any(|a| a == "--pair");
+    let mut objects: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    if objects.is_empty() {
+        objects.push(newest_object()?);
+    }
+    let loaded = objects.iter().map(|o| load(o)).collect::<Result<Vec<_>>>()?;
+    println!(
+        "BPF_PROG_TEST_RUN, {REPEAT} runs per figure, median of {ROUNDS} interleaved rounds, ns \
+         per run (test-run floor ~31 ns included); load average {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    if pair {
+        return run_pair(&loaded);
+    }
+    let pkts = packets();
+    // ns[object][program][packet]: one figure per round.
+    let mut ns = vec![vec![vec![Vec::new(); pkts.len()]; PROGRAMS.len()]; loaded.len()];
+    for round in 0..ROUNDS {
+        for i in 0..loaded.len() {
+            let k = if round % 2 == 0 { i } else { loaded.len() - 1 - i };
+            for (p, (_, fd)) in loaded[k].fds.iter().enumerate() {
+                for (q, (_, pkt)) in pkts.iter().enumerate() {
+                    ns[k][p][q].push(test_run(*fd, pkt, REPEAT)?);
+                }
+            }
+        }
+    }
+    for (k, l) in loaded.iter().enumerate() {
+        println!("\n{}", l.path);
+        print!("{:<16}", "");
+        for (name, _) in &pkts {
+            print!("{name:>10}");
+        }
+        println!();
+        for (p, (name, _)) in l.fds.iter().enumerate() {
+            print!("{name:<16}");
+            for runs in &ns[k][p] {
+                print!("{:>10}", median(runs.clone()));
+            }
+            println!();
+        }
+    }
+    println!(
+        "\nload average after: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    Ok(())
+}
+
+/// See the module doc (`--pair`).
+fn run_pair(loaded: &[Loaded]) -> Result<()> {
+    let data = packet(6, 0x10, 1448);
+    let ack = reversed(packet(6, 0x10, 0));
+    let mut ns = vec![(Vec::new(), Vec::new()); loaded.len()];
+    for round in 0..ROUNDS {
+        for i in 0..loaded.len() {
+            let k = if round % 2 == 0 { i } else { loaded.len() - 1 - i };
+            let fd = |n: &str| loaded[k].fds.iter().find(|(m, _)| *m == n).map(|(_, fd)| *fd);
+            let (ingress, egress) = (fd("cf_tc_ingress").unwrap(), fd("cf_tc_egress").unwrap());
+            let (d, a) = (data.clone(), ack.clone());
+            let t0 =
+                std::thread::spawn(move || pin_to(0).and_then(|()| test_run(ingress, &d, REPEAT)));
+            let t1 =
+                std::thread::spawn(move || pin_to(1).and_then(|()| test_run(egress, &a, REPEAT)));
+            ns[k].0.push(t0.join().map_err(|_| anyhow::anyhow!("test-run thread panicked"))??);
+            ns[k].1.push(t1.join().map_err(|_| anyhow::anyhow!("test-run thread panicked"))??);
+        }
+    }
+    for (l, (i, e)) in loaded.iter().zip(ns) {
+        println!(
+            "{}: at once, cf_tc_ingress (data, CPU 0) {} ns, cf_tc_egress (ACK, CPU 1) {} ns",
+            l.path,
+            median(i),
+            median(e)
+        );
+    }
+    Ok(())
+}
