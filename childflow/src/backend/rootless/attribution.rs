@@ -14,7 +14,9 @@
 //!
 //! Runs on a thread of its own, fed the key of every new flow by the engine at the flow's
 //! first packet (for TCP the SYN, while the command is still blocked in connect(2), not the
-//! flow's report after the upstream connect), so a slow `/proc` walk never stalls a packet. What it learns is cached (socket inode → pid, pid →
+//! flow's report after the upstream connect), so a slow `/proc` walk never stalls a packet. A TCP flow's SYN-ACK waits (at most
+//! 20 ms) until its lookup is over, so the command, blocked in connect(2), still holds the
+//! socket when it is looked up, however late the lookup thread gets a CPU. What it learns is cached (socket inode → pid, pid →
 //! process) and kept after the process exits. When the socket or the process is already
 //! gone by the time of the lookup (a command that sends one datagram and exits at once), the
 //! flow gets no process: nothing is guessed.
@@ -42,6 +44,16 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::event::{Emitter, Event, FlowKey, ProcessEvent, ProcessInfo};
 
+/// A new flow to find the process of, and whom to tell when the lookup is over.
+#[derive(Debug)]
+pub struct Lookup {
+    pub key: FlowKey,
+    /// Completed (or dropped) once the lookup is over, found or not: the engine holds a TCP
+    /// flow's SYN-ACK until then (bounded), so the command is still blocked in connect(2),
+    /// with its socket open, while it is looked up.
+    pub done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// Starts the attribution thread for the command tree whose pid namespace `init` (a host
 /// pid) leads. Returns the sender the engine gives each new flow's key to, and the thread,
 /// which ends once every sender is dropped and its queue is done.
@@ -51,7 +63,7 @@ pub fn spawn(
     init: u32,
     diag: Option<OwnedFd>,
     events: Emitter,
-) -> std::io::Result<(Sender<FlowKey>, JoinHandle<()>)> {
+) -> std::io::Result<(Sender<Lookup>, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let thread = std::thread::Builder::new().name("attribution".into()).spawn(move || {
         let mut procfs = Procfs::new(PathBuf::from("/proc"), init);
@@ -61,10 +73,16 @@ pub fn spawn(
     Ok((tx, thread))
 }
 
-fn run(mut procfs: Procfs, rx: &Receiver<FlowKey>, events: &Emitter) {
+fn run(mut procfs: Procfs, rx: &Receiver<Lookup>, events: &Emitter) {
     let mut unknown = 0u64;
-    for key in rx {
-        match procfs.process_of(&key) {
+    for Lookup { key, done } in rx {
+        let found = procfs.process_of(&key);
+        // The flow table takes a process event before or after its flow, so the waiting
+        // SYN-ACK may go now, before the event is sent.
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        match found {
             Some(process) => {
                 if !events.emit(Event::Process(ProcessEvent { key, process })) {
                     return;

@@ -570,6 +570,11 @@ fn classify(e: &io::Error) -> ConnectFailure {
     }
 }
 
+/// The longest a TCP flow's SYN-ACK waits for its process lookup once the upstream has
+/// connected: on a quiet machine the lookup (one sock_diag request, a few readlinks) is over
+/// long before; under heavy load it bounds what a starved lookup thread costs a connect.
+const ATTRIBUTION_WAIT: StdDuration = StdDuration::from_millis(20);
+
 async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
     let candidates = match target {
         Target::Direct(addr) => vec![addr],
@@ -608,6 +613,11 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
         ctx.poke();
         return;
     };
+    // The SYN-ACK waits (bounded) for the flow's process lookup: see `Engine::attribution_of`.
+    let attribution = ctx.engine.borrow_mut().attribution_of(id);
+    if let Some(lookup) = attribution {
+        let _ = tokio::time::timeout(ATTRIBUTION_WAIT, lookup).await;
+    }
     let _ = stream.set_nodelay(true);
     let dns = ctx.engine.borrow().flow_key(id).is_some_and(|k| k.remote_port == 53);
     {

@@ -160,7 +160,7 @@ pub struct EngineConfig {
     pub unix_base_ns: UnixNanos,
     /// Where the key of every new flow goes, to find its process
     /// ([`super::attribution`]); never blocks.
-    pub new_flows: Option<crossbeam_channel::Sender<FlowKey>>,
+    pub new_flows: Option<crossbeam_channel::Sender<super::attribution::Lookup>>,
 }
 
 impl EngineConfig {
@@ -517,8 +517,11 @@ pub struct Engine {
     events: Emitter,
     /// Events held back until [`Engine::flush_events`] (see [`Engine::defer_events`]).
     deferred: Option<Vec<Event>>,
-    /// New flows' keys for the attribution thread, held back like the events.
-    deferred_keys: Vec<FlowKey>,
+    /// New flows' lookups for the attribution thread, held back like the events.
+    deferred_keys: Vec<super::attribution::Lookup>,
+    /// TCP flows whose process is being looked up: done once the lookup is over (see
+    /// [`Engine::attribution_of`]).
+    attributing: HashMap<FlowId, tokio::sync::oneshot::Receiver<()>>,
     /// TCP sockets' buffers.
     buffers: BufferPool,
     peer_mac: Option<Mac>,
@@ -568,6 +571,7 @@ impl Engine {
             events,
             deferred: None,
             deferred_keys: Vec::new(),
+            attributing: HashMap::new(),
             buffers,
             peer_mac: None,
             next_housekeeping: now,
@@ -741,17 +745,33 @@ impl Engine {
         // the same flush: waking the attribution thread (a futex wake, and CPU time it takes
         // from the command's and the engine's) must not delay the SYN-ACK either.
         if let Some(tx) = &self.cfg.new_flows {
+            let done = (key.proto == PROTO_TCP).then(|| {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                self.attributing.insert(id, wait);
+                done
+            });
+            let lookup = super::attribution::Lookup { key, done };
             if self.deferred.is_some() {
-                self.deferred_keys.push(key);
+                self.deferred_keys.push(lookup);
             } else {
-                let _ = tx.send(key);
+                let _ = tx.send(lookup);
             }
         }
         id
     }
 
+    /// For TCP flow `id`, what completes once the attribution thread has looked up its
+    /// process (or gave up). The driver holds the SYN-ACK until then, for a bounded time:
+    /// a command is blocked in connect(2) until the SYN-ACK, so its socket and process are
+    /// still there to be found; a quick `curl` is otherwise gone before a starved lookup
+    /// thread gets a CPU. Usually the lookup is over before the upstream connect is.
+    pub fn attribution_of(&mut self, id: FlowId) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.attributing.remove(&id)
+    }
+
     /// Ends flow `id`: reports it and forgets it.
     fn end_flow(&mut self, id: FlowId, reason: CloseReason) {
+        self.attributing.remove(&id);
         self.emit_flow(id, FlowPhase::End(reason));
         if let Some(flow) = self.flows.remove(&id) {
             if self.by_key.get(&flow.key) == Some(&id) {
@@ -1956,8 +1976,12 @@ mod tests {
         e.ingest(tcp_from_child("10.0.2.100:40000", "198.18.0.1:80", 1, true, b""), t(0));
         assert!(keys.try_recv().is_err(), "nothing before the flush (the SYN-ACK comes first)");
         e.flush_events();
-        let key = keys.try_recv().expect("the SYN's flow goes to attribution at the flush");
-        assert_eq!(key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
+        let lookup = keys.try_recv().expect("the SYN's flow goes to attribution at the flush");
+        assert_eq!(lookup.key.to_string(), "tcp 10.0.2.100:40000 -> 198.18.0.1:80");
+        let mut wait = e.attribution_of(1).expect("a TCP flow's SYN-ACK waits for its lookup");
+        assert!(wait.try_recv().is_err(), "not over before the lookup");
+        lookup.done.expect("a TCP lookup says when it is over").send(()).unwrap();
+        assert!(wait.try_recv().is_ok());
     }
 
     #[test]
