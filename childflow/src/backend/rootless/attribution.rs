@@ -14,8 +14,8 @@
 //!
 //! Runs on a thread of its own, fed the key of every new flow by the engine at the flow's
 //! first packet (for TCP the SYN, while the command is still blocked in connect(2), not the
-//! flow's report after the upstream connect), so a slow `/proc` walk never stalls a packet. A TCP flow's SYN-ACK waits (at most
-//! 20 ms) until its lookup is over, so the command, blocked in connect(2), still holds the
+//! flow's report after the upstream connect), so a slow `/proc` walk never stalls a packet. A TCP flow's bytes are relayed only once
+//! its lookup is over (at most 20 ms), so a command waiting for an answer still holds the
 //! socket when it is looked up, however late the lookup thread gets a CPU. What it learns is cached (socket inode → pid, pid →
 //! process) and kept after the process exits. When the socket or the process is already
 //! gone by the time of the lookup (a command that sends one datagram and exits at once), the
@@ -48,9 +48,9 @@ use crate::event::{Emitter, Event, FlowKey, ProcessEvent, ProcessInfo};
 #[derive(Debug)]
 pub struct Lookup {
     pub key: FlowKey,
-    /// Completed (or dropped) once the lookup is over, found or not: the engine holds a TCP
-    /// flow's SYN-ACK until then (bounded), so the command is still blocked in connect(2),
-    /// with its socket open, while it is looked up.
+    /// Completed (or dropped) once the lookup is over, found or not: a TCP flow's bytes are
+    /// relayed only then (bounded), so a command waiting for an answer still has its
+    /// socket open while it is looked up.
     pub done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -78,7 +78,7 @@ fn run(mut procfs: Procfs, rx: &Receiver<Lookup>, events: &Emitter) {
     for Lookup { key, done } in rx {
         let found = procfs.process_of(&key);
         // The flow table takes a process event before or after its flow, so the waiting
-        // SYN-ACK may go now, before the event is sent.
+        // relay may start now, before the event is sent.
         if let Some(done) = done {
             let _ = done.send(());
         }

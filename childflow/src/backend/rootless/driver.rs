@@ -570,9 +570,10 @@ fn classify(e: &io::Error) -> ConnectFailure {
     }
 }
 
-/// The longest a TCP flow's SYN-ACK waits for its process lookup once the upstream has
-/// connected: on a quiet machine the lookup (one sock_diag request, a few readlinks) is over
-/// long before; under heavy load it bounds what a starved lookup thread costs a connect.
+/// The longest a TCP flow's relay waits for its process lookup once the upstream has
+/// connected: on a quiet machine the lookup (one sock_diag request, a readlink, a few
+/// /proc reads) is over by the time the first bytes would cross; under heavy load it
+/// bounds what a starved lookup thread costs a connection.
 const ATTRIBUTION_WAIT: StdDuration = StdDuration::from_millis(20);
 
 async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
@@ -613,11 +614,6 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
         ctx.poke();
         return;
     };
-    // The SYN-ACK waits (bounded) for the flow's process lookup: see `Engine::attribution_of`.
-    let attribution = ctx.engine.borrow_mut().attribution_of(id);
-    if let Some(lookup) = attribution {
-        let _ = tokio::time::timeout(ATTRIBUTION_WAIT, lookup).await;
-    }
     let _ = stream.set_nodelay(true);
     let dns = ctx.engine.borrow().flow_key(id).is_some_and(|k| k.remote_port == 53);
     {
@@ -629,6 +625,12 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target) {
         engine.flush_events();
     }
     ctx.poke();
+    // The relay starts once the flow's process lookup is over (bounded): see
+    // `Engine::attribution_of`. Usually it is over already.
+    let attribution = ctx.engine.borrow_mut().attribution_of(id);
+    if let Some(lookup) = attribution {
+        let _ = tokio::time::timeout(ATTRIBUTION_WAIT, lookup).await;
+    }
     let end = relay(&ctx, id, &stream, dns).await;
     if end == RelayEnd::ChildReset {
         // SO_LINGER 0: closing sends RST instead of FIN, so the peer sees the reset.
