@@ -20,11 +20,12 @@
 
 use std::{
     os::fd::{FromRawFd, OwnedFd},
-    process::Command,
     time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
+
+use crate::bench::sh;
 
 const ROUNDS: usize = 20;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -33,17 +34,6 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("failed to run {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 /// Loads `r0 = -1 (TC_ACT_UNSPEC); exit` as a SCHED_CLS program.
 fn load_empty() -> Result<OwnedFd> {
