@@ -31,8 +31,8 @@
 //!   this machine (two clock reads), and that floor is in every number;
 //! - `childflow --root -- true` next to the rootless `childflow -- true`, median wall time
 //!   of 20 runs each, and how long the rootful run's host state outlives its return
-//!   (`--startup` runs only this row; `CHILDFLOW_TRACE_STARTUP=1` makes childflow print
-//!   its phases);
+//!   (`--startup` runs only this row, `--costs` only the per-run costs;
+//!   `CHILDFLOW_TRACE_STARTUP=1` makes childflow print its phases);
 //! - `--tcx-floor [--expedited]` runs only the kernel's own TCX attach cost on a fresh veth,
 //!   without childflow (see `bench_tcx.rs`).
 //! - `--prog-run [--pair] [OBJECT...]` runs only the programs' CPU cost per packet type with
@@ -619,17 +619,16 @@ fn program_cost(bin: &str, cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
         .stdout(Stdio::null())
         .spawn()
         .context("failed to start childflow")?;
-    let mut last = Vec::new();
+    // The latest sight of each program: at the end of a run the cgroup programs go (with
+    // the cgroup) while the lingerer still holds the TC ones, so the last snapshot alone
+    // would miss them.
+    let mut latest = std::collections::BTreeMap::new();
     while child.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_millis(200));
         let Ok(now) = programs(is_cf) else { continue };
-        let mine: Vec<_> = now.into_iter().filter(|(id, _)| !before.contains(id)).collect();
-        let mine = per_run(&mine);
-        if !mine.is_empty() {
-            last = mine;
-        }
+        latest.extend(now.into_iter().filter(|(id, _)| !before.contains(id)));
     }
-    Ok(last)
+    Ok(per_run(&latest.into_iter().collect::<Vec<_>>()))
 }
 
 /// An empty TC program (`r0 = TC_ACT_UNSPEC; exit`) in BPF assembly, named `cf_empty`.
@@ -707,8 +706,18 @@ fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
     result
 }
 
-pub fn run(bin: &str, startup_only: bool) -> Result<()> {
-    if startup_only {
+/// Which rows to run: all of them, or only one part.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    All,
+    /// `--startup`: the start-up row.
+    Startup,
+    /// `--costs`: the per-run program costs (`bpf_stats`).
+    Costs,
+}
+
+pub fn run(bin: &str, only: Only) -> Result<()> {
+    if only == Only::Startup {
         return startup(bin);
     }
     let _topology = Topology::new()?;
@@ -719,6 +728,9 @@ pub fn run(bin: &str, startup_only: bool) -> Result<()> {
          change vs the first row as the median of per-round ratios; load average {}\n",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
+    if only == Only::Costs {
+        return program_costs(bin, probe);
+    }
     rates(bin, probe)?;
     println!("\nthe same, with and without the programs on childflow's own plumbing:");
     same_plumbing(bin, probe)?;
@@ -727,6 +739,13 @@ pub fn run(bin: &str, startup_only: bool) -> Result<()> {
     // childflow writes it around the page cache, `capture/direct.rs`).
     capture_bulk(bin, Path::new("/dev/shm"))?;
     capture_bulk(bin, &std::env::temp_dir())?;
+    program_costs(bin, probe)?;
+    startup(bin)
+}
+
+/// The per-run cost rows: each program of childflow's, then the empty program on the
+/// baseline veth, under bulk TCP and under 64-byte UDP.
+fn program_costs(bin: &str, probe: &str) -> Result<()> {
     println!("\nper-run program cost (bpf_stats run_time_ns / run_cnt):");
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
     for (what, cmd) in [("bulk TCP", iperf), ("64-byte UDP", flood_args(probe, 0))] {
@@ -751,7 +770,6 @@ pub fn run(bin: &str, startup_only: bool) -> Result<()> {
         "\nload average after: {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
-    startup(bin)?;
     Ok(())
 }
 

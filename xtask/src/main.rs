@@ -176,7 +176,7 @@ fn run(rest: &[String]) -> Result<ExitCode> {
 fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w; \
-                         `rootful --startup`: only the start-up row; \
+                         `rootful --startup`: only the start-up row; `rootful --costs`: only the bpf_stats rows; \
                          `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost; \
                          `rootful --prog-run [--pair] [OBJECT...]`: BPF_PROG_TEST_RUN per packet type), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
@@ -206,8 +206,12 @@ fn bench(rest: &[String]) -> Result<()> {
             build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);
             status(build)?;
             let bin = root().join("target/release/childflow");
-            let startup_only = rest.get(1).is_some_and(|a| a == "--startup");
-            bench_rootful::run(bin.to_str().context("binary path is not UTF-8")?, startup_only)
+            let only = match rest.get(1).map(String::as_str) {
+                Some("--startup") => bench_rootful::Only::Startup,
+                Some("--costs") => bench_rootful::Only::Costs,
+                _ => bench_rootful::Only::All,
+            };
+            bench_rootful::run(bin.to_str().context("binary path is not UTF-8")?, only)
         }
         other => bail!("unknown benchmark `{other}`; kinds: {KINDS}"),
     }
