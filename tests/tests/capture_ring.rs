@@ -167,7 +167,7 @@ fn filtered(filter: &str) -> Filtered {
         .expect("fits the kernel table");
     let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
     let mut acc = Accounting::load(capture, Some(&program)).expect("load");
-    acc.attach_to(&net.host_if, None).expect("attach");
+    acc.attach_to(&net.host_if).expect("attach");
     let mut ring = acc.take_packets().unwrap();
     udp_exchange(&net, 7, &[40, 60], true);
     let mut tcp = TcpStream::connect((net.server_v4(), 80)).expect("connect to the HTTP server");

@@ -271,7 +271,7 @@ fn tap_drops(pid: u32) -> Result<u64> {
 }
 
 /// Packets in a pcap or pcapng file, as capinfos counts them.
-fn count_packets(file: &Path) -> Result<u64> {
+pub(crate) fn count_packets(file: &Path) -> Result<u64> {
     let out = Command::new("capinfos")
         .args(["-T", "-r", "-M", "-c"])
         .arg(file)

@@ -47,7 +47,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_capture::stop_tcpdump;
+use crate::bench_capture::{count_packets, stop_tcpdump};
 
 /// Rounds of every row (so at least this many A/B pairs).
 const ROUNDS: usize = 6;
@@ -467,7 +467,7 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
                 .find_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
                 .with_context(|| format!("the flood printed {out:?}"))?;
             let path = if r == 0 { &cf_file } else { &dump_file };
-            let written = count_packets(path)?;
+            let written = count_packets(Path::new(path))?;
             let _ = std::fs::remove_file(path);
             let drops = dump.context("no drop count (tcpdump's, or childflow's summary)")?;
             results[r].push((written as f64 / secs, sent, received, written, drops));
@@ -522,7 +522,7 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             let (contender, path) = (&rows[r].1, rows[r].2);
             let (out, drops) = contender.run(bin, &iperf)?;
             let gbit = parse_iperf(&out)? / 1e9;
-            let written = path.map(|p| count_packets(p)).transpose()?;
+            let written = path.map(|p| count_packets(Path::new(p))).transpose()?;
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
             }
@@ -548,19 +548,6 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         println!("{name:<24} {:>6.2} Gbit/s  {cost:<13} {capture}", median(gbits));
     }
     Ok(())
-}
-
-/// Packets in a pcap or pcapng file, as capinfos counts them.
-fn count_packets(file: &str) -> Result<u64> {
-    let out = Command::new("capinfos")
-        .args(["-T", "-r", "-M", "-c", file])
-        .output()
-        .context("failed to run capinfos (Debian package wireshark-common)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split('\t')
-        .nth(1)
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("capinfos printed {text:?} for {file}"))
 }
 
 /// Ids of the loaded programs `keep` selects, with their JSON.

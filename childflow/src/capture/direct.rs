@@ -180,29 +180,15 @@ mod tests {
 
     /// A directory on the disk the tests build on (target/), not tmpfs; `None` if the file
     /// system refuses O_DIRECT.
-    fn disk_file(name: &str) -> (tempfile_dir::Dir, Option<DirectFile>, std::path::PathBuf) {
-        let dir = tempfile_dir::Dir::new(name);
-        let path = dir.0.join("capture.pcapng");
+    fn disk_file(name: &str) -> (tempfile::TempDir, Option<DirectFile>, std::path::PathBuf) {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cf-direct-{name}-"))
+            .tempdir_in(base)
+            .expect("create the scratch directory");
+        let path = dir.path().join("capture.pcapng");
         let f = DirectFile::create(&path).expect("create the direct file");
         (dir, f, path)
-    }
-
-    /// A scratch directory under target/ removed on drop (no tempfile crate needed).
-    mod tempfile_dir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new(name: &str) -> Self {
-                let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-                let path = base.join(format!("cf-direct-{name}-{}", std::process::id()));
-                std::fs::create_dir_all(&path).expect("create the scratch directory");
-                Dir(path)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]

@@ -161,15 +161,15 @@ impl Accounting {
         cgroup: Option<&std::fs::File>,
         capture: CaptureConfig,
     ) -> Result<Self, EbpfError> {
-        let mut accounting = Self::load(capture, None)?;
-        accounting.attach_to(iface, cgroup)?;
+        let mut accounting = Self::load_with(capture, None, cgroup)?;
+        accounting.attach_to(iface)?;
         Ok(accounting)
     }
 
     /// Loads the object and every program (the verifier runs here), with the capture
     /// settings `capture` and the capture filter `filter` (`None`: no filter, every packet
     /// matches), without attaching anything: a caller can do this while it creates the
-    /// interface and the cgroup, then [`Accounting::attach_to`] them.
+    /// interface, then [`Accounting::attach_to`] it (the cgroup: [`Accounting::load_with`]).
     ///
     /// The settings are fixed for the life of the programs: `CONFIG` and `FILTER` are
     /// declared read-only for programs (`BPF_F_RDONLY_PROG` in childflow-ebpf), written, then frozen
@@ -189,8 +189,7 @@ impl Accounting {
     /// attaches each attribution program to it as soon as that program is verified, while
     /// the TC programs are still being verified: a cgroup attachment takes milliseconds
     /// (the first one of a kind flips a static key, kernel/bpf/cgroup.c), which then stay
-    /// off the start-up's critical path. Pass no cgroup to
-    /// [`Accounting::attach_prepared`] afterwards.
+    /// off the start-up's critical path.
     pub fn load_with(
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
@@ -238,33 +237,26 @@ impl Accounting {
         Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf })
     }
 
-    /// Attaches the loaded programs: `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links,
-    /// and the attribution programs to `cgroup` if given. Short for [`TcxLinks::attach`]
-    /// then [`Accounting::attach_prepared`]; a caller that knows the interface before the
-    /// programs are verified makes the links first, in parallel (see [`TcxLinks`]).
-    pub fn attach_to(
-        &mut self,
-        iface: &str,
-        cgroup: Option<&std::fs::File>,
-    ) -> Result<(), EbpfError> {
+    /// Attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links. Short for
+    /// [`TcxLinks::attach`] then [`Accounting::attach_prepared`]; a caller that knows the
+    /// interface before the programs are verified makes the links first, in parallel (see
+    /// [`TcxLinks`]). The attribution programs go on a cgroup at load
+    /// ([`Accounting::load_with`]).
+    pub fn attach_to(&mut self, iface: &str) -> Result<(), EbpfError> {
         let links = TcxLinks::attach(iface)?;
-        self.attach_prepared(links, cgroup)
+        self.attach_prepared(links)
     }
 
     /// Puts `cf_tc_ingress`/`cf_tc_egress` on the TCX links `tcx` (which this value owns
-    /// from now on) and attaches the attribution programs to `cgroup` if given.
+    /// from now on).
     ///
     /// The programs are swapped in with `BPF_LINK_UPDATE`, which replaces a link's program
     /// in place (kernel/bpf/tcx.c, `tcx_link_update`: the same `bpf_mprog_entry`, no grace
     /// period; ~0.0 ms in `cargo xtask bench rootful --tcx-floor`). The capture settings were
     /// written at load, so the first packet already sees them. Every link is owned by this
     /// value (and so by this process's fds): nothing outlives it, not even a SIGKILL of the
-    /// process. The cgroup attachments are made in parallel, one thread each.
-    pub fn attach_prepared(
-        &mut self,
-        tcx: TcxLinks,
-        cgroup: Option<&std::fs::File>,
-    ) -> Result<(), EbpfError> {
+    /// process.
+    pub fn attach_prepared(&mut self, tcx: TcxLinks) -> Result<(), EbpfError> {
         let TcxLinks { ingress, egress, .. } = tcx;
         for (name, link) in [("cf_tc_ingress", &ingress), ("cf_tc_egress", &egress)] {
             let program = program_name(name).unwrap_or("cf_tc");
@@ -282,20 +274,6 @@ impl Accounting {
         }
         self.links.push(Box::new(ingress));
         self.links.push(Box::new(egress));
-        let Some(cgroup) = cgroup else { return Ok(()) };
-        let programs: Vec<(&str, &mut aya::programs::Program)> =
-            self.ebpf.programs_mut().filter(|(name, _)| !name.starts_with("cf_tc_")).collect();
-        let links = std::thread::scope(|s| {
-            let running: Vec<_> = programs
-                .into_iter()
-                .map(|(name, prog)| s.spawn(move || attach_cgroup(name, prog, cgroup)))
-                .collect();
-            running
-                .into_iter()
-                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect::<Result<Vec<_>, _>>()
-        })?;
-        self.links.extend(links.into_iter().flatten());
         Ok(())
     }
 

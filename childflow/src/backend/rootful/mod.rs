@@ -428,7 +428,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
     phase!("eBPF programs loaded");
-    accounting.attach_prepared(tcx, None)?;
+    accounting.attach_prepared(tcx)?;
     phase!("eBPF programs attached");
     let clock = flows::Clock::now();
     let mut drain = Drain {
