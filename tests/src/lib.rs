@@ -50,7 +50,38 @@ pub fn pattern(len: usize) -> Vec<u8> {
 /// Lowercase hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(data);
+    hex(&sha2::Sha256::digest(data))
+}
+
+/// Hands `pattern(len)` to `each` in pieces of whole periods, so gigabytes of it never sit
+/// in memory.
+fn pattern_pieces(len: usize, mut each: impl FnMut(&[u8])) {
+    let piece = pattern((251 * 4096).min(len));
+    let mut left = len;
+    while left > 0 {
+        let take = left.min(piece.len());
+        each(&piece[..take]);
+        left -= take;
+    }
+}
+
+/// Lowercase hex SHA-256 of `pattern(len)`, without building it.
+pub fn pattern_sha256_hex(len: usize) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    pattern_pieces(len, |piece| hasher.update(piece));
+    hex(&hasher.finalize())
+}
+
+/// Writes `pattern(len)` to `path`, without building it.
+pub fn write_pattern(path: &std::path::Path, len: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create the file"));
+    pattern_pieces(len, |piece| f.write_all(piece).expect("write the pattern"));
+    f.flush().expect("write the pattern");
+}
+
+fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
