@@ -32,7 +32,7 @@ commands:
                    integration, as root), then check that no host state of ours is left
   run -- CMD...    setup, build childflow (release) and run it on CMD
   leftovers        report netns/links/nft tables/cgroups/tc links/pins of ours left on the host
-  bench KIND       run a benchmark side by side with its peers (see docs/bench.md)
+  bench KIND       run a benchmark side by side with its peers (docs/bench.md)
 ";
 
 fn main() -> ExitCode {
