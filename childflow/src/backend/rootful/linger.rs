@@ -26,16 +26,23 @@ use std::{
     os::fd::{AsRawFd, IntoRawFd, RawFd},
 };
 
-/// The descriptors of this process that are BPF links (`anon_inode:bpf-link` in
-/// /proc/self/fd): aya does not expose their numbers, the kernel does.
+/// The descriptors of this process that are BPF links (see [`is_bpf_link`]): aya does not
+/// expose their numbers, the kernel does.
 pub fn bpf_links() -> Vec<RawFd> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
     dir.flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-link")
-        })
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| is_bpf_link(t.as_os_str())))
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// Whether a `/proc/self/fd` link target is a BPF link. The kernel names the anon inode
+/// `bpf_link` (kernel/bpf/syscall.c, `bpf_link_prime`; `anon_inode:bpf_link` on 6.18);
+/// `bpf-link` is accepted too, like `bpf-map`/`bpf-prog`. Matching only `bpf-link` once
+/// left every link with childflow, whose exit then released both TCX links itself, two
+/// grace periods (8-20 ms) between its last line and its exit.
+fn is_bpf_link(target: &std::ffi::OsStr) -> bool {
+    target == "anon_inode:bpf_link" || target == "anon_inode:bpf-link"
 }
 
 /// The ranges `[lo, hi]` of descriptors from 3 up that are not in `keep`.
@@ -103,6 +110,15 @@ pub fn hand_over(keep: &[RawFd]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpf_links_are_recognised_by_either_spelling_of_their_inode() {
+        use std::ffi::OsStr;
+        assert!(is_bpf_link(OsStr::new("anon_inode:bpf_link")));
+        assert!(is_bpf_link(OsStr::new("anon_inode:bpf-link")));
+        assert!(!is_bpf_link(OsStr::new("anon_inode:bpf-map")));
+        assert!(!is_bpf_link(OsStr::new("anon_inode:bpf-prog")));
+    }
 
     #[test]
     fn close_ranges_skip_stdio_and_the_kept_descriptors() {

@@ -33,7 +33,7 @@ use std::{
 use futures_util::TryStreamExt;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
-    link::{InfoData, InfoVeth},
+    link::{InfoData, InfoVeth, LinkAttribute},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -200,13 +200,25 @@ pub async fn create(
     a: &Addressing,
     child_pid: i32,
 ) -> Result<u32, NetError> {
-    let peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(a.child_if.clone())
-        .setns_by_pid(child_pid as u32)
-        .build();
-    let veth = LinkVeth::new(&a.host_if, &a.child_if)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
+    // One queue each way, asked for explicitly: by default a veth gets a queue per possible
+    // CPU and `veth_init_queues` then cuts the real count to one on the registered device,
+    // which waits for an expedited grace period under RTNL (`netif_set_real_num_tx_queues`
+    // → `synchronize_net`; drivers/net/veth.c), once per end: 3-24 ms of the start-up here.
+    // The veth ends up with one real queue either way.
+    fn one_queue<T>(b: LinkMessageBuilder<T>) -> LinkMessageBuilder<T> {
+        b.append_extra_attribute(LinkAttribute::NumTxQueues(1))
+            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+    }
+    let peer = one_queue(
+        LinkMessageBuilder::<LinkUnspec>::new()
+            .name(a.child_if.clone())
+            .setns_by_pid(child_pid as u32),
+    )
+    .build();
+    let veth = one_queue(
+        LinkVeth::new(&a.host_if, &a.child_if).set_info_data(InfoData::Veth(InfoVeth::Peer(peer))),
+    )
+    .build();
     host.link().add(veth).execute().await.map_err(nl(format!(
         "create veth {} (peer {} in the command's namespace)",
         a.host_if, a.child_if
