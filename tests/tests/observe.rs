@@ -425,3 +425,77 @@ fn the_csv_log_loads_in_python_and_matches_the_transfer() {
         assert_eq!(fields[2], "example.test", "{backend:?}");
     }
 }
+
+/// A tmpfs of `size` mounted on a fresh directory of the host's mount namespace, unmounted
+/// (lazily, in case a file is still open) and removed on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new().prefix("childflow-small").tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount a small tmpfs");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_disk_ends_the_capture_with_a_clear_error_and_the_flow_log_survives() {
+    for backend in BOTH {
+        if !can_run(backend) {
+            continue;
+        }
+        let net = TestNet::new();
+        let small = SmallDisk::mount("256k");
+        let logs = tempfile::Builder::new().prefix("childflow-full").tempdir().unwrap();
+        let (flows, capture) =
+            (logs.path().join("flows.jsonl"), small.dir.path().join("run.pcapng"));
+        let mut cf = childflow();
+        if backend == Backend::Rootful {
+            cf.arg("--root");
+        }
+        // 4 MB through a capture that has room for 256 KiB.
+        let url = format!("http://{}/bytes/4000000", net.server_v4());
+        let out = cf
+            .arg("--flow-log")
+            .arg(&flows)
+            .arg("-c")
+            .arg(&capture)
+            .args(["--", "curl", "-sS", "--fail", "-o", "/dev/null", &url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The command ran to its end and its exit code is childflow's.
+        assert!(out.status.success(), "{backend:?}: {:?}\n{stderr}", out.status);
+        // The user is told what failed, where, and why.
+        assert!(
+            stderr.contains(&capture.display().to_string()) && stderr.contains("No space left"),
+            "{backend:?}: {stderr}"
+        );
+        // The capture reads up to where the disk filled up.
+        let info = tool("capinfos").arg(&capture).output().unwrap();
+        assert!(info.status.success(), "{backend:?}: {info:?}");
+        assert!(!tshark_fields(&capture, "tcp.port == 80", &["frame.number"]).is_empty());
+        // The flow log, on another disk, is whole: the transfer and the run's end record.
+        let web = jq(&flows, r#"select(.record == "flow" and .id.resp_p == 80) | .resp_bytes"#);
+        let resp = web.last().and_then(|b| b.as_u64()).unwrap_or_default();
+        assert!(resp > 4_000_000, "{backend:?}: the HTTP flow in the log: {web:?}");
+        let records = jq(&flows, ".record");
+        assert_eq!(records.first().and_then(|r| r.as_str()), Some("header"), "{backend:?}");
+        assert_eq!(records.last().and_then(|r| r.as_str()), Some("run"), "{backend:?}");
+    }
+}
