@@ -13,6 +13,11 @@
 //! program plus that floor. Nothing here measures cache misses of real traffic (the
 //! packet and the flow entry stay hot in the loop): confirm with the `bpf_stats` rows.
 //!
+//! Each object's table also shows, per program, the instructions the verifier processed
+//! (`verified_insns`), the translated and JIT-compiled sizes in bytes, and the load time.
+//!
+//! `--load-only` stops there: only those figures, no test runs.
+//!
 //! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
 //! the same flow through `cf_tc_egress` on CPU 1 at once: what sharing one flow entry
 //! between two CPUs costs.
@@ -162,36 +167,72 @@ fn pin_to(cpu: usize) -> Result<()> {
 }
 
 /// A loaded object: its programs' fds by name (the `Ebpf` keeps them open).
-struct Loaded {
-    path: String,
-    _ebpf: Ebpf,
+pub(crate) struct Loaded {
+    pub(crate) path: String,
+    pub(crate) ebpf: Ebpf,
     fds: Vec<(&'static str, i32)>,
+    /// Per program: instructions the verifier processed, translated and JIT-compiled
+    /// bytes, and how long its load (verification) took.
+    stats: Vec<(u32, u32, u32, f64)>,
+    ids: Vec<u32>,
 }
 
-fn load(path: &str) -> Result<Loaded> {
+pub(crate) fn load(path: &str) -> Result<Loaded> {
     let obj = std::fs::read(path).with_context(|| format!("failed to read {path}"))?;
     let mut loader = EbpfLoader::new();
     loader.btf(None);
+    // CF_VERIFIER_LOG=FILE: on a load failure, the verifier's log (with the per-instruction
+    // walk and its statistics) goes to FILE. A program that fails only after the walk (too
+    // much stack across calls, say) shows where the verifier spends its instructions.
+    let log_file = std::env::var_os("CF_VERIFIER_LOG");
+    if log_file.is_some() {
+        loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
+    }
     let mut ebpf = loader.load(&obj).with_context(|| format!("failed to load {path}"))?;
     freeze(&mut ebpf, "CONFIG", CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX })?;
     freeze(&mut ebpf, "FILTER", filter::Program::default())?;
     let mut fds = Vec::new();
+    let mut stats = Vec::new();
+    let mut ids = Vec::new();
     for name in PROGRAMS {
         let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
-        let fd = match prog {
+        let started = std::time::Instant::now();
+        let keep_log = |e: aya::programs::ProgramError| {
+            if let (Some(file), aya::programs::ProgramError::LoadError { verifier_log, .. }) =
+                (&log_file, &e)
+            {
+                let _ = std::fs::write(file, verifier_log.to_string());
+            }
+            e
+        };
+        let (fd, info) = match prog {
             Program::SchedClassifier(p) => {
-                p.load()?;
-                p.fd()?.as_fd().as_raw_fd()
+                p.load().map_err(keep_log)?;
+                (p.fd()?.as_fd().as_raw_fd(), p.info()?)
             }
             Program::CgroupSkb(p) => {
                 p.load()?;
-                p.fd()?.as_fd().as_raw_fd()
+                (p.fd()?.as_fd().as_raw_fd(), p.info()?)
             }
             _ => bail!("{name} is not a TC or cgroup_skb program"),
         };
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        stats.push((
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0),
+            info.size_jitted(),
+            ms,
+        ));
+        ids.push(info.id());
         fds.push((name, fd));
     }
-    Ok(Loaded { path: path.to_owned(), _ebpf: ebpf, fds })
+    // Loaded too for `bench rootful --costs-ab`, which attaches the cgroup programs: without
+    // it no socket has an owner and `cf_skb_egress` takes its slow path on every packet.
+    match ebpf.program_mut("cf_sock_create") {
+        Some(Program::CgroupSock(p)) => p.load()?,
+        _ => bail!("no cgroup/sock_create program cf_sock_create"),
+    }
+    Ok(Loaded { path: path.to_owned(), ebpf, fds, stats, ids })
 }
 
 /// The newest `childflow.bpf.o` a build left under `target/`.
@@ -215,7 +256,7 @@ fn newest_object() -> Result<String> {
     Ok(obj.to_str().context("object path is not UTF-8")?.to_owned())
 }
 
-fn median(mut v: Vec<u32>) -> u32 {
+pub(crate) fn median(mut v: Vec<u32>) -> u32 {
     v.sort_unstable();
     v[v.len() / 2]
 }
@@ -234,6 +275,35 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     if pair {
         return run_pair(&loaded);
+    }
+    if args.iter().any(|a| a == "--load-only") {
+        for l in &loaded {
+            println!("{}", l.path);
+            for ((name, _), (verified, xlated, jited, ms)) in l.fds.iter().zip(&l.stats) {
+                println!(
+                    "  {name:<16} verified {verified:>6}  xlated {xlated:>6}  jited {jited:>5}  load {ms:>6.1} ms"
+                );
+            }
+            // CF_DUMP=DIR: each program's translated code (`bpftool prog dump xlated`) to
+            // DIR/<object>.<program>.xlated, to see what the verifier and JIT were given.
+            if let Some(dir) = std::env::var_os("CF_DUMP") {
+                let stem = std::path::Path::new(&l.path).file_stem().unwrap_or_default();
+                for ((name, _), id) in l.fds.iter().zip(&l.ids) {
+                    let out = crate::bench_rootful::sh_pub(&[
+                        "bpftool",
+                        "prog",
+                        "dump",
+                        "xlated",
+                        "id",
+                        &id.to_string(),
+                    ])?;
+                    let file = std::path::Path::new(&dir)
+                        .join(format!("{}.{name}.xlated", stem.to_string_lossy()));
+                    std::fs::write(file, out)?;
+                }
+            }
+        }
+        return Ok(());
     }
     let pkts = packets();
     // ns[object][program][packet]: one figure per round.
@@ -254,13 +324,14 @@ pub fn run(args: &[String]) -> Result<()> {
         for (name, _) in &pkts {
             print!("{name:>10}");
         }
-        println!();
+        println!("  verified  xlated  jited  load ms");
         for (p, (name, _)) in l.fds.iter().enumerate() {
             print!("{name:<16}");
             for runs in &ns[k][p] {
                 print!("{:>10}", median(runs.clone()));
             }
-            println!();
+            let (verified, xlated, jited, ms) = l.stats[p];
+            println!("  {verified:>8}  {xlated:>6}  {jited:>5}  {ms:>7.1}");
         }
     }
     println!(
