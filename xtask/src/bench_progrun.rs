@@ -16,6 +16,11 @@
 //! Each object's table also shows, per program, the instructions the verifier processed
 //! (`verified_insns`), the translated and JIT-compiled sizes in bytes, and the load time.
 //!
+//! `--check` instead runs [`CHECK_FLOWS`] flows (more than the kernel's `SLOT_COUNT`
+//! places, so some flows keep their counters in their `FLOWS` entry), each a different
+//! number of packets each way, through the TC programs and checks every flow's counters as
+//! read back the way childflow reads them (an object with a `SLOTS` map: entry or slot).
+//!
 //! `--load-only` stops there: only those figures, no test runs.
 //!
 //! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
@@ -276,6 +281,9 @@ pub fn run(args: &[String]) -> Result<()> {
     if pair {
         return run_pair(&loaded);
     }
+    if args.iter().any(|a| a == "--check") {
+        return check(&loaded);
+    }
     if args.iter().any(|a| a == "--load-only") {
         for l in &loaded {
             println!("{}", l.path);
@@ -367,6 +375,69 @@ fn run_pair(loaded: &[Loaded]) -> Result<()> {
             median(i),
             median(e)
         );
+    }
+    Ok(())
+}
+
+/// Flows of `--check`.
+const CHECK_FLOWS: u16 = 6000;
+
+/// See the module doc (`--check`).
+fn check(loaded: &[Loaded]) -> Result<()> {
+    use childflow_common::flow::{FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT};
+    for l in loaded {
+        let fd = |n: &str| l.fds.iter().find(|(m, _)| *m == n).map(|(_, fd)| *fd).unwrap();
+        let (ingress, egress) = (fd("cf_tc_ingress"), fd("cf_tc_egress"));
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        for i in 0..CHECK_FLOWS {
+            let mut p = packet(17, 0, 10 + (i as usize % 50));
+            p[34..36].copy_from_slice(&(10000 + i).to_be_bytes());
+            let (out, back) = (1 + (i as u32 % 3), 1 + (i as u32 % 2));
+            for _ in 0..out {
+                test_run(ingress, &p, 1)?;
+            }
+            for _ in 0..back {
+                test_run(egress, &reversed(p.clone()), 1)?;
+            }
+            sent += (out + back) as u64;
+            bytes += (out + back) as u64 * (p.len() as u64 - 14);
+        }
+        let flows: Vec<(FlowKey, FlowStats)> = if let Some(slots) = l.ebpf.map("SLOTS") {
+            let slots: aya::maps::Array<&MapData, FlowSlot> = aya::maps::Array::try_from(slots)?;
+            let map: aya::maps::HashMap<&MapData, FlowKey, FlowEntry> =
+                aya::maps::HashMap::try_from(l.ebpf.map("FLOWS").context("no FLOWS")?)?;
+            map.iter()
+                .flatten()
+                .map(|(k, e)| match e.slot {
+                    NO_SLOT => Ok((k, e.stats)),
+                    s => Ok((k, slots.get(&s, 0)?.stats())),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            let map: aya::maps::HashMap<&MapData, FlowKey, FlowStats> =
+                aya::maps::HashMap::try_from(l.ebpf.map("FLOWS").context("no FLOWS")?)?;
+            map.iter().flatten().collect()
+        };
+        let mut bad = 0;
+        for (k, st) in &flows {
+            let i = k.local_port - 10000;
+            let want = [1 + (i as u64 % 3), 1 + (i as u64 % 2)];
+            let len = 20 + 8 + 10 + (i as u64 % 50);
+            if st.packets != want || st.bytes != [want[0] * len, want[1] * len] {
+                bad += 1;
+            }
+        }
+        let total: u64 = flows.iter().map(|(_, s)| s.packets[0] + s.packets[1]).sum();
+        let total_bytes: u64 = flows.iter().map(|(_, s)| s.bytes[0] + s.bytes[1]).sum();
+        println!(
+            "{}: {} flows (want {CHECK_FLOWS}), {total} packets (want {sent}), {total_bytes} bytes \
+             (want {bytes}), {bad} flows with wrong counters",
+            l.path,
+            flows.len()
+        );
+        if flows.len() != CHECK_FLOWS as usize || total != sent || total_bytes != bytes || bad > 0 {
+            bail!("{}: the counters are wrong", l.path);
+        }
     }
     Ok(())
 }
