@@ -27,7 +27,7 @@ use childflow_common::{
 };
 
 use crate::{
-    parse::{NotParsed, Parsed, parse_packet, parse_packet_direct},
+    parse::{NotParsed, Parsed, copy_key, parse_packet, parse_packet_direct, same_key},
     tc::count_drop,
 };
 
@@ -150,33 +150,4 @@ fn attribute(ctx: &SkBuffContext) {
     }
     copy_key(&mut scratch.last_key, key);
     scratch.last_cookie = cookie;
-}
-
-/// Whether two keys are equal, compared as five words (`==` on the struct compares field
-/// by field, byte arrays byte by byte).
-#[inline(always)]
-fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
-    const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-    let (a, b) = ((a as *const FlowKey).cast::<u64>(), (b as *const FlowKey).cast::<u64>());
-    let mut diff = 0;
-    let mut i = 0;
-    while i < 5 {
-        // SAFETY: both keys are 40 bytes and 8-aligned (see `CgScratch`). Aligned word
-        // loads: for the bpf target LLVM splits `read_unaligned` into byte loads.
-        diff |= unsafe { a.add(i).read() ^ b.add(i).read() };
-        i += 1;
-    }
-    diff == 0
-}
-
-/// `*dst = *src` with five word copies (an aggregate copy becomes a `memcpy` call).
-#[inline(always)]
-fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
-    let (d, s) = ((dst as *mut FlowKey).cast::<u64>(), (src as *const FlowKey).cast::<u64>());
-    let mut i = 0;
-    while i < 5 {
-        // SAFETY: as in `same_key`.
-        unsafe { d.add(i).write(s.add(i).read()) };
-        i += 1;
-    }
 }

@@ -458,3 +458,33 @@ fn ports<const N: usize>(dir: usize, h: &[u8; N]) -> (u16, u16) {
     let dst = u16::from_be_bytes([h[2], h[3]]);
     if dir == DIR_OUT { (src, dst) } else { (dst, src) }
 }
+
+/// Whether two keys are equal, compared as five words (`==` on the struct compares field
+/// by field, byte arrays byte by byte). Both must be 8-aligned (`FlowKey` itself is only
+/// 2-aligned): every key the programs keep is, in a scratch struct or a map value.
+#[inline(always)]
+pub fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+    let (a, b) = ((a as *const FlowKey).cast::<u64>(), (b as *const FlowKey).cast::<u64>());
+    let mut diff = 0;
+    let mut i = 0;
+    while i < 5 {
+        // SAFETY: both keys are 40 bytes and, by the callers' contract, 8-aligned.
+        // Aligned word loads: for the bpf target LLVM splits `read_unaligned` into bytes.
+        diff |= unsafe { a.add(i).read() ^ b.add(i).read() };
+        i += 1;
+    }
+    diff == 0
+}
+
+/// `*dst = *src` with five word copies (an aggregate copy becomes a `memcpy` call).
+#[inline(always)]
+pub fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
+    let (d, s) = ((dst as *mut FlowKey).cast::<u64>(), (src as *const FlowKey).cast::<u64>());
+    let mut i = 0;
+    while i < 5 {
+        // SAFETY: as in `same_key`.
+        unsafe { d.add(i).write(s.add(i).read()) };
+        i += 1;
+    }
+}
