@@ -1,8 +1,10 @@
 //! TC (TCX) programs on the host end of the run's veth: per-flow accounting.
 //!
 //! `cf_tc_ingress` sees what the command sends (host ingress = out of the child), `cf_tc_egress`
-//! what it receives. Each packet updates its flow's [`FlowStats`] in `FLOWS`: counters with
-//! atomic adds (two CPUs may handle one flow at once), history and flags with plain writes.
+//! what it receives. Each packet updates its flow's counters: in its place in `SLOTS`
+//! (found by a hash of the key, see `FLOWS`), or in its `FLOWS` entry if that place was
+//! taken; counters with atomic adds (two CPUs may handle one flow at once), history and
+//! flags with plain writes.
 //! A flow's first packet and its FIN/RST go to `FLOW_EVENTS`; userspace samples the map
 //! for periodic updates and retires idle flows, so the ring never carries one record per
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
@@ -505,13 +507,21 @@ fn wakeup_flags(ring: &RingBuf) -> u64 {
     }) as u64
 }
 
-/// Cost (`cargo xtask bench rootful --prog-run`, 2026-11-23): of ~70–90 ns per packet of an
-/// existing flow (net of the test-run loop), parsing is ~25–35 ns, the one `FLOWS` lookup
-/// ~45 ns (jhash of the 40-byte key and the compare) and everything after it (three
-/// atomic adds, the clock, flags, history) is below the noise. Measured and dropped, as
-/// they changed nothing: skipping the zero payload add of pure ACKs, and a map value with
-/// each direction's counters on their own cache line (against the two CPUs of a bulk
-/// transfer sharing one line; `--pair` and `bpf_stats` showed no difference).
+/// Cost. Warm (`--prog-run`, 2026-12-02, load ~4.5): ~75 ns per packet of a known flow
+/// with its place in `SLOTS`, test-run floor (~31 ns) included; it was 170–186 ns with the
+/// head copy and one `FLOWS` lookup per packet. On real traffic (`bpf_stats`, `--costs-ab`
+/// with the program cut short at each step, bulk TCP, load ~4) the caches are cold and
+/// every line is a miss: of `cf_tc_egress`'s ~450 ns, ~215 ns is the cost of calling any
+/// program on this hook (an empty one), ~60 ns parsing (the scratch lines, the code),
+/// ~90 ns the first read of the slot (its key's line: a miss to memory on the CPU that
+/// sends the ACKs, which copies the received data in between), ~80 ns the rest (the
+/// direction's line); `cf_tc_ingress` pays ~2 ns for the same read, its lines still
+/// being in its cache. Before the slots, the `FLOWS` lookup alone cost 145–200 ns there.
+///
+/// Measured and dropped, as they changed nothing: skipping the zero payload add of pure
+/// ACKs, and (with the counters in `FLOWS`) each direction's counters on their own cache
+/// line. With the slots the second did matter: a slot laid out like `FlowStats`, both
+/// directions' counters in shared lines, cost `--pair` 158/160 ns against 75/78 ns.
 #[inline(always)]
 fn update(p: &Parsed, clock: &mut TickClock, dir: usize) {
     if let Some(slot) = SLOTS.get_ptr_mut(slot_of(&p.key)) {
