@@ -21,6 +21,8 @@
 //! number of packets each way, through the TC programs and checks every flow's counters as
 //! read back the way childflow reads them (an object with a `SLOTS` map: entry or slot).
 //!
+//! With `CF_CAPTURE=1` every object is loaded as for a capture with a one-term filter.
+//!
 //! `--load-only` stops there: only those figures, no test runs.
 //!
 //! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
@@ -194,8 +196,22 @@ pub(crate) fn load(path: &str) -> Result<Loaded> {
         loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
     }
     let mut ebpf = loader.load(&obj).with_context(|| format!("failed to load {path}"))?;
-    freeze(&mut ebpf, "CONFIG", CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX })?;
-    freeze(&mut ebpf, "FILTER", filter::Program::default())?;
+    // CF_CAPTURE=1: loaded as for a capture with a filter (one predicate), the programs'
+    // other configuration and the one whose verification costs most.
+    let capture = std::env::var_os("CF_CAPTURE").is_some();
+    freeze(
+        &mut ebpf,
+        "CONFIG",
+        CaptureConfig { capture_all: capture as u32, snaplen: CAPTURE_MAX },
+    )?;
+    let mut program = filter::Program::default();
+    if capture {
+        program.len = 1;
+        program.insns[0].op = filter::op::PRED;
+        program.insns[0].field = filter::field::PROTO;
+        program.insns[0].proto = 6;
+    }
+    freeze(&mut ebpf, "FILTER", program)?;
     let mut fds = Vec::new();
     let mut stats = Vec::new();
     let mut ids = Vec::new();
