@@ -286,6 +286,8 @@ mod user {
     unsafe impl aya::Pod for CaptureConfig {}
     unsafe impl aya::Pod for crate::flow::FlowKey {}
     unsafe impl aya::Pod for crate::flow::FlowStats {}
+    unsafe impl aya::Pod for crate::flow::FlowEntry {}
+    unsafe impl aya::Pod for crate::flow::FlowSlot {}
 
     #[cfg(test)]
     mod tests {

@@ -27,7 +27,7 @@ use childflow_common::{
 };
 
 use crate::{
-    parse::{NotParsed, Parsed, parse_packet},
+    parse::{NotParsed, Parsed, copy_key, parse_packet, parse_packet_direct, same_key},
     tc::count_drop,
 };
 
@@ -42,9 +42,23 @@ static ATTRIBUTED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384
 #[map]
 static SOCK_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Parse scratch of its own: a TC program may interrupt this one on the same CPU.
+/// Per-CPU scratch: the parsed packet, and the flow this CPU last found attributed.
+#[repr(C)]
+struct CgScratch {
+    /// Key and socket cookie of the last packet this CPU found (or made) attributed in
+    /// `ATTRIBUTED`: a packet with the same key from the same socket needs no lookup.
+    last_key: FlowKey,
+    last_cookie: u64,
+    parsed: Parsed,
+}
+
+/// Scratch of its own: a TC program may interrupt this one on the same CPU.
 #[map]
-static CG_SCRATCH: PerCpuArray<Parsed> = PerCpuArray::with_max_entries(1, 0);
+static CG_SCRATCH: PerCpuArray<CgScratch> = PerCpuArray::with_max_entries(1, 0);
+
+// `same_key` and `copy_key` read both keys as aligned words.
+const _: () = assert!(core::mem::align_of::<CgScratch>() == 8);
+const _: () = assert!(core::mem::offset_of!(CgScratch, parsed) % 8 == 0);
 
 /// `1` lets the socket be created / the packet through.
 const ALLOW: i32 = 1;
@@ -79,40 +93,61 @@ pub fn cf_skb_egress(ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
+/// Cost: on bulk TCP nearly every packet is one more of a flow this CPU has just seen from
+/// the same socket, so the key and the socket cookie are compared with this CPU's last
+/// attributed pair first (`CgScratch::last_key`) and only a different pair pays the
+/// `ATTRIBUTED` lookup (jhash of the 40-byte key, the LRU's reference bit; each line of the
+/// LRU map a cache miss on real traffic). The packet is parsed in place
+/// ([`parse_packet_direct`]), falling back to the full parser.
+///
+/// What the per-CPU pair changes: a key attributed to socket A, then (another CPU) to
+/// socket B sending the same 5-tuple (`SO_REUSEPORT`), is not attributed back to A when A
+/// sends again on a CPU whose last pair is (key, A); without it, each alternation sent a
+/// record. Every flow still gets its record from the first socket seen sending it.
+///
 /// Measured and dropped (2026-11-23): taking a TCP packet's key from its socket's 4-tuple
 /// (`bpf_sk_fullsock`, `struct bpf_sock` fields) instead of parsing the packet made no
 /// difference to `bpf_stats` on bulk TCP (4 interleaved pairs, 295–371 vs 326–445 ns at
 /// load 2–4) and added a helper call to every other packet.
 #[inline(always)]
 fn attribute(ctx: &SkBuffContext) {
-    let Some(parsed) = CG_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = CG_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU slot, this program run's own.
-    let parsed = unsafe { &mut *parsed };
+    let scratch = unsafe { &mut *scratch };
     let eth_proto = u16::from_be(ctx.skb.protocol() as u16);
-    match parse_packet(&ctx.skb, eth_proto, DIR_OUT, parsed) {
-        Ok(()) => {}
-        Err(NotParsed::NotIp) => return,
-        Err(NotParsed::Malformed) => {
-            count_drop(DROP_PARSE);
-            return;
+    if !parse_packet_direct(&ctx.skb, eth_proto, DIR_OUT, &mut scratch.parsed) {
+        core::hint::cold_path();
+        match parse_packet(&ctx.skb, eth_proto, DIR_OUT, &mut scratch.parsed) {
+            Ok(()) => {}
+            Err(NotParsed::NotIp) => return,
+            Err(NotParsed::Malformed) => {
+                count_drop(DROP_PARSE);
+                return;
+            }
         }
     }
     // SAFETY: the skb is the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if cookie == scratch.last_cookie && same_key(&scratch.last_key, &scratch.parsed.key) {
+        return;
+    }
+    core::hint::cold_path();
+    let key = &scratch.parsed.key;
     // SAFETY: plain lookups; the values are copied out at once.
-    if unsafe { ATTRIBUTED.get(&parsed.key) } == Some(&cookie) {
-        return;
+    if unsafe { ATTRIBUTED.get(key) } != Some(&cookie) {
+        let Some(owner) = (unsafe { OWNERS.get(&cookie) }) else {
+            return;
+        };
+        let mut rec = *owner;
+        rec.hook = SOCK_FLOW;
+        rec.key = *key;
+        let _ = ATTRIBUTED.insert(key, &cookie, 0);
+        if SOCK_EVENTS.output::<SockRecord>(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+            count_drop(DROP_SOCK_RINGBUF);
+        }
     }
-    let Some(owner) = (unsafe { OWNERS.get(&cookie) }) else {
-        return;
-    };
-    let mut rec = *owner;
-    rec.hook = SOCK_FLOW;
-    rec.key = parsed.key;
-    let _ = ATTRIBUTED.insert(&parsed.key, &cookie, 0);
-    if SOCK_EVENTS.output::<SockRecord>(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
-        count_drop(DROP_SOCK_RINGBUF);
-    }
+    copy_key(&mut scratch.last_key, key);
+    scratch.last_cookie = cookie;
 }

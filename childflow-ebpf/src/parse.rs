@@ -150,6 +150,138 @@ pub fn parse_packet(
     parse_ip::<0>(ctx, n, eth_proto, dir, out)
 }
 
+/// Parses the common packet straight from its linear data (direct packet access): IPv4
+/// without options and not a fragment, or IPv6 without extension headers, carrying TCP or
+/// UDP, with the IP header and the transport header's first 14 (TCP) or 4 (UDP) bytes in
+/// the linear part. Fills `out` exactly as [`parse_frame`] would and returns true; returns
+/// false, having written nothing that matters, for anything else, which the caller hands to
+/// [`parse_frame`].
+///
+/// Why: [`copy_head`]'s `bpf_skb_load_bytes` is a helper call (the call and the return
+/// through the SRSO safe-RET thunk, then `skb_header_pointer` and a `memcpy` call) and
+/// writes two cache lines of scratch that are read back at once; a packet's headers are in
+/// the linear part at this hook (the stack built or just parsed them), so reading them in
+/// place costs neither.
+#[inline(always)]
+pub fn parse_frame_direct(skb: &SkBuff, dir: usize, out: &mut Parsed) -> bool {
+    // SAFETY: reading fields of the program's own context.
+    let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
+    if data + ETH_HLEN > end {
+        return false;
+    }
+    // SAFETY: in the linear data, checked just above.
+    let eth_proto = u16::from_be(unsafe { pkt::<u16>(data + 12) });
+    parse_ip_direct::<ETH_HLEN>(data, end, eth_proto, dir, out)
+}
+
+/// [`parse_frame_direct`] for a `cgroup_skb` packet (the IP header at offset 0, EtherType
+/// `eth_proto` from `skb->protocol`); the fallback is [`parse_packet`].
+#[inline(always)]
+pub fn parse_packet_direct(skb: &SkBuff, eth_proto: u16, dir: usize, out: &mut Parsed) -> bool {
+    // SAFETY: reading fields of the program's own context.
+    let (data, end) = unsafe { ((*skb.skb).data as usize, (*skb.skb).data_end as usize) };
+    parse_ip_direct::<0>(data, end, eth_proto, dir, out)
+}
+
+/// A `T` read with one load of its width from the packet at `at`.
+///
+/// SAFETY: the caller has checked `at + size_of::<T>() <= data_end`. The address may be
+/// unaligned (an IPv4 address at an Ethernet frame's offset 26): the verifier refuses
+/// unaligned packet loads only under strict alignment, which kernels with efficient
+/// unaligned access (x86-64, arm64) do not impose, and the JIT emits a plain load. Not
+/// `read_unaligned`: for the bpf target LLVM splits that into byte loads.
+#[inline(always)]
+unsafe fn pkt<T: Copy>(at: usize) -> T {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::read_volatile(at as *const T) }
+}
+
+/// See [`parse_frame_direct`]: the IP packet at `data + L3`, linear data up to `end`.
+#[inline(always)]
+fn parse_ip_direct<const L3: usize>(
+    data: usize,
+    end: usize,
+    eth_proto: u16,
+    dir: usize,
+    out: &mut Parsed,
+) -> bool {
+    let ip = data + L3;
+    let key = (&raw mut out.key).cast::<u32>();
+    let (l4, ip_len, ip_hdr, proto, family);
+    if eth_proto == ETH_P_IP {
+        // IPv4 header (20) and a TCP header's first 14 bytes: UDP needs only 4, but a UDP
+        // packet of fewer than 10 payload bytes in the linear part can take the long way.
+        if ip + 34 > end {
+            return false;
+        }
+        // SAFETY (every `pkt` in this branch): within `ip + 34 <= end`.
+        let (ver_ihl, frag) = unsafe { (pkt::<u8>(ip), u16::from_be(pkt::<u16>(ip + 6))) };
+        proto = unsafe { pkt::<u8>(ip + 9) };
+        // No options, not a fragment (offset or MF set; DF may be).
+        if ver_ihl != 0x45 || frag & 0x3fff != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+            return false;
+        }
+        ip_len = u16::from_be(unsafe { pkt::<u16>(ip + 2) }) as u32;
+        let (src, dst) = unsafe { (pkt::<u32>(ip + 12), pkt::<u32>(ip + 16)) };
+        let (local, remote) = if dir == DIR_OUT { (src, dst) } else { (dst, src) };
+        // SAFETY (all four): `key` is the 8-aligned 40-byte key; addresses in network
+        // order in their first 4 bytes, the rest zero.
+        unsafe {
+            key.write(local);
+            key.add(1).write(0);
+            key.cast::<u64>().add(1).write(0);
+            key.add(4).write(remote);
+            key.add(5).write(0);
+            key.cast::<u64>().add(3).write(0);
+        }
+        (l4, ip_hdr, family) = (ip + 20, 20, FAMILY_V4);
+    } else if eth_proto == ETH_P_IPV6 {
+        if ip + 54 > end {
+            return false;
+        }
+        // SAFETY (every `pkt` in this branch): within `ip + 54 <= end`.
+        proto = unsafe { pkt::<u8>(ip + 6) };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return false;
+        }
+        ip_len = u16::from_be(unsafe { pkt::<u16>(ip + 4) }) as u32 + 40;
+        let (src, dst) = if dir == DIR_OUT { (ip + 8, ip + 24) } else { (ip + 24, ip + 8) };
+        let key = key.cast::<u64>();
+        // SAFETY: as above; both addresses are 16 bytes within the checked range.
+        unsafe {
+            key.write(pkt::<u64>(src));
+            key.add(1).write(pkt::<u64>(src + 8));
+            key.add(2).write(pkt::<u64>(dst));
+            key.add(3).write(pkt::<u64>(dst + 8));
+        }
+        (l4, ip_hdr, family) = (ip + 40, 40, FAMILY_V6);
+    } else {
+        return false;
+    }
+    // SAFETY: `l4 + 14 <= end` by the checks above.
+    let (sport, dport) = unsafe { (pkt::<u16>(l4), pkt::<u16>(l4 + 2)) };
+    let (sport, dport) = (u16::from_be(sport), u16::from_be(dport));
+    let (local_port, remote_port) = if dir == DIR_OUT { (sport, dport) } else { (dport, sport) };
+    let l4_len = ip_len.saturating_sub(ip_hdr);
+    let (tcp_flags, payload_len) = if proto == PROTO_TCP {
+        // SAFETY: as above.
+        let (off, flags) = unsafe { (pkt::<u8>(l4 + 12), pkt::<u8>(l4 + 13)) };
+        (flags, l4_len.saturating_sub(((off >> 4) as u32) * 4))
+    } else {
+        (0, l4_len.saturating_sub(8))
+    };
+    out.key.local_port = local_port;
+    out.key.remote_port = remote_port;
+    out.key.proto = proto;
+    out.key.family = family;
+    out.key._pad = [0; 2];
+    out.ip_len = ip_len;
+    out.payload_len = payload_len;
+    out.tcp_flags = tcp_flags;
+    out.has_ports = 1;
+    true
+}
+
 /// Zeroes the key with five word stores (an aggregate assignment becomes a call to a
 /// `memset` subprogram).
 #[inline(always)]
@@ -325,4 +457,34 @@ fn ports<const N: usize>(dir: usize, h: &[u8; N]) -> (u16, u16) {
     let src = u16::from_be_bytes([h[0], h[1]]);
     let dst = u16::from_be_bytes([h[2], h[3]]);
     if dir == DIR_OUT { (src, dst) } else { (dst, src) }
+}
+
+/// Whether two keys are equal, compared as five words (`==` on the struct compares field
+/// by field, byte arrays byte by byte). Both must be 8-aligned (`FlowKey` itself is only
+/// 2-aligned): every key the programs keep is, in a scratch struct or a map value.
+#[inline(always)]
+pub fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+    let (a, b) = ((a as *const FlowKey).cast::<u64>(), (b as *const FlowKey).cast::<u64>());
+    let mut diff = 0;
+    let mut i = 0;
+    while i < 5 {
+        // SAFETY: both keys are 40 bytes and, by the callers' contract, 8-aligned.
+        // Aligned word loads: for the bpf target LLVM splits `read_unaligned` into bytes.
+        diff |= unsafe { a.add(i).read() ^ b.add(i).read() };
+        i += 1;
+    }
+    diff == 0
+}
+
+/// `*dst = *src` with five word copies (an aggregate copy becomes a `memcpy` call).
+#[inline(always)]
+pub fn copy_key(dst: &mut FlowKey, src: &FlowKey) {
+    let (d, s) = ((dst as *mut FlowKey).cast::<u64>(), (src as *const FlowKey).cast::<u64>());
+    let mut i = 0;
+    while i < 5 {
+        // SAFETY: as in `same_key`.
+        unsafe { d.add(i).write(s.add(i).read()) };
+        i += 1;
+    }
 }

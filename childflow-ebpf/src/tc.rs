@@ -1,8 +1,10 @@
 //! TC (TCX) programs on the host end of the run's veth: per-flow accounting.
 //!
 //! `cf_tc_ingress` sees what the command sends (host ingress = out of the child), `cf_tc_egress`
-//! what it receives. Each packet updates its flow's [`FlowStats`] in `FLOWS`: counters with
-//! atomic adds (two CPUs may handle one flow at once), history and flags with plain writes.
+//! what it receives. Each packet updates its flow's counters: in its place in `SLOTS`
+//! (found by a hash of the key, see `FLOWS`), or in its `FLOWS` entry if that place was
+//! taken; counters with atomic adds (two CPUs may handle one flow at once), history and
+//! flags with plain writes.
 //! A flow's first packet and its FIN/RST go to `FLOW_EVENTS`; userspace samples the map
 //! for periodic updates and retires idle flows, so the ring never carries one record per
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
@@ -21,13 +23,13 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        TC_ACT_UNSPEC,
+        __sk_buff, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC,
     },
     helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    programs::{TcContext, sk_buff::SkBuff},
 };
 use childflow_common::{
     event::{
@@ -38,35 +40,68 @@ use childflow_common::{
     },
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
-        DIR_IN, DIR_OUT, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, history_bits,
+        DIR_IN, DIR_OUT, FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT, PROTO_TCP, PROTO_UDP,
+        SlotDir, TCP_FIN, TCP_RST, history_bits, record_history,
     },
 };
 
-use crate::parse::{NotParsed, Parsed, parse_frame};
+use crate::parse::{NotParsed, Parsed, copy_key, parse_frame, parse_frame_direct, same_key};
 
 /// Live flows of one run. Userspace removes ended and idle ones.
 pub const MAX_FLOWS: u32 = 65536;
+/// Places in `SLOTS`, a power of two. A run rarely has more than a few hundred flows at
+/// once; a flow whose place is taken keeps its counters in its `FLOWS` entry instead.
+pub const SLOT_COUNT: u32 = 4096;
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h): an array map whose values start on a page
+/// (kernel/bpf/arraymap.c, `array_map_alloc`), so each 256-byte slot is four whole cache
+/// lines; otherwise the values start 16 bytes into a line and every line is shared by two
+/// of a slot's parts (`FlowSlot`).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// `-EEXIST` from `bpf_map_update_elem` with `BPF_NOEXIST`: the key is already there.
 const EEXIST: i32 = -17;
 /// Wake the reader once this much data is pending; it also drains on a short timer.
 const WAKEUP_BYTES: u64 = 64 * 1024;
 
+/// Every live flow, and where its counters are ([`FlowEntry`]): in the entry, or in the
+/// flow's place in `SLOTS`.
+///
+/// Why the slots: on real traffic a hash map lookup cost ~100–200 ns per packet (bulk TCP,
+/// `bpf_stats` with and without it: the map's header, the bucket and three lines of the
+/// element are cache misses between two packets of a flow, on top of the call and the
+/// jhash of 40 bytes), most of the program's cost. A flow's place in `SLOTS` is a hash of
+/// its key (`slot_of`): a packet reads it with an inlined array access, two cache lines
+/// (the key's, its direction's), and checks the key there; only packets of flows without a place, and a flow's first,
+/// pay the lookup here.
+///
 /// Not preallocated (`BPF_F_NO_PREALLOC`): preallocating 64 Ki entries costs milliseconds
 /// at every start, and a run rarely has more than a few hundred flows.
 #[map]
-static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
+static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
+
+/// Flows' places (see `FLOWS`). A slot's key is written last when a flow takes it, after
+/// its counters and its `FLOWS` entry; userspace retires a flow by deleting its entry, then
+/// zeroing its slot (no packet finds it by the key any more), and frees the place in
+/// `CLAIMED` only after a quarantine that outlasts any program run still writing to it.
+#[map]
+static SLOTS: Array<FlowSlot> = Array::with_max_entries(SLOT_COUNT, BPF_F_MMAPABLE);
+
+/// The places in `SLOTS` that belong to a flow (or are in quarantine). A flow takes its
+/// place by inserting it here with `BPF_NOEXIST`: the one atomic test-and-set the bpf
+/// target has without compare-and-swap (`--cpu generic`).
+#[map]
+static CLAIMED: HashMap<u32, u32> = HashMap::with_max_entries(SLOT_COUNT, BPF_F_NO_PREALLOC);
 
 #[map]
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Per-CPU scratch space: the parsed packet and a new flow's first counters stay off the
-/// 512-byte BPF stack.
+/// Per-CPU scratch space: the parsed packet and a new flow's first entry stay off the
+/// 512-byte BPF stack. What every packet touches comes first.
 #[repr(C)]
 struct Scratch {
-    parsed: Parsed,
-    stats: FlowStats,
     clock: TickClock,
-    /// Bit 0: the packet is DNS; bit 1: it parsed (see `account`).
+    parsed: Parsed,
+    entry: FlowEntry,
+    /// `OUTCOME_*` bits (see `account`).
     outcome: u32,
 }
 
@@ -151,6 +186,21 @@ pub fn cf_tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// `Scratch::outcome` bits: the packet is DNS; it parsed (or is not IP: nothing to parse).
+const OUTCOME_DNS: u32 = 1;
+const OUTCOME_PARSED: u32 = 2;
+
+/// The per-packet path. Laid out for a packet of a known flow, the common case: parse in
+/// place, one `FLOWS` lookup, the counters, done; on real traffic the caches are cold
+/// between two packets of a flow, and each cache line of code or data the program touches
+/// is a miss. Everything else is marked cold (`cold_path`), so LLVM places it after the hot
+/// path: the full parser ([`parse_slow`]), a new flow ([`new_flow`]), a FIN/RST
+/// ([`end_flow`]), capture ([`capture_out_of_line`]).
+///
+/// Not BPF-to-BPF calls, though they would take the cold code out of the program's image:
+/// the verifier walks a static subprogram once per caller state, and with these four as
+/// subprograms (`#[inline(never)]`) each TC program took 7,088 instructions to verify
+/// instead of 5,552 inline, for no difference in `--prog-run`.
 #[inline(always)]
 fn account(ctx: &TcContext, dir: usize) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -158,30 +208,85 @@ fn account(ctx: &TcContext, dir: usize) {
     };
     // SAFETY: per-CPU map slot; programs do not migrate CPUs while running.
     let scratch = unsafe { &mut *scratch };
-    let (dns, parsed) = match parse_frame(&ctx.skb, dir, &mut scratch.parsed) {
-        Ok(()) => {
-            update(&scratch.parsed, &mut scratch.stats, &mut scratch.clock, dir);
-            let key = &scratch.parsed.key;
-            let dns = (key.proto == PROTO_UDP || key.proto == PROTO_TCP)
-                && (key.remote_port == DNS_PORT || key.local_port == DNS_PORT);
-            (dns, true)
+    let outcome = if parse_frame_direct(&ctx.skb, dir, &mut scratch.parsed) {
+        OUTCOME_PARSED
+    } else {
+        core::hint::cold_path();
+        parse_slow(ctx.skb.skb, dir)
+    };
+    let mut dns = 0;
+    // The slow parser zeroed the key of a packet that is not IP: family 0, not DNS.
+    if outcome & OUTCOME_PARSED != 0 {
+        let p = &scratch.parsed;
+        if merged(&p.key.family) != 0 {
+            update(p, &mut scratch.clock, dir);
         }
+        let proto = merged(&p.key.proto);
+        if (proto == PROTO_UDP || proto == PROTO_TCP)
+            && (merged(&p.key.remote_port) == DNS_PORT || merged(&p.key.local_port) == DNS_PORT)
+        {
+            dns = OUTCOME_DNS;
+        }
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    if config.capture_all != 0 || dns != 0 {
+        core::hint::cold_path();
+        // SAFETY: a field of this CPU's scratch slot; read back volatile in there.
+        unsafe { (&raw mut scratch.outcome).write_volatile(outcome | dns) };
+        capture_out_of_line(ctx.skb.skb, dir);
+    }
+}
+
+/// A field of the parsed packet, read back from map memory (volatile): the verifier does
+/// not track what map memory holds, so what each parser path knows about the value (an
+/// exact protocol, zero flags for UDP) is forgotten here and the paths merge into one walk
+/// of the flow update; in a register, each would walk it on its own.
+#[inline(always)]
+fn merged<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference is valid for reads.
+    unsafe { (field as *const T).read_volatile() }
+}
+
+/// The full parser ([`parse_frame`]) into this CPU's scratch, for what
+/// [`parse_frame_direct`] does not take: IPv4 options, fragments, IPv6 extension headers,
+/// ICMP, other protocols, headers beyond the linear part, malformed packets, not IP.
+/// Returns `OUTCOME_PARSED` if the packet parsed or is not IP (key zeroed), 0 if it is
+/// malformed (counted as `DROP_PARSE`).
+#[inline(always)]
+fn parse_slow(skb: *mut __sk_buff, dir: usize) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU map slot, this program run's own.
+    let scratch = unsafe { &mut *scratch };
+    match parse_frame(&SkBuff::new(skb), dir, &mut scratch.parsed) {
         // `parse` zeroed the key first: family 0, which the filter reads as "not IP".
-        Err(NotParsed::NotIp) => (false, true),
+        Ok(()) | Err(NotParsed::NotIp) => OUTCOME_PARSED,
         Err(NotParsed::Malformed) => {
             count_drop(DROP_PARSE);
-            (false, false)
+            0
         }
+    }
+}
+
+/// The capture step, off the per-packet path: reached only when capturing or for DNS.
+#[inline(always)]
+fn capture_out_of_line(skb: *mut __sk_buff, dir: usize) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: per-CPU map slot, this program run's own.
+    let scratch = unsafe { &mut *scratch };
     // Through map memory, which the verifier does not track: every path through the parser
     // and the flow update reaches the capture code in the same state, so the verifier
     // walks the capture filter and the copy loop once, not once per parser path (this
     // took the load of each TC program from ~350 ms to a few ms).
-    // SAFETY: a field of this CPU's scratch slot.
-    unsafe { (&raw mut scratch.outcome).write_volatile(dns as u32 | (parsed as u32) << 1) };
+    // SAFETY: a field of this CPU's scratch slot, written by `account`.
     let outcome = unsafe { (&raw const scratch.outcome).read_volatile() };
-    let (dns, parsed) = (outcome & 1 != 0, outcome & 2 != 0);
-    capture(ctx, dir, dns, parsed.then_some(&scratch.parsed));
+    let (dns, parsed) = (outcome & OUTCOME_DNS != 0, outcome & OUTCOME_PARSED != 0);
+    capture(&TcContext::new(skb), dir, dns, parsed.then_some(&scratch.parsed));
 }
 
 /// Copies the packet into `PACKETS` if capture is on and the filter matches `parsed` (a
@@ -402,62 +507,252 @@ fn wakeup_flags(ring: &RingBuf) -> u64 {
     }) as u64
 }
 
-/// Cost (`cargo xtask bench rootful --prog-run`, 2026-11-23): of ~70–90 ns per packet of an
-/// existing flow (net of the test-run loop), parsing is ~25–35 ns, the one `FLOWS` lookup
-/// ~45 ns (jhash of the 40-byte key and the compare) and everything after it (three
-/// atomic adds, the clock, flags, history) is below the noise. Measured and dropped, as
-/// they changed nothing: skipping the zero payload add of pure ACKs, and a map value with
-/// each direction's counters on their own cache line (against the two CPUs of a bulk
-/// transfer sharing one line; `--pair` and `bpf_stats` showed no difference).
+/// Cost. Warm (`--prog-run`, 2026-12-02, load ~4.5): ~75 ns per packet of a known flow
+/// with its place in `SLOTS`, test-run floor (~31 ns) included; it was 170–186 ns with the
+/// head copy and one `FLOWS` lookup per packet. On real traffic (`bpf_stats`, `--costs-ab`
+/// with the program cut short at each step, bulk TCP, load ~4) the caches are cold and
+/// every line is a miss: of `cf_tc_egress`'s ~450 ns, ~215 ns is the cost of calling any
+/// program on this hook (an empty one), ~60 ns parsing (the scratch lines, the code),
+/// ~90 ns the first read of the slot (its key's line: a miss to memory on the CPU that
+/// sends the ACKs, which copies the received data in between), ~80 ns the rest (the
+/// direction's line); `cf_tc_ingress` pays ~2 ns for the same read, its lines still
+/// being in its cache. Before the slots, the `FLOWS` lookup alone cost 145–200 ns there.
+///
+/// Measured and dropped, as they changed nothing: skipping the zero payload add of pure
+/// ACKs, and (with the counters in `FLOWS`) each direction's counters on their own cache
+/// line. With the slots the second did matter: a slot laid out like `FlowStats`, both
+/// directions' counters in shared lines, cost `--pair` 158/160 ns against 75/78 ns.
 #[inline(always)]
-fn update(p: &Parsed, new: &mut FlowStats, clock: &mut TickClock, dir: usize) {
-    let bits = history_bits(p.tcp_flags, p.payload_len);
-    match FLOWS.get_ptr_mut(&p.key) {
-        Some(stats) => {
-            // SAFETY: the pointer comes from a successful map lookup and stays valid for
-            // this program run; fields are updated atomically or tolerate a lost race.
-            let stats = unsafe { &mut *stats };
-            add(&mut stats.packets[dir & 1], 1);
-            add(&mut stats.bytes[dir & 1], p.ip_len as u64);
-            add(&mut stats.payload_bytes[dir & 1], p.payload_len as u64);
-            // Last seen at tick resolution (see `TickClock`). It may lag `first_ns` (read
-            // precisely) by up to a tick, hence the max; stored only when it moves, so the
-            // line is not dirtied for nothing.
-            let now = clock.now();
-            if now > stats.last_ns {
-                stats.last_ns = now;
-            }
-            if p.tcp_flags & !stats.tcp_flags[dir & 1] != 0 {
-                stats.tcp_flags[dir & 1] |= p.tcp_flags;
-            }
-            stats.record_history(dir, bits);
-            if p.tcp_flags & TCP_RST != 0 {
-                emit(&p.key, stats, FLOW_END_RST);
-            } else if p.tcp_flags & TCP_FIN != 0 && stats.tcp_flags[(dir ^ 1) & 1] & TCP_FIN != 0 {
-                emit(&p.key, stats, FLOW_END_FIN);
-            }
-        }
-        None => {
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            reset_stats(new, dir, now);
-            new.account(dir, p.ip_len, p.payload_len, p.tcp_flags, now);
-            match FLOWS.insert(&p.key, &*new, BPF_NOEXIST as u64) {
-                Ok(()) => emit(&p.key, new, FLOW_START),
-                // Another CPU created the flow between our lookup and insert: add to it.
-                Err(EEXIST) => {
-                    if let Some(existing) = FLOWS.get_ptr_mut(&p.key) {
-                        // SAFETY: as above.
-                        let existing = unsafe { &mut *existing };
-                        add(&mut existing.packets[dir & 1], 1);
-                        add(&mut existing.bytes[dir & 1], p.ip_len as u64);
-                        add(&mut existing.payload_bytes[dir & 1], p.payload_len as u64);
-                    }
-                }
-                Err(_) => count_drop(DROP_FLOW_MAP_FULL),
-            }
+fn update(p: &Parsed, clock: &mut TickClock, dir: usize) {
+    if let Some(slot) = SLOTS.get_ptr_mut(slot_of(&p.key)) {
+        // SAFETY: a pointer from a successful map lookup, valid for this program run; the
+        // fields are updated atomically or tolerate a lost race (two CPUs may run this at
+        // once).
+        let slot = unsafe { &mut *slot };
+        if same_key(&slot.key, &p.key) {
+            update_slot(slot, p, clock, dir);
+            return;
         }
     }
+    core::hint::cold_path();
+    let Some(entry) = FLOWS.get_ptr_mut(&p.key) else {
+        new_flow(dir);
+        return;
+    };
+    // SAFETY: as above.
+    let entry = unsafe { &mut *entry };
+    let slot = merged(&entry.slot);
+    if slot != NO_SLOT {
+        // The flow has a place, still being made on another CPU (its key is written last,
+        // see `new_flow`): the counters only; the flags and the history of a flow's first
+        // packets come from its first packet's CPU.
+        if let Some(slot) = SLOTS.get_ptr_mut(slot) {
+            // SAFETY: as above.
+            add_dir_counts(unsafe { &mut (*slot).dirs[dir & 1] }, p);
+        }
+        return;
+    }
+    update_stats(&mut entry.stats, p, clock, dir);
+}
+
+/// One packet of a flow with a place in `SLOTS`: only the key's line is read and only the
+/// packet's direction's line written (see `FlowSlot`), but for a new history letter.
+#[inline(always)]
+fn update_slot(slot: &mut FlowSlot, p: &Parsed, clock: &mut TickClock, dir: usize) {
+    let (payload_len, tcp_flags) = (merged(&p.payload_len), merged(&p.tcp_flags));
+    let d = &mut slot.dirs[dir & 1];
+    add_dir_counts(d, p);
+    // Last seen at tick resolution (see `TickClock`): stored only when it moves.
+    let now = clock.now();
+    if now > d.last_ns {
+        d.last_ns = now;
+    }
+    if tcp_flags & !d.tcp_flags != 0 {
+        d.tcp_flags |= tcp_flags;
+    }
+    let bits = history_bits(tcp_flags, payload_len);
+    record_history(
+        &mut slot.history,
+        &mut slot.history_len,
+        &mut d.history_seen,
+        slot.initiator,
+        dir,
+        bits,
+    );
+    if tcp_flags & (TCP_RST | TCP_FIN) != 0 {
+        core::hint::cold_path();
+        // A RST ends the flow, as does the second direction's FIN.
+        if tcp_flags & TCP_RST != 0 {
+            emit_slot(slot, FLOW_END_RST);
+        } else if tcp_flags & TCP_FIN != 0 && slot.dirs[(dir ^ 1) & 1].tcp_flags & TCP_FIN != 0 {
+            emit_slot(slot, FLOW_END_FIN);
+        }
+    }
+}
+
+/// One packet's counts in a slot's direction.
+#[inline(always)]
+fn add_dir_counts(d: &mut SlotDir, p: &Parsed) {
+    add(&mut d.packets, 1);
+    add(&mut d.bytes, merged(&p.ip_len) as u64);
+    add(&mut d.payload_bytes, merged(&p.payload_len) as u64);
+}
+
+/// One packet of a flow without a place: its counters are in its `FLOWS` entry.
+#[inline(always)]
+fn update_stats(stats: &mut FlowStats, p: &Parsed, clock: &mut TickClock, dir: usize) {
+    let (payload_len, tcp_flags) = (merged(&p.payload_len), merged(&p.tcp_flags));
+    add_counts(stats, p, dir);
+    // Last seen at tick resolution (see `TickClock`). It may lag `first_ns` (read
+    // precisely) by up to a tick, hence the max; stored only when it moves, so the line is
+    // not dirtied for nothing.
+    let now = clock.now();
+    if now > stats.last_ns {
+        stats.last_ns = now;
+    }
+    if tcp_flags & !stats.tcp_flags[dir & 1] != 0 {
+        stats.tcp_flags[dir & 1] |= tcp_flags;
+    }
+    stats.record_history(dir, history_bits(tcp_flags, payload_len));
+    if tcp_flags & (TCP_RST | TCP_FIN) != 0 {
+        // A RST ends the flow, as does the second direction's FIN.
+        if tcp_flags & TCP_RST != 0 {
+            emit(&p.key, stats, FLOW_END_RST);
+        } else if tcp_flags & TCP_FIN != 0 && stats.tcp_flags[(dir ^ 1) & 1] & TCP_FIN != 0 {
+            emit(&p.key, stats, FLOW_END_FIN);
+        }
+    }
+}
+
+/// A flow's place in `SLOTS`: the key's five words folded and multiplied (Fibonacci
+/// hashing), the top bits. Read through `merged`: as an array index the value must be
+/// exact to the verifier, which would otherwise make each parser path's key precise and
+/// walk the update once per path.
+#[inline(always)]
+fn slot_of(key: &FlowKey) -> u32 {
+    const BITS: u32 = SLOT_COUNT.trailing_zeros();
+    const _: () = assert!(SLOT_COUNT.is_power_of_two());
+    let w = (key as *const FlowKey).cast::<u64>();
+    // SAFETY: the 40-byte, 8-aligned key (in the scratch map value) as five words.
+    let word = |i: usize| merged(unsafe { &*w.add(i) });
+    let x = word(0)
+        ^ word(1).rotate_left(16)
+        ^ word(2).rotate_left(32)
+        ^ word(3).rotate_left(48)
+        ^ word(4);
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as u32
+}
+
+/// The first packet of a flow (as far as `FLOWS` knows): makes its entry, in its place in
+/// `SLOTS` if that is free, and reports it.
+///
+/// Order, for whoever looks at the flow meanwhile: the place is claimed and its counters
+/// written, then the `FLOWS` entry made (from then on a packet that looks the key up adds
+/// to the place), then the place's key written (from then on a packet finds the place by
+/// its key). Userspace reads the counters through the entry, so it never sees a half-made
+/// flow.
+#[inline(always)]
+fn new_flow(dir: usize) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map slot, this program run's own.
+    let scratch = unsafe { &mut *scratch };
+    let (p, entry) = (&scratch.parsed, &mut scratch.entry);
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let place = slot_of(&p.key);
+    let slot = match CLAIMED.insert(&place, &0, BPF_NOEXIST as u64) {
+        Ok(()) => SLOTS.get_ptr_mut(place),
+        Err(_) => None,
+    };
+    entry.slot = NO_SLOT;
+    entry._pad = 0;
+    if let Some(slot) = slot {
+        // SAFETY: as in `update`; the place is ours since the claim, and nothing finds it
+        // before the `FLOWS` entry exists, so plain stores.
+        let slot = unsafe { &mut *slot };
+        // A place given up by a `new_flow` that lost the race below keeps what it wrote.
+        clear_words(slot);
+        slot.first_ns = now;
+        slot.initiator = dir as u8;
+        let d = &mut slot.dirs[dir & 1];
+        d.packets = 1;
+        d.bytes = p.ip_len as u64;
+        d.payload_bytes = p.payload_len as u64;
+        d.last_ns = now;
+        d.tcp_flags = p.tcp_flags;
+        let bits = history_bits(p.tcp_flags, p.payload_len);
+        record_history(
+            &mut slot.history,
+            &mut slot.history_len,
+            &mut d.history_seen,
+            slot.initiator,
+            dir,
+            bits,
+        );
+        reset_stats(&mut entry.stats, DIR_OUT, 0);
+        entry.slot = place;
+    } else {
+        reset_stats(&mut entry.stats, dir, now);
+        entry.stats.account(dir, p.ip_len, p.payload_len, p.tcp_flags, now);
+    }
+    match FLOWS.insert(&p.key, &*entry, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            match slot {
+                Some(slot) => {
+                    // SAFETY: as above.
+                    let slot = unsafe { &mut *slot };
+                    copy_key(&mut slot.key, &p.key);
+                    emit_slot(slot, FLOW_START);
+                }
+                None => emit(&p.key, &entry.stats, FLOW_START),
+            }
+            return;
+        }
+        // Another CPU made the flow between our lookup and insert: add to it.
+        Err(EEXIST) => {
+            if let Some(theirs) = FLOWS.get_ptr_mut(&p.key) {
+                // SAFETY: as in `update`.
+                let theirs = unsafe { &mut *theirs };
+                match merged(&theirs.slot) {
+                    NO_SLOT => add_counts(&mut theirs.stats, p, dir),
+                    i => {
+                        if let Some(s) = SLOTS.get_ptr_mut(i) {
+                            // SAFETY: as in `update`.
+                            add_dir_counts(unsafe { &mut (*s).dirs[dir & 1] }, p);
+                        }
+                    }
+                }
+            }
+        }
+        Err(_) => count_drop(DROP_FLOW_MAP_FULL),
+    }
+    // The place was not used after all (its key was never written).
+    if slot.is_some() {
+        let _ = CLAIMED.remove(&place);
+    }
+}
+
+/// Zeroes a slot with 32 word stores (an aggregate assignment becomes a `memset` call).
+#[inline(always)]
+fn clear_words(slot: &mut FlowSlot) {
+    const _: () = assert!(core::mem::size_of::<FlowSlot>() == 256);
+    let words = (slot as *mut FlowSlot).cast::<u64>();
+    let mut i = 0;
+    while i < 32 {
+        // SAFETY: `FlowSlot` is 256 bytes, 8-aligned.
+        unsafe { words.add(i).write_volatile(0) };
+        i += 1;
+    }
+}
+
+/// One packet's counts, without the flags, history and clock (see the callers).
+#[inline(always)]
+fn add_counts(stats: &mut FlowStats, p: &Parsed, dir: usize) {
+    add(&mut stats.packets[dir & 1], 1);
+    add(&mut stats.bytes[dir & 1], merged(&p.ip_len) as u64);
+    add(&mut stats.payload_bytes[dir & 1], merged(&p.payload_len) as u64);
 }
 
 /// `*stats = FlowStats::new(dir, now)`, with eleven word stores: the aggregate assignment
@@ -515,6 +810,37 @@ fn emit(key: &FlowKey, stats: &FlowStats, reason: u32) {
         (*rec).reason = reason;
         core::ptr::copy_nonoverlapping(key, &mut (*rec).key, 1);
         core::ptr::copy_nonoverlapping(stats, &mut (*rec).stats, 1);
+    }
+    entry.submit(wakeup_flags(&FLOW_EVENTS));
+}
+
+/// [`emit`] for a flow with a place in `SLOTS`: its counters in the usual form
+/// (`FlowSlot::stats`), written field by field into the reserved record.
+#[inline(always)]
+fn emit_slot(slot: &FlowSlot, reason: u32) {
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowRecord>(0) else {
+        count_drop(DROP_FLOW_RINGBUF);
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    let [o, i] = &slot.dirs;
+    // SAFETY: `rec` points at reserved ring-buffer memory of FlowRecord's size.
+    unsafe {
+        (*rec).kind = KIND_FLOW;
+        (*rec).reason = reason;
+        core::ptr::copy_nonoverlapping(&slot.key, &mut (*rec).key, 1);
+        let s = &mut (*rec).stats;
+        s.packets = [o.packets, i.packets];
+        s.bytes = [o.bytes, i.bytes];
+        s.payload_bytes = [o.payload_bytes, i.payload_bytes];
+        s.first_ns = slot.first_ns;
+        s.last_ns = if o.last_ns > i.last_ns { o.last_ns } else { i.last_ns };
+        s.tcp_flags = [o.tcp_flags, i.tcp_flags];
+        s.initiator = slot.initiator;
+        s.history_len = slot.history_len;
+        core::ptr::copy_nonoverlapping(&slot.history, &mut s.history, 1);
+        s.history_seen = [o.history_seen, i.history_seen];
+        s._pad = [0; 2];
     }
     entry.submit(wakeup_flags(&FLOW_EVENTS));
 }

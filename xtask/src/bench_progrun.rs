@@ -13,6 +13,18 @@
 //! program plus that floor. Nothing here measures cache misses of real traffic (the
 //! packet and the flow entry stay hot in the loop): confirm with the `bpf_stats` rows.
 //!
+//! Each object's table also shows, per program, the instructions the verifier processed
+//! (`verified_insns`), the translated and JIT-compiled sizes in bytes, and the load time.
+//!
+//! `--check` instead runs [`CHECK_FLOWS`] flows (more than the kernel's `SLOT_COUNT`
+//! places, so some flows keep their counters in their `FLOWS` entry), each a different
+//! number of packets each way, through the TC programs and checks every flow's counters as
+//! read back the way childflow reads them (an object with a `SLOTS` map: entry or slot).
+//!
+//! With `CF_CAPTURE=1` every object is loaded as for a capture with a one-term filter.
+//!
+//! `--load-only` stops there: only those figures, no test runs.
+//!
 //! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
 //! the same flow through `cf_tc_egress` on CPU 1 at once: what sharing one flow entry
 //! between two CPUs costs.
@@ -162,36 +174,86 @@ fn pin_to(cpu: usize) -> Result<()> {
 }
 
 /// A loaded object: its programs' fds by name (the `Ebpf` keeps them open).
-struct Loaded {
-    path: String,
-    _ebpf: Ebpf,
+pub(crate) struct Loaded {
+    pub(crate) path: String,
+    pub(crate) ebpf: Ebpf,
     fds: Vec<(&'static str, i32)>,
+    /// Per program: instructions the verifier processed, translated and JIT-compiled
+    /// bytes, and how long its load (verification) took.
+    stats: Vec<(u32, u32, u32, f64)>,
+    ids: Vec<u32>,
 }
 
-fn load(path: &str) -> Result<Loaded> {
+pub(crate) fn load(path: &str) -> Result<Loaded> {
     let obj = std::fs::read(path).with_context(|| format!("failed to read {path}"))?;
     let mut loader = EbpfLoader::new();
     loader.btf(None);
+    // CF_VERIFIER_LOG=FILE: on a load failure, the verifier's log (with the per-instruction
+    // walk and its statistics) goes to FILE. A program that fails only after the walk (too
+    // much stack across calls, say) shows where the verifier spends its instructions.
+    let log_file = std::env::var_os("CF_VERIFIER_LOG");
+    if log_file.is_some() {
+        loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
+    }
     let mut ebpf = loader.load(&obj).with_context(|| format!("failed to load {path}"))?;
-    freeze(&mut ebpf, "CONFIG", CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX })?;
-    freeze(&mut ebpf, "FILTER", filter::Program::default())?;
+    // CF_CAPTURE=1: loaded as for a capture with a filter (one predicate), the programs'
+    // other configuration and the one whose verification costs most.
+    let capture = std::env::var_os("CF_CAPTURE").is_some();
+    freeze(
+        &mut ebpf,
+        "CONFIG",
+        CaptureConfig { capture_all: capture as u32, snaplen: CAPTURE_MAX },
+    )?;
+    let mut program = filter::Program::default();
+    if capture {
+        program.len = 1;
+        program.insns[0].op = filter::op::PRED;
+        program.insns[0].field = filter::field::PROTO;
+        program.insns[0].proto = 6;
+    }
+    freeze(&mut ebpf, "FILTER", program)?;
     let mut fds = Vec::new();
+    let mut stats = Vec::new();
+    let mut ids = Vec::new();
     for name in PROGRAMS {
         let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
-        let fd = match prog {
+        let started = std::time::Instant::now();
+        let keep_log = |e: aya::programs::ProgramError| {
+            if let (Some(file), aya::programs::ProgramError::LoadError { verifier_log, .. }) =
+                (&log_file, &e)
+            {
+                let _ = std::fs::write(file, verifier_log.to_string());
+            }
+            e
+        };
+        let (fd, info) = match prog {
             Program::SchedClassifier(p) => {
-                p.load()?;
-                p.fd()?.as_fd().as_raw_fd()
+                p.load().map_err(keep_log)?;
+                (p.fd()?.as_fd().as_raw_fd(), p.info()?)
             }
             Program::CgroupSkb(p) => {
                 p.load()?;
-                p.fd()?.as_fd().as_raw_fd()
+                (p.fd()?.as_fd().as_raw_fd(), p.info()?)
             }
             _ => bail!("{name} is not a TC or cgroup_skb program"),
         };
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        stats.push((
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0),
+            info.size_jitted(),
+            ms,
+        ));
+        ids.push(info.id());
         fds.push((name, fd));
     }
-    Ok(Loaded { path: path.to_owned(), _ebpf: ebpf, fds })
+    // Loaded too for `bench rootful --costs-ab`, which attaches the cgroup programs: without
+    // it no socket has an owner and `cf_skb_egress` takes its slow path on every packet.
+    match ebpf.program_mut("cf_sock_create") {
+        Some(Program::CgroupSock(p)) => p.load()?,
+        _ => bail!("no cgroup/sock_create program cf_sock_create"),
+    }
+    Ok(Loaded { path: path.to_owned(), ebpf, fds, stats, ids })
 }
 
 /// The newest `childflow.bpf.o` a build left under `target/`.
@@ -215,7 +277,7 @@ fn newest_object() -> Result<String> {
     Ok(obj.to_str().context("object path is not UTF-8")?.to_owned())
 }
 
-fn median(mut v: Vec<u32>) -> u32 {
+pub(crate) fn median(mut v: Vec<u32>) -> u32 {
     v.sort_unstable();
     v[v.len() / 2]
 }
@@ -234,6 +296,38 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     if pair {
         return run_pair(&loaded);
+    }
+    if args.iter().any(|a| a == "--check") {
+        return check(&loaded);
+    }
+    if args.iter().any(|a| a == "--load-only") {
+        for l in &loaded {
+            println!("{}", l.path);
+            for ((name, _), (verified, xlated, jited, ms)) in l.fds.iter().zip(&l.stats) {
+                println!(
+                    "  {name:<16} verified {verified:>6}  xlated {xlated:>6}  jited {jited:>5}  load {ms:>6.1} ms"
+                );
+            }
+            // CF_DUMP=DIR: each program's translated code (`bpftool prog dump xlated`) to
+            // DIR/<object>.<program>.xlated, to see what the verifier and JIT were given.
+            if let Some(dir) = std::env::var_os("CF_DUMP") {
+                let stem = std::path::Path::new(&l.path).file_stem().unwrap_or_default();
+                for ((name, _), id) in l.fds.iter().zip(&l.ids) {
+                    let out = crate::bench_rootful::sh_pub(&[
+                        "bpftool",
+                        "prog",
+                        "dump",
+                        "xlated",
+                        "id",
+                        &id.to_string(),
+                    ])?;
+                    let file = std::path::Path::new(&dir)
+                        .join(format!("{}.{name}.xlated", stem.to_string_lossy()));
+                    std::fs::write(file, out)?;
+                }
+            }
+        }
+        return Ok(());
     }
     let pkts = packets();
     // ns[object][program][packet]: one figure per round.
@@ -254,13 +348,14 @@ pub fn run(args: &[String]) -> Result<()> {
         for (name, _) in &pkts {
             print!("{name:>10}");
         }
-        println!();
+        println!("  verified  xlated  jited  load ms");
         for (p, (name, _)) in l.fds.iter().enumerate() {
             print!("{name:<16}");
             for runs in &ns[k][p] {
                 print!("{:>10}", median(runs.clone()));
             }
-            println!();
+            let (verified, xlated, jited, ms) = l.stats[p];
+            println!("  {verified:>8}  {xlated:>6}  {jited:>5}  {ms:>7.1}");
         }
     }
     println!(
@@ -296,6 +391,69 @@ fn run_pair(loaded: &[Loaded]) -> Result<()> {
             median(i),
             median(e)
         );
+    }
+    Ok(())
+}
+
+/// Flows of `--check`.
+const CHECK_FLOWS: u16 = 6000;
+
+/// See the module doc (`--check`).
+fn check(loaded: &[Loaded]) -> Result<()> {
+    use childflow_common::flow::{FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT};
+    for l in loaded {
+        let fd = |n: &str| l.fds.iter().find(|(m, _)| *m == n).map(|(_, fd)| *fd).unwrap();
+        let (ingress, egress) = (fd("cf_tc_ingress"), fd("cf_tc_egress"));
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        for i in 0..CHECK_FLOWS {
+            let mut p = packet(17, 0, 10 + (i as usize % 50));
+            p[34..36].copy_from_slice(&(10000 + i).to_be_bytes());
+            let (out, back) = (1 + (i as u32 % 3), 1 + (i as u32 % 2));
+            for _ in 0..out {
+                test_run(ingress, &p, 1)?;
+            }
+            for _ in 0..back {
+                test_run(egress, &reversed(p.clone()), 1)?;
+            }
+            sent += (out + back) as u64;
+            bytes += (out + back) as u64 * (p.len() as u64 - 14);
+        }
+        let flows: Vec<(FlowKey, FlowStats)> = if let Some(slots) = l.ebpf.map("SLOTS") {
+            let slots: aya::maps::Array<&MapData, FlowSlot> = aya::maps::Array::try_from(slots)?;
+            let map: aya::maps::HashMap<&MapData, FlowKey, FlowEntry> =
+                aya::maps::HashMap::try_from(l.ebpf.map("FLOWS").context("no FLOWS")?)?;
+            map.iter()
+                .flatten()
+                .map(|(k, e)| match e.slot {
+                    NO_SLOT => Ok((k, e.stats)),
+                    s => Ok((k, slots.get(&s, 0)?.stats())),
+                })
+                .collect::<Result<_>>()?
+        } else {
+            let map: aya::maps::HashMap<&MapData, FlowKey, FlowStats> =
+                aya::maps::HashMap::try_from(l.ebpf.map("FLOWS").context("no FLOWS")?)?;
+            map.iter().flatten().collect()
+        };
+        let mut bad = 0;
+        for (k, st) in &flows {
+            let i = k.local_port - 10000;
+            let want = [1 + (i as u64 % 3), 1 + (i as u64 % 2)];
+            let len = 20 + 8 + 10 + (i as u64 % 50);
+            if st.packets != want || st.bytes != [want[0] * len, want[1] * len] {
+                bad += 1;
+            }
+        }
+        let total: u64 = flows.iter().map(|(_, s)| s.packets[0] + s.packets[1]).sum();
+        let total_bytes: u64 = flows.iter().map(|(_, s)| s.bytes[0] + s.bytes[1]).sum();
+        println!(
+            "{}: {} flows (want {CHECK_FLOWS}), {total} packets (want {sent}), {total_bytes} bytes \
+             (want {bytes}), {bad} flows with wrong counters",
+            l.path,
+            flows.len()
+        );
+        if flows.len() != CHECK_FLOWS as usize || total != sent || total_bytes != bytes || bad > 0 {
+            bail!("{}: the counters are wrong", l.path);
+        }
     }
     Ok(())
 }

@@ -59,6 +59,11 @@ const BASE_NS: &str = "cfbenchb";
 const SERVER: &str = "198.18.250.2";
 const TABLE: &str = "childflow_bench";
 
+/// [`sh`], for the other benches.
+pub(crate) fn sh_pub(args: &[&str]) -> Result<String> {
+    sh(args)
+}
+
 fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -693,14 +698,128 @@ fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
     result
 }
 
+/// `--costs-ab OBJECT...`: the `bpf_stats` cost of each object's programs under the same real
+/// traffic, objects interleaved in [`AB_ROUNDS`] rounds, without rebuilding childflow: each
+/// object is loaded as `--prog-run` loads it (capture off), its TC programs attached to both
+/// directions of the baseline veth and its cgroup programs to a cgroup of the bench's own
+/// that the baseline client runs in. The baseline veth is childflow's plumbing (a veth into
+/// a namespace, masquerade) without childflow's userspace draining the rings, so the
+/// figures are for A/B, not for the table above. Medians of the rounds, ns per run.
+fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
+    use aya::programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SchedClassifier, TcAttachType,
+    };
+    let cgroup = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/unified/cfbench-ab-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&cgroup).context("failed to create the bench cgroup")?;
+    let result = (|| -> Result<()> {
+        let _stats = BpfStats::enable()?;
+        let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
+        let traffic = [("bulk TCP", iperf), ("64-byte UDP", flood_args(probe, 0))];
+        let names = ["cf_tc_ingress", "cf_tc_egress", "cf_skb_egress"];
+        // ns[object][traffic][program]: one figure per round.
+        let mut ns = vec![vec![vec![Vec::new(); names.len()]; traffic.len()]; objects.len()];
+        println!(
+            "\nper-run program cost, A/B on the baseline veth (bpf_stats, median of {AB_ROUNDS} \
+             interleaved rounds); load average {}",
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        );
+        for round in 0..AB_ROUNDS {
+            for i in 0..objects.len() {
+                let k = if round % 2 == 0 { i } else { objects.len() - 1 - i };
+                for (t, (what, cmd)) in traffic.iter().enumerate() {
+                    let mut l = crate::bench_progrun::load(&objects[k])?;
+                    let cg = std::fs::File::open(&cgroup)?;
+                    for (name, dir) in [
+                        ("cf_tc_ingress", TcAttachType::Ingress),
+                        ("cf_tc_egress", TcAttachType::Egress),
+                    ] {
+                        let p: &mut SchedClassifier =
+                            l.ebpf.program_mut(name).context("no TC program")?.try_into()?;
+                        p.attach("cfbbh", dir)?;
+                    }
+                    let p: &mut CgroupSkb = l
+                        .ebpf
+                        .program_mut("cf_skb_egress")
+                        .context("no cf_skb_egress")?
+                        .try_into()?;
+                    p.attach(&cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+                    let p: &mut CgroupSock = l
+                        .ebpf
+                        .program_mut("cf_sock_create")
+                        .context("no cf_sock_create")?
+                        .try_into()?;
+                    p.attach(&cg, CgroupAttachMode::Single)?;
+                    let sink = if *what == "bulk TCP" { None } else { Some(Sink::start(probe)?) };
+                    let procs = cgroup.join("cgroup.procs");
+                    let script = format!(
+                        "echo $$ > {} && exec ip netns exec {BASE_NS} \"$@\"",
+                        procs.display()
+                    );
+                    let out = Command::new("sh")
+                        .args(["-c", &script, "sh"])
+                        .args(cmd)
+                        .stdout(Stdio::null())
+                        .output()
+                        .context("failed to run the client")?;
+                    if !out.status.success() {
+                        bail!("the client failed: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    if let Some(s) = sink {
+                        s.received()?;
+                    }
+                    for (j, name) in names.iter().enumerate() {
+                        let info = match l.ebpf.program(name).context("no program")? {
+                            aya::programs::Program::SchedClassifier(p) => p.info()?,
+                            aya::programs::Program::CgroupSkb(p) => p.info()?,
+                            _ => bail!("{name}: unexpected program type"),
+                        };
+                        let cnt = info.run_count().max(1);
+                        ns[k][t][j].push((info.run_time().as_nanos() as u64 / cnt) as u32);
+                    }
+                    // Dropping `l` detaches everything.
+                }
+            }
+        }
+        for (k, obj) in objects.iter().enumerate() {
+            println!("\n{obj}");
+            for (t, (what, _)) in traffic.iter().enumerate() {
+                for (j, name) in names.iter().enumerate() {
+                    let runs = &ns[k][t][j];
+                    let (lo, hi) =
+                        (runs.iter().min().unwrap_or(&0), runs.iter().max().unwrap_or(&0));
+                    println!(
+                        "{what:<12} {name:<16} {:>5} ns  ({lo}–{hi})",
+                        crate::bench_progrun::median(runs.clone())
+                    );
+                }
+            }
+        }
+        println!(
+            "\nload average after: {}",
+            std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir(&cgroup);
+    result
+}
+
+/// Rounds of `--costs-ab`.
+const AB_ROUNDS: usize = 5;
+
 /// Which rows to run: all of them, or only one part.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Only {
     All,
     /// `--startup`: the start-up row.
     Startup,
     /// `--costs`: the per-run program costs (`bpf_stats`).
     Costs,
+    /// `--costs-ab OBJECT...`: see [`programs_ab`].
+    CostsAb(Vec<String>),
 }
 
 pub fn run(bin: &str, only: Only) -> Result<()> {
@@ -717,6 +836,9 @@ pub fn run(bin: &str, only: Only) -> Result<()> {
     );
     if only == Only::Costs {
         return program_costs(bin, probe);
+    }
+    if let Only::CostsAb(objects) = &only {
+        return programs_ab(probe, objects);
     }
     rates(bin, probe)?;
     println!("\nthe same, with and without the programs on childflow's own plumbing:");

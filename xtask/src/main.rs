@@ -177,6 +177,7 @@ fn bench(rest: &[String]) -> Result<()> {
     const KINDS: &str = "rootless (host, childflow, pasta, slirp4netns side by side), \
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w; \
                          `rootful --startup`: only the start-up row; `rootful --costs`: only the bpf_stats rows; \
+                         `rootful --costs-ab OBJECT...`: bpf_stats of eBPF objects A/B on the baseline veth; \
                          `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost; \
                          `rootful --prog-run [--pair] [OBJECT...]`: BPF_PROG_TEST_RUN per packet type), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
@@ -201,6 +202,9 @@ fn bench(rest: &[String]) -> Result<()> {
             }
             if rest.get(1).is_some_and(|a| a == "--prog-run") {
                 return bench_progrun::run(&rest[2..]);
+            }
+            if rest.get(1).is_some_and(|a| a == "--costs-ab") {
+                return bench_rootful::run("", bench_rootful::Only::CostsAb(rest[2..].to_vec()));
             }
             let mut build = cargo();
             build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);

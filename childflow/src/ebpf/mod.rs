@@ -20,7 +20,7 @@ use aya::{
 };
 use childflow_common::{
     event::{CaptureConfig, DROP_COUNTERS},
-    flow::{FlowKey, FlowStats},
+    flow::{FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT},
 };
 
 /// The object built from `childflow-ebpf/` by `build.rs`; `None` in a rootless-only build.
@@ -144,7 +144,15 @@ pub struct Accounting {
     /// Declared first: links are dropped (programs detached) before the object.
     links: Vec<OwnedLink>,
     ebpf: Ebpf,
+    /// Places in `SLOTS` of flows removed from the flow map, with when: in quarantine (see
+    /// [`Accounting::remove_flow`]).
+    retired: Vec<(u32, std::time::Instant)>,
 }
+
+/// How long a retired flow's place in `SLOTS` stays claimed: much longer than any program
+/// run that may have found the place by the flow's key just before userspace zeroed it and
+/// may still write to it (a run takes microseconds).
+const SLOT_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Accounting {
     /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` (TCX links,
@@ -234,7 +242,7 @@ impl Accounting {
                 .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf })
+        Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf, retired: Vec::new() })
     }
 
     /// Attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links. Short for
@@ -303,25 +311,83 @@ impl Accounting {
         }
     }
 
-    fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowStats>, EbpfError> {
+    fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowEntry>, EbpfError> {
         let map = self.ebpf.map("FLOWS").ok_or(EbpfError::Map { name: "FLOWS", source: None })?;
         HashMap::try_from(map).map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })
     }
 
-    /// Every flow in the kernel map with its counters now.
+    fn slots(&self) -> Result<Array<&MapData, FlowSlot>, EbpfError> {
+        let map = self.ebpf.map("SLOTS").ok_or(EbpfError::Map { name: "SLOTS", source: None })?;
+        Array::try_from(map).map_err(|e| EbpfError::Map { name: "SLOTS", source: Some(e) })
+    }
+
+    /// Every flow in the kernel map with its counters now: in its entry, or in its place in
+    /// `SLOTS` (childflow-ebpf `FLOWS`).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowStats)>, EbpfError> {
-        let map = self.flow_map()?;
+        let (map, slots) = (self.flow_map()?, self.slots()?);
         // An entry deleted while we iterate is simply skipped.
-        Ok(map.iter().flatten().collect())
+        Ok(map
+            .iter()
+            .flatten()
+            .filter_map(|(key, entry)| match entry.slot {
+                NO_SLOT => Some((key, entry.stats)),
+                slot => slots.get(&slot, 0).ok().map(|s| (key, s.stats())),
+            })
+            .collect())
     }
 
     /// Removes a flow (ended or idle) from the kernel map.
+    ///
+    /// A flow with a place in `SLOTS` leaves it in this order: its `FLOWS` entry goes (a
+    /// new packet then makes a new flow), then the place is zeroed (no packet finds it by
+    /// the key any more), and only after [`SLOT_QUARANTINE`] is the place zeroed again,
+    /// whatever a program still wrote to it, and given back (`CLAIMED`); until then a new
+    /// flow hashed to it keeps its counters in its entry.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), EbpfError> {
+        self.release_slots()?;
         let map =
             self.ebpf.map_mut("FLOWS").ok_or(EbpfError::Map { name: "FLOWS", source: None })?;
-        let mut map: HashMap<&mut MapData, FlowKey, FlowStats> = HashMap::try_from(map)
+        let mut map: HashMap<&mut MapData, FlowKey, FlowEntry> = HashMap::try_from(map)
             .map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })?;
-        map.remove(key).map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })
+        let slot = map.get(key, 0).map(|e| e.slot).unwrap_or(NO_SLOT);
+        map.remove(key).map_err(|e| EbpfError::Map { name: "FLOWS", source: Some(e) })?;
+        if slot != NO_SLOT {
+            self.zero_slot(slot)?;
+            self.retired.push((slot, std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Gives back the places in `SLOTS` whose quarantine is over.
+    fn release_slots(&mut self) -> Result<(), EbpfError> {
+        let now = std::time::Instant::now();
+        while let Some(&(slot, at)) = self.retired.first() {
+            if now.duration_since(at) < SLOT_QUARANTINE {
+                break;
+            }
+            self.retired.remove(0);
+            self.zero_slot(slot)?;
+            let map = self
+                .ebpf
+                .map_mut("CLAIMED")
+                .ok_or(EbpfError::Map { name: "CLAIMED", source: None })?;
+            let mut claimed: HashMap<&mut MapData, u32, u32> = HashMap::try_from(map)
+                .map_err(|e| EbpfError::Map { name: "CLAIMED", source: Some(e) })?;
+            claimed
+                .remove(&slot)
+                .map_err(|e| EbpfError::Map { name: "CLAIMED", source: Some(e) })?;
+        }
+        Ok(())
+    }
+
+    fn zero_slot(&mut self, slot: u32) -> Result<(), EbpfError> {
+        let map =
+            self.ebpf.map_mut("SLOTS").ok_or(EbpfError::Map { name: "SLOTS", source: None })?;
+        let mut slots: Array<&mut MapData, FlowSlot> =
+            Array::try_from(map).map_err(|e| EbpfError::Map { name: "SLOTS", source: Some(e) })?;
+        slots
+            .set(slot, FlowSlot::default(), 0)
+            .map_err(|e| EbpfError::Map { name: "SLOTS", source: Some(e) })
     }
 
     /// Takes the ring buffer of flow start/end records, for a reader to drain.
