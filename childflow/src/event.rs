@@ -136,6 +136,12 @@ pub fn packet_bytes(bytes: &[u8]) -> Vec<u8> {
     POOL.copy(bytes)
 }
 
+/// An empty buffer of at least `capacity` bytes from the pool (or a new one), for a backend
+/// that fills it itself and hands it over as [`PacketEvent::data`].
+pub fn packet_buffer(capacity: usize) -> Vec<u8> {
+    POOL.take(capacity)
+}
+
 /// Gives a [`PacketEvent::data`] buffer back for [`packet_bytes`] to reuse (or frees it if
 /// it is small or the pool is full).
 pub fn recycle_packet_bytes(buf: Vec<u8>) {
@@ -150,13 +156,18 @@ impl Pool {
         if bytes.len() < POOLED_PACKET_MIN {
             return bytes.to_vec();
         }
+        let mut buf = self.take(bytes.len());
+        buf.extend_from_slice(bytes);
+        buf
+    }
+
+    fn take(&self, capacity: usize) -> Vec<u8> {
         let spare = self.0.lock().ok().and_then(|mut pool| {
-            let at = pool.iter().rposition(|b| b.capacity() >= bytes.len())?;
+            let at = pool.iter().rposition(|b| b.capacity() >= capacity)?;
             Some(pool.swap_remove(at))
         });
-        let mut buf = spare.unwrap_or_default();
+        let mut buf = spare.unwrap_or_else(|| Vec::with_capacity(capacity));
         buf.clear();
-        buf.extend_from_slice(bytes);
         buf
     }
 
@@ -277,6 +288,11 @@ impl Emitter {
             return true;
         }
         self.tx.try_send(event).is_ok()
+    }
+
+    /// Counts one event the backend lost on its own side (as [`Emitter::dropped`] shows).
+    pub fn count_lost(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Events lost because the collector fell behind.
