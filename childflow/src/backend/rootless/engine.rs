@@ -900,6 +900,15 @@ impl Engine {
         let parsed = packet::parse(&frame);
         let claimable = parsed.as_ref().is_some_and(|h| self.reaches_open_conn(h));
         self.emit_packet_claimable(&frame, crate::event::Direction::Out, now, claimable);
+        self.handle_frame(frame, parsed, now);
+        // `reaches_open_conn` predicted where the frame went; had it not got there, its
+        // event would be left without bytes: counted as lost instead.
+        debug_assert!(self.claim.is_none(), "a claimed frame did not reach its socket");
+        self.claim_frame();
+    }
+
+    /// [`Engine::ingest`] of a frame whose packet event is out, with its headers.
+    fn handle_frame(&mut self, frame: Vec<u8>, parsed: Option<Headers>, now: Instant) {
         let Some(h) = parsed else {
             // ARP, and anything we do not parse: smoltcp's business.
             self.dev.rx.push_back(frame);
