@@ -12,8 +12,10 @@
 //! - Every timestamp in an event is nanoseconds since the UNIX epoch.
 //! - Emitting never blocks the backend: when the channel is full the event is dropped and
 //!   counted ([`Emitter::dropped`]), and the count is shown to the user.
-//! - Large packet copies come from [`packet_bytes`] and go back with [`recycle_packet_bytes`]
-//!   once the collector is done with them (see [`packet_bytes`] for why).
+//! - Large packet copies come from [`packet_bytes`] (or are filled by the backend in a
+//!   [`packet_buffer`]: the rootless engine hands over the tap frames its sockets consumed)
+//!   and go back with [`recycle_packet_bytes`] once the collector is done with them (see
+//!   [`packet_bytes`] for why).
 
 use std::{
     net::{IpAddr, SocketAddr},
