@@ -67,7 +67,10 @@ const _: () = assert!(core::mem::size_of::<PacketHeader>() == 40);
 /// filter, if any, matched it). Without it the packet was copied only because it is DNS,
 /// for naming flows, and must not be written to the capture.
 pub const PACKET_CAPTURE: u32 = 1;
-/// [`PacketHeader::flags`]: more records of this packet follow (from the same CPU).
+/// [`PacketHeader::flags`]: more records of this packet follow (from the same CPU). The
+/// current programs copy every packet into one record and never set it; [`Reassembly`]
+/// still joins such records (a program copying through a per-CPU buffer, capped at 32 KiB
+/// a value, had to split GSO packets).
 pub const PACKET_MORE: u32 = 2;
 
 /// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).
@@ -116,15 +119,11 @@ pub struct CaptureConfig {
 }
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
 
-/// The most packet bytes in one ring record: a per-CPU map value holds a record's header and
-/// data while it is assembled, and per-CPU values are capped at 32 KiB by the kernel.
-pub const CAPTURE_CHUNK: u32 = 16 * 1024;
-/// The most records one packet is copied in.
-pub const CAPTURE_CHUNKS: u32 = 5;
 /// The most bytes of one packet the kernel copies, whatever the snap length: more than a
 /// 64 KiB GSO super-packet and its Ethernet header. Longer packets (BIG TCP) are truncated
-/// (their `orig_len` is kept).
-pub const CAPTURE_MAX: u32 = CAPTURE_CHUNK * CAPTURE_CHUNKS;
+/// (their `orig_len` is kept). The programs copy a packet into one ring record, reserved in
+/// the ring in one of a few sizes and loaded in place (childflow-ebpf `tc.rs`).
+pub const CAPTURE_MAX: u32 = 80 * 1024;
 
 /// Indexes into the kernel's drop-counter array map. Every loss is counted, never silent.
 pub const DROP_FLOW_RINGBUF: u32 = 0;

@@ -13,9 +13,9 @@
 //! Capture: when `CONFIG` says so, each packet the capture filter in `FILTER` matches is
 //! copied (up to the snap length and `CAPTURE_MAX`) with its direction and timestamp into
 //! `PACKETS`, with the same batched wake-ups, and marked `PACKET_CAPTURE`: one record per
-//! `CAPTURE_CHUNK` bytes (a per-CPU buffer holds one chunk; per-CPU values are capped at
-//! 32 KiB), so GSO super-packets (64 KiB on a veth) are captured whole; packets the filter
-//! rejects cost no ring space. DNS packets (port 53) are always copied so userspace can name
+//! packet, reserved in the ring and loaded straight into it (see `copy_packet`), so GSO
+//! super-packets (64 KiB on a veth) are captured whole; packets the filter rejects cost no
+//! ring space. DNS packets (port 53) are always copied so userspace can name
 //! flows, unmarked unless they belong in the capture. A packet whose IP headers do not parse
 //! is copied unfiltered (marked) and left to userspace's filter, which stays the authority.
 //! A full ring counts `DROP_PACKET_RINGBUF`; a packet the filter rejects counts
@@ -33,10 +33,9 @@ use aya_ebpf::{
 };
 use childflow_common::{
     event::{
-        CAPTURE_CHUNK, CAPTURE_CHUNKS, CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig,
-        DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE,
-        FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE,
-        PACKET_MORE, PacketHeader,
+        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL,
+        DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START,
+        FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
     },
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
@@ -162,15 +161,8 @@ static FILTER_STACK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// A captured packet being assembled: header and data contiguous, as they go to the ring.
-#[repr(C)]
-struct PacketBuf {
-    header: PacketHeader,
-    data: [u8; CAPTURE_CHUNK as usize],
-}
-
-#[map]
-static PACKET_BUF: PerCpuArray<PacketBuf> = PerCpuArray::with_max_entries(1, 0);
+/// Bytes of a `PacketHeader`, at the start of every packet record.
+const HEADER: usize = core::mem::size_of::<PacketHeader>();
 
 const DNS_PORT: u16 = 53;
 
@@ -303,11 +295,6 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
     if !wanted && !dns {
         return;
     }
-    let Some(buf) = PACKET_BUF.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU map slot, used only by this program run on this CPU.
-    let buf = unsafe { &mut *buf };
     let orig_len = ctx.len();
     // DNS is copied whole (up to CAPTURE_MAX) so answers parse even with a short snaplen.
     let snap = if dns { CAPTURE_MAX } else { config.snaplen };
@@ -318,62 +305,88 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
     // SAFETY (both): no preconditions; reading a field of the program's own context.
     let (ts_ns, cpu) = unsafe { (bpf_ktime_get_ns(), bpf_get_smp_processor_id()) };
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let flags = if wanted { PACKET_CAPTURE } else { 0 };
+    let header = PacketHeader {
+        kind: KIND_PACKET,
+        direction: dir as u32,
+        ifindex,
+        orig_len,
+        cap_len: len,
+        flags: if wanted { PACKET_CAPTURE } else { 0 },
+        ts_ns,
+        cpu,
+        offset: 0,
+    };
     let wakeup = wakeup_flags(&PACKETS);
-    // One record per CAPTURE_CHUNK bytes (the per-CPU buffer's size); userspace joins a
-    // packet's records by CPU and offset (`childflow_common::event::Reassembly`).
-    let mut offset = 0u32;
-    let mut i = 0;
-    while i < CAPTURE_CHUNKS {
-        let rest = len.wrapping_sub(offset);
-        let n = if rest < CAPTURE_CHUNK { rest } else { CAPTURE_CHUNK };
-        // Through memory: LLVM knows n > 0 here (offset < len) and would drop the check
-        // below, which the verifier needs to see before the helper's size argument.
-        // SAFETY: reading a local.
-        let n = unsafe { core::ptr::read_volatile(&n) };
-        if n == 0 || n > CAPTURE_CHUNK {
-            return;
-        }
-        // SAFETY: `buf.data` has CAPTURE_CHUNK bytes and 0 < n <= CAPTURE_CHUNK, which the
-        // verifier also checks against the map value size.
-        let ret = unsafe {
-            aya_ebpf::helpers::bpf_skb_load_bytes(
-                ctx.skb.skb as *const _,
-                offset,
-                buf.data.as_mut_ptr().cast(),
-                n,
-            )
-        };
-        if ret != 0 {
-            return;
-        }
-        let more = offset + n < len;
-        buf.header = PacketHeader {
-            kind: KIND_PACKET,
-            direction: dir as u32,
-            ifindex,
-            orig_len,
-            cap_len: n,
-            flags: flags | if more { PACKET_MORE } else { 0 },
-            ts_ns,
-            cpu,
-            offset,
-        };
-        let total = core::mem::size_of::<PacketHeader>() + n as usize;
-        // SAFETY: `total` is at most the size of `PacketBuf`.
-        let bytes =
-            unsafe { core::slice::from_raw_parts((buf as *const PacketBuf).cast::<u8>(), total) };
-        if PACKETS.output::<[u8]>(bytes, wakeup).is_err() {
-            // The rest of the packet is lost too; userspace keeps what arrived.
-            count_drop(DROP_PACKET_RINGBUF);
-            return;
-        }
-        if !more {
-            return;
-        }
-        offset += n;
-        i += 1;
+    // The smallest record that holds the packet: ACKs and small datagrams, MTU-sized
+    // frames, then GSO super-packets up to 64 KiB (and the most a veth carries with BIG TCP
+    // off), each a constant for `bpf_ringbuf_reserve`. A record's unused tail is never
+    // written or read (`cap_len` says where the data ends); it only takes ring space.
+    let copied = if len <= 216 {
+        copy_packet::<216>(ctx, &header, wakeup)
+    } else if len <= 2008 {
+        copy_packet::<2008>(ctx, &header, wakeup)
+    } else if len <= 16_384 {
+        copy_packet::<16_384>(ctx, &header, wakeup)
+    } else if len <= 32_768 {
+        copy_packet::<32_768>(ctx, &header, wakeup)
+    } else if len <= 65_792 {
+        copy_packet::<65_792>(ctx, &header, wakeup)
+    } else {
+        copy_packet::<{ CAPTURE_MAX as usize }>(ctx, &header, wakeup)
+    };
+    if copied == Copied::RingFull {
+        count_drop(DROP_PACKET_RINGBUF);
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Copied {
+    Yes,
+    RingFull,
+    Failed,
+}
+
+/// Copies the first `header.cap_len` (at most `CAP`) bytes of the packet into a ring record
+/// of `HEADER + CAP` bytes, after `header`.
+///
+/// Reserved and loaded in place: `bpf_skb_load_bytes` writes straight into the reserved
+/// record, so each byte is copied once in the kernel. Before, the packet went through a
+/// per-CPU buffer (`bpf_skb_load_bytes`, then `bpf_ringbuf_output` copied it again), and in
+/// 16 KiB chunks (per-CPU values are capped at 32 KiB) that userspace joined with a third
+/// copy. `bpf_ringbuf_reserve` needs a constant size, hence one instantiation per record
+/// size.
+#[inline(always)]
+fn copy_packet<const CAP: usize>(ctx: &TcContext, header: &PacketHeader, wakeup: u64) -> Copied {
+    // Through memory: LLVM knows the caller's bound and would drop the check below, which
+    // the verifier needs to see before the helper's size argument.
+    // SAFETY: reading a field of a reference.
+    let n = unsafe { core::ptr::read_volatile(&header.cap_len) };
+    if n == 0 || n as usize > CAP {
+        return Copied::Failed;
+    }
+    let Some(mut record) = PACKETS.reserve_bytes(HEADER + CAP, 0) else {
+        return Copied::RingFull;
+    };
+    let base = record.as_mut_ptr();
+    // SAFETY: the record has HEADER + CAP bytes and 0 < n <= CAP, which the verifier also
+    // checks against the reserved size.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            base.add(HEADER).cast(),
+            n,
+        )
+    };
+    if ret != 0 {
+        record.discard(0);
+        return Copied::Failed;
+    }
+    // SAFETY: the record starts with HEADER bytes for the header; ring records are 8-byte
+    // aligned.
+    unsafe { base.cast::<PacketHeader>().write(*header) };
+    record.submit(wakeup);
+    Copied::Yes
 }
 
 /// Runs the capture filter on the parsed packet: the postfix program of `FILTER` on a

@@ -12,8 +12,10 @@
 //! - Every timestamp in an event is nanoseconds since the UNIX epoch.
 //! - Emitting never blocks the backend: when the channel is full the event is dropped and
 //!   counted ([`Emitter::dropped`]), and the count is shown to the user.
-//! - Large packet copies come from [`packet_bytes`] and go back with [`recycle_packet_bytes`]
-//!   once the collector is done with them (see [`packet_bytes`] for why).
+//! - Large packet copies come from [`packet_bytes`] (or are filled by the backend in a
+//!   [`packet_buffer`]: the rootless engine hands over the tap frames its sockets consumed)
+//!   and go back with [`recycle_packet_bytes`] once the collector is done with them (see
+//!   [`packet_bytes`] for why).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -110,9 +112,16 @@ pub struct PacketEvent {
 /// ones are cheap for the allocator (its small bins never go back to the kernel).
 pub const POOLED_PACKET_MIN: usize = 2048;
 
-/// Spare buffers kept for packet copies: enough for the collector's batches at line rate,
-/// small enough to bound the memory held (at most 64 × ~64 KiB = 4 MiB with MTU 65520).
-const POOL_MAX: usize = 64;
+/// Spare buffers kept for packet copies: enough for the packets in flight while the
+/// collector waits for the disk (a direct write of a 4 MiB stage takes a few ms, 64 tap
+/// frames' worth at bulk rates) or for a CPU, small enough to bound the memory held (at
+/// most 256 × ~64 KiB = 16 MiB with MTU 65520).
+///
+/// With 64, `perf record` of a rootless bulk capture to disk showed `packet_bytes` in page
+/// faults (fresh buffers, zeroed by the kernel) for a quarter of childflow's samples: the
+/// pool ran dry whenever the collector fell behind, and the buffers freed beyond it went
+/// back to the kernel.
+const POOL_MAX: usize = 256;
 
 /// Spare packet buffers, taken by the backend thread and returned by the collector thread.
 static POOL: Pool = Pool(Mutex::new(Vec::new()));
@@ -129,6 +138,12 @@ pub fn packet_bytes(bytes: &[u8]) -> Vec<u8> {
     POOL.copy(bytes)
 }
 
+/// An empty buffer of at least `capacity` bytes from the pool (or a new one), for a backend
+/// that fills it itself and hands it over as [`PacketEvent::data`].
+pub fn packet_buffer(capacity: usize) -> Vec<u8> {
+    POOL.take(capacity)
+}
+
 /// Gives a [`PacketEvent::data`] buffer back for [`packet_bytes`] to reuse (or frees it if
 /// it is small or the pool is full).
 pub fn recycle_packet_bytes(buf: Vec<u8>) {
@@ -143,13 +158,18 @@ impl Pool {
         if bytes.len() < POOLED_PACKET_MIN {
             return bytes.to_vec();
         }
+        let mut buf = self.take(bytes.len());
+        buf.extend_from_slice(bytes);
+        buf
+    }
+
+    fn take(&self, capacity: usize) -> Vec<u8> {
         let spare = self.0.lock().ok().and_then(|mut pool| {
-            let at = pool.iter().rposition(|b| b.capacity() >= bytes.len())?;
+            let at = pool.iter().rposition(|b| b.capacity() >= capacity)?;
             Some(pool.swap_remove(at))
         });
-        let mut buf = spare.unwrap_or_default();
+        let mut buf = spare.unwrap_or_else(|| Vec::with_capacity(capacity));
         buf.clear();
-        buf.extend_from_slice(bytes);
         buf
     }
 
@@ -270,6 +290,11 @@ impl Emitter {
             return true;
         }
         self.tx.try_send(event).is_ok()
+    }
+
+    /// Counts one event the backend lost on its own side (as [`Emitter::dropped`] shows).
+    pub fn count_lost(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Events lost because the collector fell behind.

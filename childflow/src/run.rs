@@ -222,7 +222,7 @@ impl Consumer for CaptureConsumer {
 
     fn tick(&mut self, _table: &FlowTable) -> Result<()> {
         if let Some(c) = self.capture.as_mut()
-            && let Err(e) = c.flush()
+            && let Err(e) = c.flush_due()
         {
             capture_stopped(e);
         }

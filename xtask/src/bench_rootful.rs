@@ -852,6 +852,18 @@ pub fn run(bin: &str, only: Only) -> Result<()> {
     startup(bin)
 }
 
+/// `--capture`: only the bulk TCP capture rows (files on /dev/shm, then on the disk), with
+/// the load average before and after.
+pub fn capture_only(bin: &str) -> Result<()> {
+    let _topology = Topology::new()?;
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned();
+    println!("rootful capture bench ({bin}): {ROUNDS} interleaved rounds; load average {}", load());
+    capture_bulk(bin, Path::new("/dev/shm"))?;
+    capture_bulk(bin, &std::env::temp_dir())?;
+    println!("\nload average after: {}", load());
+    Ok(())
+}
+
 /// The per-run cost rows: each program of childflow's, then the empty program on the
 /// baseline veth, under bulk TCP and under 64-byte UDP.
 fn program_costs(bin: &str, probe: &str) -> Result<()> {

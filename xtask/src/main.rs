@@ -178,6 +178,7 @@ fn bench(rest: &[String]) -> Result<()> {
                          rootful (--root vs veth+NAT without eBPF and tcpdump -w; \
                          `rootful --startup`: only the start-up row; `rootful --costs`: only the bpf_stats rows; \
                          `rootful --costs-ab OBJECT...`: bpf_stats of eBPF objects A/B on the baseline veth; \
+                         `rootful --capture [--bin PATH]`: only the bulk TCP capture rows; \
                          `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost; \
                          `rootful --prog-run [--pair] [OBJECT...]`: BPF_PROG_TEST_RUN per packet type), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
@@ -205,6 +206,21 @@ fn bench(rest: &[String]) -> Result<()> {
             }
             if rest.get(1).is_some_and(|a| a == "--costs-ab") {
                 return bench_rootful::run("", bench_rootful::Only::CostsAb(rest[2..].to_vec()));
+            }
+            if rest.get(1).is_some_and(|a| a == "--capture") {
+                // `--capture [--bin PATH]`: only the bulk TCP capture rows, of any binary
+                // (for A/B runs of two builds).
+                let bin = match rest.get(2).map(String::as_str) {
+                    Some("--bin") => PathBuf::from(rest.get(3).context("--bin needs a path")?),
+                    _ => {
+                        let mut build = cargo();
+                        build.args(["build", "--quiet", "--release", "--package", "childflow"]);
+                        build.arg("--bins");
+                        status(build)?;
+                        root().join("target/release/childflow")
+                    }
+                };
+                return bench_rootful::capture_only(bin.to_str().context("binary path")?);
             }
             let mut build = cargo();
             build.args(["build", "--quiet", "--release", "--package", "childflow", "--bins"]);

@@ -1,4 +1,5 @@
-//! A focused pcapng block encoder: appends whole blocks, in host byte order, to a `Vec<u8>`.
+//! A focused pcapng block encoder: appends whole blocks, in host byte order, to a `Vec<u8>`
+//! or straight into the aligned stage of a direct file ([`Out`]).
 //!
 //! Follows the PCAP Next Generation file format (draft-ietf-opsawg-pcapng): §3.1 the block
 //! layout (type, total length, body padded to 32 bits, total length again), §3.5 options
@@ -73,30 +74,65 @@ const fn pad4(len: usize) -> usize {
     (4 - len % 4) % 4
 }
 
+/// Where blocks are appended: a growable byte buffer. Implemented by `Vec<u8>` and by the
+/// staging buffer of a direct file (`super::direct::Stage`), so a packet's bytes are copied
+/// once, into the memory the device reads, rather than into a `Vec` and then again.
+pub trait Out {
+    /// Bytes held.
+    fn len(&self) -> usize;
+    /// Whether nothing is held.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends `bytes` (growing if needed).
+    fn put(&mut self, bytes: &[u8]);
+    /// Overwrites the 4 bytes at `at` (within what is held).
+    fn patch(&mut self, at: usize, bytes: [u8; 4]);
+    /// Drops everything from `len` on.
+    fn truncate(&mut self, len: usize);
+}
+
+impl Out for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn patch(&mut self, at: usize, bytes: [u8; 4]) {
+        if let Some(dst) = self.get_mut(at..at + 4) {
+            dst.copy_from_slice(&bytes);
+        }
+    }
+    fn truncate(&mut self, len: usize) {
+        Vec::truncate(self, len);
+    }
+}
+
 /// One block under construction at the end of `out`. `finish` pads and closes it; a block
 /// that is dropped without `finish` is removed again, so `out` never holds half a block.
-struct Block<'a> {
-    out: &'a mut Vec<u8>,
+struct Block<'a, O: Out + ?Sized> {
+    out: &'a mut O,
     start: usize,
     options: bool,
     done: bool,
 }
 
-impl<'a> Block<'a> {
-    fn begin(out: &'a mut Vec<u8>, block_type: u32) -> Self {
+impl<'a, O: Out + ?Sized> Block<'a, O> {
+    fn begin(out: &'a mut O, block_type: u32) -> Self {
         let start = out.len();
-        out.extend_from_slice(&block_type.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes()); // total length, patched by `finish`
+        out.put(&block_type.to_ne_bytes());
+        out.put(&0u32.to_ne_bytes()); // total length, patched by `finish`
         Block { out, start, options: false, done: false }
     }
 
     fn u16(&mut self, v: u16) -> &mut Self {
-        self.out.extend_from_slice(&v.to_ne_bytes());
+        self.out.put(&v.to_ne_bytes());
         self
     }
 
     fn u32(&mut self, v: u32) -> &mut Self {
-        self.out.extend_from_slice(&v.to_ne_bytes());
+        self.out.put(&v.to_ne_bytes());
         self
     }
 
@@ -107,8 +143,8 @@ impl<'a> Block<'a> {
     }
 
     fn padded(&mut self, bytes: &[u8]) -> &mut Self {
-        self.out.extend_from_slice(bytes);
-        self.out.extend_from_slice(&[0; 3][..pad4(bytes.len())]);
+        self.out.put(bytes);
+        self.out.put(&[0; 3][..pad4(bytes.len())]);
         self
     }
 
@@ -130,13 +166,13 @@ impl<'a> Block<'a> {
         }
         let total = (self.out.len() - self.start + 4) as u32;
         self.u32(total);
-        self.out[self.start + 4..self.start + 8].copy_from_slice(&total.to_ne_bytes());
+        self.out.patch(self.start + 4, total.to_ne_bytes());
         self.done = true;
         total as usize
     }
 }
 
-impl Drop for Block<'_> {
+impl<O: Out + ?Sized> Drop for Block<'_, O> {
     fn drop(&mut self) {
         if !self.done {
             self.out.truncate(self.start);
@@ -158,10 +194,10 @@ pub struct SectionInfo {
 }
 
 /// Appends a Section Header Block of unknown section length (§4.1: -1, we stream).
-pub fn section_header(out: &mut Vec<u8>, info: &SectionInfo) -> usize {
+pub fn section_header<O: Out + ?Sized>(out: &mut O, info: &SectionInfo) -> usize {
     let mut b = Block::begin(out, BLOCK_SHB);
     b.u32(BYTE_ORDER_MAGIC).u16(1).u16(0);
-    b.out.extend_from_slice(&(-1i64).to_ne_bytes());
+    b.out.put(&(-1i64).to_ne_bytes());
     for (code, value) in [
         (opt::SHB_HARDWARE, &info.hardware),
         (opt::SHB_OS, &info.os),
@@ -191,7 +227,11 @@ pub struct InterfaceInfo {
 }
 
 /// Appends an Ethernet Interface Description Block with nanosecond timestamps (§4.2).
-pub fn interface_description(out: &mut Vec<u8>, iface: &InterfaceInfo, os: &str) -> usize {
+pub fn interface_description<O: Out + ?Sized>(
+    out: &mut O,
+    iface: &InterfaceInfo,
+    os: &str,
+) -> usize {
     let mut b = Block::begin(out, BLOCK_IDB);
     b.u16(LINKTYPE_ETHERNET).u16(0).u32(iface.snaplen);
     b.option(opt::IF_NAME, iface.name.as_bytes());
@@ -219,8 +259,8 @@ pub struct PacketOptions<'a> {
 
 /// Appends an Enhanced Packet Block (§4.3) holding `data`, a packet that was `orig_len`
 /// bytes on the wire, seen at `ts_ns` (nanoseconds since the epoch, as `if_tsresol` 9 says).
-pub fn enhanced_packet(
-    out: &mut Vec<u8>,
+pub fn enhanced_packet<O: Out + ?Sized>(
+    out: &mut O,
     interface: u32,
     ts_ns: u64,
     data: &[u8],
@@ -248,8 +288,8 @@ pub fn enhanced_packet(
 /// Appends a Name Resolution Block (§4.5) with one record per address, each naming every
 /// name in its list; nothing if `records` is empty (an NRB without records is legal but
 /// useless).
-pub fn name_resolution<'n>(
-    out: &mut Vec<u8>,
+pub fn name_resolution<'n, O: Out + ?Sized>(
+    out: &mut O,
     records: impl IntoIterator<Item = (IpAddr, &'n [String])>,
 ) -> usize {
     let mut b = Block::begin(out, BLOCK_NRB);
@@ -303,7 +343,11 @@ pub struct InterfaceStats {
 }
 
 /// Appends an Interface Statistics Block (§4.6) for `interface`, timestamped `stats.end_ns`.
-pub fn interface_statistics(out: &mut Vec<u8>, interface: u32, stats: &InterfaceStats) -> usize {
+pub fn interface_statistics<O: Out + ?Sized>(
+    out: &mut O,
+    interface: u32,
+    stats: &InterfaceStats,
+) -> usize {
     let mut b = Block::begin(out, BLOCK_ISB);
     b.u32(interface).timestamp(stats.end_ns);
     // isb_starttime/endtime are timestamps in the interface's resolution, high word first.
@@ -323,7 +367,11 @@ pub fn interface_statistics(out: &mut Vec<u8>, interface: u32, stats: &Interface
 }
 
 /// Appends a Decryption Secrets Block (§4.7) carrying `secrets` of `secrets_type`.
-pub fn decryption_secrets(out: &mut Vec<u8>, secrets_type: u32, secrets: &[u8]) -> usize {
+pub fn decryption_secrets<O: Out + ?Sized>(
+    out: &mut O,
+    secrets_type: u32,
+    secrets: &[u8],
+) -> usize {
     let mut b = Block::begin(out, BLOCK_DSB);
     b.u32(secrets_type).u32(secrets.len() as u32).padded(secrets);
     b.finish()
