@@ -225,9 +225,9 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Cuts the file to `len` bytes (after a failed write, so it ends on a whole block).
-    pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.buffered.set_len(len)
+    /// The file opened without `O_DIRECT`: to read back and cut after a failed write.
+    pub fn plain(&self) -> &File {
+        &self.buffered
     }
 
     /// Writes the whole aligned chunks of the stage with `O_DIRECT` and moves the rest to

@@ -424,11 +424,36 @@ impl Capture {
     fn make_room(&mut self, need: usize) -> Result<(), CaptureError> {
         let Some(Output::Direct(f)) = self.file.as_mut() else { return Ok(()) };
         if let Err(source) = f.make_room(need) {
-            // Cut back to the last flush, so the file ends on a whole block.
-            let _ = f.set_len(self.file_bytes);
+            self.keep_whole_blocks(0);
             return Err(CaptureError::Write { path: self.path.clone(), source });
         }
         Ok(())
+    }
+
+    /// After a failed write: keeps the whole blocks that reached the file past the last
+    /// flush and cuts the rest, so the file ends on a whole block and loses only what did
+    /// not fit. `head` is how many bytes of the failed write came before the buffer (a DSB).
+    /// A pipe cannot be cut or read back; nothing to do then.
+    fn keep_whole_blocks(&mut self, head: usize) {
+        let Some(file) = self.file.as_ref() else { return };
+        let (bytes, packets) =
+            file.keep_whole_blocks(&self.path, self.file_bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "could not cut {} back to its last whole block: {e}",
+                    self.path.display()
+                );
+                (0, 0)
+            });
+        self.file_bytes += bytes;
+        self.stats.bytes += bytes;
+        if self.is_direct() {
+            // The kept packets were encoded into the stage since the last flush.
+            self.unflushed = self.unflushed.saturating_sub(packets);
+        } else {
+            // Whole blocks of head ++ buf: what got out of the buffer is no longer pending.
+            let from_buf = (bytes as usize).saturating_sub(head).min(self.buf.len());
+            self.buf.drain(..from_buf);
+        }
     }
 
     /// Where blocks go now (see [`sink`]).
@@ -575,9 +600,7 @@ impl Capture {
             .try_for_each(|chunk| file.write_all(chunk))
             .and_then(|()| file.flush());
         if let Err(source) = written {
-            // Cut what part of this write got out, so the file ends on a whole block and
-            // stays readable up to the last flush (a pipe cannot be cut; nothing to do then).
-            let _ = file.set_len(before);
+            self.keep_whole_blocks(head.len());
             return Err(CaptureError::Write { path: self.path.clone(), source });
         }
         // A direct file also holds what was encoded into its stage since the last flush.
@@ -715,11 +738,29 @@ impl Output {
         }
     }
 
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        match self {
-            Output::Plain(f) => f.set_len(len),
-            Output::Direct(f) => f.set_len(len),
+    /// Reads the file back from `from` (the end of the last complete write), keeps the
+    /// whole blocks found there and cuts whatever follows them: returns the bytes and the
+    /// packets (EPBs) kept. Only for regular files; a pipe keeps what it took.
+    fn keep_whole_blocks(&self, path: &Path, from: u64) -> io::Result<(u64, u64)> {
+        let written = match self {
+            Output::Plain(f) => f,
+            Output::Direct(f) => f.plain(),
+        };
+        let meta = written.metadata()?;
+        if !meta.file_type().is_file() || meta.len() <= from {
+            return Ok((0, 0));
         }
+        // Opened for writing only; read it back through a descriptor of its own.
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let mut tail = vec![0; (meta.len() - from) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, from)?;
+        let (mut bytes, mut packets) = (0u64, 0u64);
+        for block in pcapng::blocks(&tail) {
+            bytes += block.body.len() as u64 + 12;
+            packets += u64::from(block.block_type == pcapng::BLOCK_EPB);
+        }
+        file.set_len(from + bytes)?;
+        Ok((bytes, packets))
     }
 }
 

@@ -722,3 +722,27 @@ fn tls_in_private_netns(dir: &Path) {
     let plain = tshark_fields(&no_keys, &["-Y", "http.request"], &["http.request.uri"]);
     assert!(plain.is_empty(), "decrypted without the secrets? {plain:?}");
 }
+
+/// After a write that ran out of space part-way, the file keeps the whole blocks that got
+/// out and loses only the block that was cut (and what followed), so readers see every
+/// packet that fit.
+#[test]
+fn a_cut_write_keeps_the_whole_blocks_before_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let path = tmp.path().join("cut.pcapng");
+    let mut bytes = Vec::new();
+    pcapng::section_header(&mut bytes, &section_info(None));
+    let header = bytes.len() as u64;
+    let options = PacketOptions { flags: pcapng::EPB_FLAG_INBOUND, process: None, comments: &[] };
+    for n in 0..3u64 {
+        pcapng::enhanced_packet(&mut bytes, 0, T0 + n, &[0x55; 100], 100, &options);
+    }
+    let whole = bytes.len();
+    pcapng::enhanced_packet(&mut bytes, 0, T0 + 3, &[0x55; 100], 100, &options);
+    bytes.truncate(whole + 40);
+    std::fs::write(&path, &bytes).expect("write the cut file");
+    let out = Output::Plain(File::open(&path).expect("open the cut file"));
+    let (kept, packets) = out.keep_whole_blocks(&path, header).expect("cut back");
+    assert_eq!((header + kept, packets), (whole as u64, 3));
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), whole as u64);
+}
