@@ -123,6 +123,8 @@ pub struct Collector {
     summary: SummaryBuilder,
     run: RunInfo,
     queue_drops: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Where packets' bytes go back once handled ([`Collector::return_packets_to`]).
+    packet_budget: Option<std::sync::Arc<crate::event::PacketBudget>>,
     events: u64,
 }
 
@@ -135,6 +137,7 @@ impl Collector {
             summary: SummaryBuilder::new(),
             run,
             queue_drops: None,
+            packet_budget: None,
             events: 0,
         }
     }
@@ -146,6 +149,12 @@ impl Collector {
     /// The backend's [`crate::event::Emitter::drop_counter`], read into the run record.
     pub fn count_queue_drops(&mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
         self.queue_drops = Some(counter);
+    }
+
+    /// The backend's [`crate::event::Emitter::packet_budget`], which gets each packet's
+    /// bytes back once the consumers are done with it.
+    pub fn return_packets_to(&mut self, budget: std::sync::Arc<crate::event::PacketBudget>) {
+        self.packet_budget = Some(budget);
     }
 
     pub fn table(&self) -> &FlowTable {
@@ -205,6 +214,9 @@ impl Collector {
         }
         self.write_output();
         if let Event::Packet(p) = event {
+            if let Some(budget) = &self.packet_budget {
+                budget.release(p.data.len());
+            }
             crate::event::recycle_packet_bytes(p.data);
         }
     }

@@ -272,24 +272,93 @@ pub enum Event {
     Drops(DropReport),
 }
 
+/// Bytes of packet data a backend that can leave packets where they are (the rootful
+/// one, in the kernel's ring) lets wait for the collector (see [`PacketBudget`]): as many
+/// as [`POOL_MAX`] bulk-TCP packets, so that it copies into pooled buffers only.
+pub const PACKET_BUDGET: usize = 16 << 20;
+
+/// Bytes of packet data the channel takes at most: beyond, packets are dropped (and
+/// counted). Larger than [`PACKET_BUDGET`] because the rootless engine has no ring to
+/// leave its frames in: this is its slack for a collector waiting on the disk.
+pub const PACKET_LIMIT: usize = 4 * PACKET_BUDGET;
+
+/// The packet bytes on their way to the collector, bounded by [`PACKET_BUDGET`].
+///
+/// Why bytes and not only events: the channel holds up to 65,536 events, which for 64 KiB
+/// packets is 4 GiB. In a rootful bulk capture the collector fell behind, every packet the
+/// backend copied went into fresh memory (page faults were a third of its time) and most of
+/// those copies were dropped at the queue anyway. With a byte budget the rootful backend
+/// stops reading the kernel's packet ring while the budget is spent: the ring holds the
+/// packets meanwhile, and what it cannot hold is lost there, without a copy.
+#[derive(Default)]
+pub struct PacketBudget {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Set once a collector returns packets ([`Emitter::packet_budget`]); until then (unit
+    /// tests reading the channel themselves) the budget is not enforced.
+    enforced: std::sync::atomic::AtomicBool,
+}
+
+impl PacketBudget {
+    /// Whether `len` more bytes fit (a packet is at most [`CAPTURE_MAX`] bytes, far less
+    /// than the budget).
+    ///
+    /// [`CAPTURE_MAX`]: childflow_common::event::CAPTURE_MAX
+    pub fn has_room(&self, len: usize) -> bool {
+        self.fits(len, PACKET_BUDGET)
+    }
+
+    fn fits(&self, len: usize, limit: usize) -> bool {
+        self.in_flight.load(Ordering::Relaxed) + len <= limit
+            || !self.enforced.load(Ordering::Relaxed)
+    }
+
+    /// The collector is done with a packet of `len` bytes.
+    pub fn release(&self, len: usize) {
+        self.in_flight.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
 /// The sending side of the event channel. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct Emitter {
     tx: Sender<Event>,
     capacity: usize,
     dropped: Arc<AtomicU64>,
+    budget: Arc<PacketBudget>,
 }
 
 impl Emitter {
-    /// Hands `event` to the collector, or counts it as dropped if the channel is full.
-    /// Returns `false` once the collector is gone.
+    /// Hands `event` to the collector, or counts it as dropped if the channel is full (or,
+    /// for a packet, [`PACKET_LIMIT`] bytes wait). Returns `false` once the collector is
+    /// gone.
     pub fn emit(&self, event: Event) -> bool {
-        if self.tx.len() >= self.capacity {
+        let packet_len = match &event {
+            Event::Packet(p) => p.data.len(),
+            _ => 0,
+        };
+        if self.tx.len() >= self.capacity || !self.budget.fits(packet_len, PACKET_LIMIT) {
             // Full (a gone collector is noticed at the next send that finds room).
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Event::Packet(p) = event {
+                recycle_packet_bytes(p.data);
+            }
             return true;
         }
+        self.budget.in_flight.fetch_add(packet_len, Ordering::Relaxed);
         self.tx.try_send(event).is_ok()
+    }
+
+    /// Whether a packet of `len` bytes would be taken now: a backend that can leave packets
+    /// where they are (the kernel's ring) asks before it copies one.
+    pub fn has_packet_room(&self, len: usize) -> bool {
+        self.budget.has_room(len)
+    }
+
+    /// The budget, for the collector to return packets' bytes to; from then on it is
+    /// enforced.
+    pub fn packet_budget(&self) -> Arc<PacketBudget> {
+        self.budget.enforced.store(true, Ordering::Relaxed);
+        Arc::clone(&self.budget)
     }
 
     /// Counts one event the backend lost on its own side (as [`Emitter::dropped`] shows).
@@ -317,7 +386,8 @@ impl Emitter {
 /// events of ~750 bytes that was 49 MB touched and a third of a `childflow -- true` run.
 pub fn channel(capacity: usize) -> (Emitter, Receiver<Event>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    (Emitter { tx, capacity, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+    let budget = Arc::new(PacketBudget::default());
+    (Emitter { tx, capacity, dropped: Arc::new(AtomicU64::new(0)), budget }, rx)
 }
 
 #[cfg(test)]
@@ -357,6 +427,43 @@ mod tests {
             pool.put(vec![0; POOLED_PACKET_MIN]);
         }
         assert_eq!(pool.0.lock().unwrap().len(), POOL_MAX, "the pool is bounded");
+    }
+
+    fn packet(len: usize) -> Event {
+        Event::Packet(PacketEvent {
+            ts: 0,
+            direction: Direction::In,
+            orig_len: len as u32,
+            data: vec![0; len],
+        })
+    }
+
+    #[test]
+    fn packet_bytes_waiting_are_bounded_once_a_collector_returns_them() {
+        let (emitter, rx) = channel(1 << 20);
+        let chunk = PACKET_BUDGET / 4;
+        // Not enforced before a collector takes the budget.
+        assert!(emitter.has_packet_room(2 * PACKET_LIMIT));
+        let budget = emitter.packet_budget();
+        for _ in 0..4 {
+            assert!(emitter.has_packet_room(chunk));
+            emitter.emit(packet(chunk));
+        }
+        // The backend that can wait is asked to; the channel still takes packets up to
+        // the limit, then drops them.
+        assert!(!emitter.has_packet_room(1));
+        for _ in 4..16 {
+            emitter.emit(packet(chunk));
+        }
+        assert_eq!(emitter.dropped(), 0);
+        emitter.emit(packet(chunk));
+        assert_eq!((emitter.dropped(), rx.len()), (1, 16));
+        // Handled packets give their bytes back.
+        for event in rx.try_iter() {
+            let Event::Packet(p) = event else { unreachable!() };
+            budget.release(p.data.len());
+        }
+        assert!(emitter.has_packet_room(PACKET_BUDGET));
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub fn run(config: &Config) -> Result<i32> {
     }
     let (emitter, events) = event::channel(EVENT_QUEUE);
     collector.count_queue_drops(emitter.drop_counter());
+    collector.return_packets_to(emitter.packet_budget());
     // The live views (--tui, --events, the socket for `attach`); with --tui the command gets
     // the dashboard's pty as its terminal.
     let mut live = tui::live::Live::start(&config, &emitter)?;

@@ -63,6 +63,7 @@ use std::{
     },
     path::Path,
     time::Duration,
+    time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
@@ -92,6 +93,9 @@ const RESOLV_DIR: &str = "/run";
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How often the rings are drained even without a wake-up (the programs batch wake-ups).
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// How long the last drain waits for the collector to take packets before it gives up on
+/// the rest of the ring (a healthy collector takes the whole budget in milliseconds).
+const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Checks, before touching the host, that `--root` can work here.
 pub fn preflight() -> Result<()> {
@@ -257,7 +261,10 @@ impl Drain {
         self.flush();
     }
 
-    fn drain_rings(&mut self, rings: &mut Rings) {
+    /// Reads what waits in the rings. Returns `true` if packets were left in the packet
+    /// ring because the collector has the whole [`crate::event::PACKET_BUDGET`] waiting:
+    /// the ring holds them meanwhile, and the caller comes back for them shortly.
+    fn drain_rings(&mut self, rings: &mut Rings) -> bool {
         // Causes before effects: a DNS answer (packet ring) and the socket's owner (socket
         // ring) are written before the flow's first packet. So the flow ring is read first,
         // then the other two (which by then hold everything those flows depend on), and the
@@ -272,7 +279,16 @@ impl Drain {
         }
         // A packet copied in several records is joined first (`Reassembly`).
         let mut reassembly = std::mem::take(&mut self.reassembly);
+        // Packet bytes read in this pass (emitted at its end).
+        let (mut held, mut left) = (0, false);
         while let Some(item) = rings.packets.get_mut().next() {
+            if !self.emitter.has_packet_room(held + item.len()) {
+                // Not consumed: the next `next` returns this record again.
+                std::mem::forget(item);
+                left = true;
+                break;
+            }
+            held += item.len();
             let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
             reassembly.push(header, data, &mut |h, d| self.packet(h, d));
         }
@@ -291,6 +307,23 @@ impl Drain {
             self.tracker.on_record(&rec, &mut self.out);
         }
         self.flush();
+        left
+    }
+
+    /// Drains the rings to the end, waiting for the collector when the packet budget is
+    /// spent (bounded: a collector that takes nothing for [`FINAL_DRAIN_WAIT`] loses the
+    /// rest, counted).
+    fn drain_all(&mut self, rings: &mut Rings) {
+        let start = Instant::now();
+        while self.drain_rings(rings) {
+            if start.elapsed() > FINAL_DRAIN_WAIT {
+                while rings.packets.get_mut().next().is_some() {
+                    self.emitter.count_lost();
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn sample(&mut self, accounting: &mut Accounting) {
@@ -472,12 +505,18 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let status = runtime.block_on(async {
         let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
         let mut sample_tick = tokio::time::interval(SAMPLE_EVERY);
+        // Packets left in the ring for want of budget: not woken by the ring meanwhile
+        // (it would wake the loop at every packet), back after a millisecond.
+        let mut left = false;
         loop {
             tokio::select! {
                 done = &mut done_rx => break done,
                 r = rings.flows.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
                 r = rings.socks.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
-                r = rings.packets.readable_mut() => { if let Ok(mut g) = r { g.clear_ready(); } }
+                r = rings.packets.readable_mut(), if !left => {
+                    if let Ok(mut g) = r { g.clear_ready(); }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(1)), if left => {}
                 _ = drain_tick.tick() => {}
                 _ = sample_tick.tick() => {
                     // Records waiting in the rings come before what the sample adds.
@@ -485,7 +524,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
                     drain.sample(&mut accounting);
                 }
             }
-            drain.drain_rings(&mut rings);
+            left = drain.drain_rings(&mut rings);
         }
     });
     let (status, _sandbox) = status.context("the waiter thread ended without a status")?;
@@ -503,7 +542,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         tracing::debug!("{e:#}; detaching the programs instead");
         accounting.detach();
     }
-    drain.drain_rings(&mut rings);
+    drain.drain_all(&mut rings);
     drain.finish_packets();
     let last = accounting.flows().unwrap_or_default();
     drain.tracker.finish(&last, &mut drain.out);
