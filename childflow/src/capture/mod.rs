@@ -66,6 +66,11 @@ use filter::{Fields, Filter, FilterError};
 use keylog::{Keylog, KeylogError};
 use pcapng::{InterfaceInfo, InterfaceStats, PacketOptions, SectionInfo};
 
+/// Packets at least this long go to a plain file (tmpfs, a pipe) with the buffer around
+/// them in one `writev(2)` rather than copied into the buffer (see [`pcapng::Gather`]): at
+/// this size the copy costs more than the system call.
+pub const GATHER_MIN: usize = 16 << 10;
+
 /// The buffer is written out once it holds this much, even within a batch (a direct
 /// file's stage writes itself out as it fills instead).
 pub const FLUSH_AT: usize = 1 << 20;
@@ -398,12 +403,26 @@ impl Capture {
             process: meta.process.map(|p| (p.pid, 0)),
             comments: &slots[..n],
         };
-        let out = sink(&mut self.file, &mut self.buf, direct);
-        pcapng::enhanced_packet(out, iface as u32, pkt.ts, data, pkt.orig_len, &options);
+        let gather = !direct
+            && data.len() >= GATHER_MIN
+            && self.keylog.is_none()
+            && matches!(self.file, Some(Output::Plain(_)));
+        let block_start = self.buf.len();
+        let mut hole = None;
+        if gather {
+            let mut out = pcapng::Gather { buf: &mut self.buf, hole: None };
+            pcapng::enhanced_packet(&mut out, iface as u32, pkt.ts, data, pkt.orig_len, &options);
+            hole = out.hole;
+        } else {
+            let out = sink(&mut self.file, &mut self.buf, direct);
+            pcapng::enhanced_packet(out, iface as u32, pkt.ts, data, pkt.orig_len, &options);
+        }
         self.packets_in_file += 1;
         self.counters[iface].written += 1;
         self.stats.written += 1;
-        if direct {
+        if let Some((at, _)) = hole {
+            self.write_gathered(block_start, at, data)?;
+        } else if direct {
             self.unflushed += 1;
         } else if self.buf.len() >= FLUSH_AT {
             self.write_out_with(false)?;
@@ -617,6 +636,56 @@ impl Capture {
             *end > 0
         });
         Ok(())
+    }
+
+    /// Writes the buffer with `data` in the hole at `at` (see [`pcapng::Gather`]): all
+    /// that waits, then the packet's block, in one `writev(2)`. `block_start` is where the
+    /// packet's block begins in the buffer.
+    fn write_gathered(
+        &mut self,
+        block_start: usize,
+        at: usize,
+        data: &[u8],
+    ) -> Result<(), CaptureError> {
+        let Some(Output::Plain(file)) = self.file.as_mut() else { return Ok(()) };
+        let (head, tail) = self.buf.split_at(at);
+        let mut parts = [io::IoSlice::new(head), io::IoSlice::new(data), io::IoSlice::new(tail)];
+        let mut rest = &mut parts[..];
+        let total = (head.len() + data.len() + tail.len()) as u64;
+        while !rest.is_empty() {
+            match file.write_vectored(rest) {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "the file took no bytes");
+                    return Err(self.gather_failed(block_start, e));
+                }
+                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.gather_failed(block_start, e)),
+            }
+        }
+        self.file_bytes += total;
+        self.stats.bytes += total;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// After a failed [`Capture::write_gathered`]: keeps the whole blocks that got out and
+    /// counts the packets that did not as lost (the buffer is cleared: its last block has
+    /// a hole in it).
+    fn gather_failed(&mut self, block_start: usize, source: io::Error) -> CaptureError {
+        let waiting = pcapng::blocks(&self.buf[..block_start])
+            .filter(|b| b.block_type == pcapng::BLOCK_EPB)
+            .count() as u64
+            + 1;
+        let kept = match self.file.as_ref() {
+            Some(file) => file.keep_whole_blocks(&self.path, self.file_bytes).unwrap_or_default(),
+            None => (0, 0),
+        };
+        self.file_bytes += kept.0;
+        self.stats.bytes += kept.0;
+        self.stats.lost_after_error += waiting.saturating_sub(kept.1);
+        self.buf.clear();
+        CaptureError::Write { path: self.path.clone(), source }
     }
 
     /// Writes out everything buffered.

@@ -86,10 +86,65 @@ pub trait Out {
     }
     /// Appends `bytes` (growing if needed).
     fn put(&mut self, bytes: &[u8]);
+    /// Appends a packet's data: [`Gather`] leaves a hole for it instead of copying it.
+    fn put_data(&mut self, bytes: &[u8]) {
+        self.put(bytes);
+    }
     /// Overwrites the 4 bytes at `at` (within what is held).
     fn patch(&mut self, at: usize, bytes: [u8; 4]);
     /// Drops everything from `len` on.
     fn truncate(&mut self, len: usize);
+}
+
+/// Blocks encoded into `buf` except for one packet's data, which gets a hole of its
+/// length: the caller writes `buf` around it with one `writev(2)`, so a large packet is not
+/// copied into the buffer first.
+pub struct Gather<'b> {
+    pub buf: &'b mut Vec<u8>,
+    /// Where in the bytes the data goes, and its length.
+    pub hole: Option<(usize, usize)>,
+}
+
+impl Gather<'_> {
+    fn hole_len(&self) -> usize {
+        self.hole.map_or(0, |(_, len)| len)
+    }
+}
+
+impl Out for Gather<'_> {
+    fn len(&self) -> usize {
+        self.buf.len() + self.hole_len()
+    }
+    fn put(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+    fn put_data(&mut self, bytes: &[u8]) {
+        if self.hole.is_some() {
+            // One hole only: another packet's data is copied.
+            self.buf.extend_from_slice(bytes);
+        } else {
+            self.hole = Some((self.buf.len(), bytes.len()));
+        }
+    }
+    fn patch(&mut self, at: usize, bytes: [u8; 4]) {
+        let at = match self.hole {
+            Some((hole, len)) if at >= hole => at - len,
+            _ => at,
+        };
+        self.buf.patch(at, bytes);
+    }
+    fn truncate(&mut self, len: usize) {
+        match self.hole {
+            Some((hole, _)) if len <= hole => {
+                self.hole = None;
+                self.buf.truncate(len);
+            }
+            _ => {
+                let len = len - self.hole_len();
+                self.buf.truncate(len);
+            }
+        }
+    }
 }
 
 impl Out for Vec<u8> {
@@ -269,7 +324,8 @@ pub fn enhanced_packet<O: Out + ?Sized>(
 ) -> usize {
     let mut b = Block::begin(out, BLOCK_EPB);
     b.u32(interface).timestamp(ts_ns).u32(data.len() as u32).u32(orig_len.max(data.len() as u32));
-    b.padded(data);
+    b.out.put_data(data);
+    b.out.put(&[0; 3][..pad4(data.len())]);
     if options.flags != 0 {
         b.option(opt::EPB_FLAGS, &options.flags.to_ne_bytes());
     }

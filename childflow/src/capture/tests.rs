@@ -746,3 +746,39 @@ fn a_cut_write_keeps_the_whole_blocks_before_it() {
     assert_eq!((header + kept, packets), (whole as u64, 3));
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), whole as u64);
 }
+
+/// Large packets to a plain file (tmpfs) are written around the buffer with `writev`
+/// instead of copied into it: the file holds the same blocks, in order, with every byte
+/// of every packet, and tshark reads them.
+#[test]
+fn large_packets_gathered_into_a_plain_file_read_back_whole() {
+    let tmp = tempfile::tempdir_in("/dev/shm").expect("temp dir on tmpfs");
+    let path = tmp.path().join("gather.pcapng");
+    let mut cap = open(&config(&path), tmp.path());
+    let proc_ = curl();
+    let mut sent = Vec::new();
+    for i in 0..40u64 {
+        // Small and large packets interleaved, large ones above GATHER_MIN.
+        let len = if i % 3 == 0 { 100 } else { GATHER_MIN + 1 + i as usize };
+        let payload: Vec<u8> = (0..len).map(|b| (b as u64 + i) as u8).collect();
+        let frame = frames::udp4("198.18.0.2", 40000, "198.19.0.10", 9000, &payload);
+        let pkt = packet(frame, Direction::Out, i);
+        let meta = PacketMeta { process: Some(&proc_), ..PacketMeta::default() };
+        cap.packet(&pkt, &meta).expect("write packet");
+        sent.push(pkt.data);
+    }
+    let stats = cap.close(0).expect("close capture");
+    assert_eq!(stats.written, 40);
+    let epbs: Vec<Vec<u8>> = read_blocks(&path)
+        .into_iter()
+        .filter(|(t, _)| *t == pcapng::BLOCK_EPB)
+        .map(|(_, body)| {
+            let len = u32::from_ne_bytes(body[12..16].try_into().expect("captured length"));
+            body[20..20 + len as usize].to_vec()
+        })
+        .collect();
+    assert_eq!(epbs, sent);
+    assert!(capinfos(&path).contains("Number of packets: 40"), "{}", capinfos(&path));
+    let lens = tshark_fields(&path, &[], &["frame.len"]);
+    assert_eq!(lens.len(), 40);
+}
