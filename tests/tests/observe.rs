@@ -426,6 +426,45 @@ fn the_csv_log_loads_in_python_and_matches_the_transfer() {
     }
 }
 
+/// A rootless capture that cannot keep up holds the command's traffic back instead of
+/// losing packets: with the capture going to a pipe that nobody reads for the first two
+/// seconds, a bulk download is still captured whole, and nothing is reported lost.
+#[test]
+fn a_rootless_capture_that_falls_behind_loses_no_packet() {
+    if !can_run(Backend::Rootless) {
+        return;
+    }
+    let net = TestNet::new();
+    let dir = tempfile::Builder::new().prefix("childflow-bulkcap").tempdir().unwrap();
+    let capture = dir.path().join("bulk.pcapng");
+    const BODY: u64 = 200_000_000;
+    let url = format!("http://{}/bytes/{BODY}", net.server_v4());
+    let mut cf = childflow()
+        .args(["-c", "-", "--", "curl", "-sS", "--fail", "-o", "/dev/null", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = cf.stdout.take().unwrap();
+    let mut file = std::fs::File::create(&capture).unwrap();
+    let reader = std::thread::spawn(move || {
+        // A reader that stalls: the capture's writer blocks while the download goes on.
+        std::thread::sleep(Duration::from_secs(2));
+        std::io::copy(&mut pipe, &mut file).unwrap();
+    });
+    let out = cf.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("lost"), "the capture lost packets: {stderr}");
+    // Every byte of the body and its HTTP head, once: the engine resends what the held
+    // command did not acknowledge in time, and tshark knows those for retransmissions.
+    let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
+    let lens = tshark_fields(&capture, filter, &["tcp.len"]);
+    let payload: u64 = lens.iter().map(|l| l[0].parse::<u64>().unwrap()).sum();
+    assert!((BODY..BODY + 1000).contains(&payload), "captured payload {payload}");
+}
+
 /// A tmpfs of `size` mounted on a fresh directory of the host's mount namespace, unmounted
 /// (lazily, in case a file is still open) and removed on drop.
 struct SmallDisk {

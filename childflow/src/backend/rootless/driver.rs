@@ -246,11 +246,14 @@ async fn relay_frames(
             engine.flush_events();
         }
         let spin = spin_until.is_some_and(|t| std::time::Instant::now() < t);
+        // A capture that fell behind holds the tap (see `Engine::capture_backlogged`);
+        // the loop looks again every millisecond.
+        let held = ctx.engine.borrow().capture_backlogged();
         // Frames before the stop: the command's last packets (the FIN of a socket it closed
         // as it exited) are still queued on the tap when its exit is noticed.
         tokio::select! {
             biased;
-            ready = tap.readable() => {
+            ready = tap.readable(), if !held => {
                 if !read_tap(ctx, ready?, fd) {
                     return Ok(());
                 }
@@ -266,6 +269,7 @@ async fn relay_frames(
             _ = ctx.wake.notified() => {
                 spin_until = Some(std::time::Instant::now() + SPIN);
             }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(1)), if held => {}
             _ = tokio::time::sleep_until(deadline), if !spin => {}
             // The yield lets the reactor poll the tap and the host sockets without waiting
             // (tokio polls its driver with a zero timeout before running a yielded task).

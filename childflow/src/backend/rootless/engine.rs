@@ -601,6 +601,15 @@ impl Engine {
     }
 
     /// A buffer to read the next frame into (capacity: MTU + Ethernet header).
+    /// Whether the collector has [`crate::event::PACKET_BUDGET`] bytes of captured frames
+    /// waiting: the driver then stops reading the tap until it has taken some. That holds
+    /// the command's TCP back (its segments, and the ACKs that open smoltcp's window for
+    /// downloads, wait in the tap queue) instead of losing captured frames, and bounds the
+    /// memory they take.
+    pub fn capture_backlogged(&self) -> bool {
+        !self.events.has_packet_room(self.cfg.mtu + ETH_HEADER_LEN)
+    }
+
     pub fn take_buffer(&mut self) -> Vec<u8> {
         self.dev.take()
     }
