@@ -282,7 +282,9 @@ pub const PACKET_BUDGET: usize = 16 << 20;
 /// leave its frames in: this is its slack for a collector waiting on the disk.
 pub const PACKET_LIMIT: usize = 4 * PACKET_BUDGET;
 
-/// The packet bytes on their way to the collector, bounded by [`PACKET_BUDGET`].
+/// The packet bytes on their way to the collector: a backend that can wait asks for
+/// [`PACKET_BUDGET`] of room ([`Emitter::has_packet_room`]), and the channel drops packets
+/// past [`PACKET_LIMIT`].
 ///
 /// Why bytes and not only events: the channel holds up to 65,536 events, which for 64 KiB
 /// packets is 4 GiB. In a rootful bulk capture the collector fell behind, every packet the

@@ -443,18 +443,18 @@ impl Capture {
     fn make_room(&mut self, need: usize) -> Result<(), CaptureError> {
         let Some(Output::Direct(f)) = self.file.as_mut() else { return Ok(()) };
         if let Err(source) = f.make_room(need) {
-            self.keep_whole_blocks(0);
+            self.keep_after_failed_write(0);
             return Err(CaptureError::Write { path: self.path.clone(), source });
         }
         Ok(())
     }
 
-    /// After a failed write: keeps the whole blocks that reached the file past the last
-    /// flush and cuts the rest, so the file ends on a whole block and loses only what did
-    /// not fit. `head` is how many bytes of the failed write came before the buffer (a DSB).
-    /// A pipe cannot be cut or read back; nothing to do then.
-    fn keep_whole_blocks(&mut self, head: usize) {
-        let Some(file) = self.file.as_ref() else { return };
+    /// After a failed write: keeps the whole blocks that reached the file since the last
+    /// flush, cuts what follows them, and counts the kept bytes as written. Returns the
+    /// bytes and the packets kept; the caller takes them off what it has pending. A pipe
+    /// cannot be cut or read back: nothing is kept then.
+    fn keep_whole_blocks(&mut self) -> (u64, u64) {
+        let Some(file) = self.file.as_ref() else { return (0, 0) };
         let (bytes, packets) =
             file.keep_whole_blocks(&self.path, self.file_bytes).unwrap_or_else(|e| {
                 tracing::warn!(
@@ -465,14 +465,18 @@ impl Capture {
             });
         self.file_bytes += bytes;
         self.stats.bytes += bytes;
-        if self.is_direct() {
-            // The kept packets were encoded into the stage since the last flush.
-            self.unflushed = self.unflushed.saturating_sub(packets);
-        } else {
-            // Whole blocks of head ++ buf: what got out of the buffer is no longer pending.
-            let from_buf = (bytes as usize).saturating_sub(head).min(self.buf.len());
-            self.buf.drain(..from_buf);
-        }
+        (bytes, packets)
+    }
+
+    /// After a failed write of `head` ++ the buffer (or of the direct file's stage): what
+    /// got out is no longer pending. Packets encoded into the stage are `unflushed`; a
+    /// buffer's whole blocks that got out go from its front (at most one of the two is
+    /// non-zero or non-empty).
+    fn keep_after_failed_write(&mut self, head: usize) {
+        let (bytes, packets) = self.keep_whole_blocks();
+        self.unflushed = self.unflushed.saturating_sub(packets);
+        let from_buf = (bytes as usize).saturating_sub(head).min(self.buf.len());
+        self.buf.drain(..from_buf);
     }
 
     /// Where blocks go now (see [`sink`]).
@@ -619,7 +623,7 @@ impl Capture {
             .try_for_each(|chunk| file.write_all(chunk))
             .and_then(|()| file.flush());
         if let Err(source) = written {
-            self.keep_whole_blocks(head.len());
+            self.keep_after_failed_write(head.len());
             return Err(CaptureError::Write { path: self.path.clone(), source });
         }
         // A direct file also holds what was encoded into its stage since the last flush.
@@ -677,13 +681,8 @@ impl Capture {
             .filter(|b| b.block_type == pcapng::BLOCK_EPB)
             .count() as u64
             + 1;
-        let kept = match self.file.as_ref() {
-            Some(file) => file.keep_whole_blocks(&self.path, self.file_bytes).unwrap_or_default(),
-            None => (0, 0),
-        };
-        self.file_bytes += kept.0;
-        self.stats.bytes += kept.0;
-        self.stats.lost_after_error += waiting.saturating_sub(kept.1);
+        let (_, kept) = self.keep_whole_blocks();
+        self.stats.lost_after_error += waiting.saturating_sub(kept);
         self.buf.clear();
         CaptureError::Write { path: self.path.clone(), source }
     }

@@ -62,8 +62,7 @@ use std::{
         unix::{ffi::OsStrExt, fs::PermissionsExt},
     },
     path::Path,
-    time::Duration,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};

@@ -600,7 +600,6 @@ impl Engine {
         &self.cfg
     }
 
-    /// A buffer to read the next frame into (capacity: MTU + Ethernet header).
     /// Whether the collector has [`crate::event::PACKET_BUDGET`] bytes of captured frames
     /// waiting: the driver then stops reading the tap until it has taken some. That holds
     /// the command's TCP back (its segments, and the ACKs that open smoltcp's window for
@@ -610,6 +609,7 @@ impl Engine {
         !self.events.has_packet_room(self.cfg.mtu + ETH_HEADER_LEN)
     }
 
+    /// A buffer to read the next frame into (capacity: MTU + Ethernet header).
     pub fn take_buffer(&mut self) -> Vec<u8> {
         self.dev.take()
     }
