@@ -424,7 +424,7 @@ struct Conn {
 
 impl Conn {
     /// Drops the socket, then takes back the buffers it borrowed.
-    fn into_buffers(mut self) -> Option<[Box<[u8]>; 2]> {
+    fn into_buffers(mut self) -> Option<[SocketBuf; 2]> {
         let lent = self.lent.take()?;
         self.set = SocketSet::new(Vec::new());
         // SAFETY: the only socket that borrowed the buffers was in the set just dropped.
@@ -442,18 +442,86 @@ impl Drop for Conn {
     }
 }
 
+/// One TCP socket buffer: an anonymous mapping of its own.
+///
+/// Why not `vec![0; size]`: glibc serves a 4 MiB `calloc` from its heap once a freed chunk
+/// of that size has raised its dynamic mmap threshold, and then clears all of it with
+/// `memset`, faulting in every page: with more connections alive than the pool holds (a
+/// command that connects and closes in a loop), perf put 64% of the engine's CPU in those
+/// page faults and connects took 400-550 µs. A fresh mapping is zero without being
+/// touched, and a connection faults in only the pages its bytes pass through.
+struct SocketBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// How far from the start the buffer may have been written (its resident part): each
+    /// socket writes its ring buffer from offset 0, so this is the most bytes any one
+    /// connection moved through it, up to `len`.
+    touched: usize,
+}
+
+impl SocketBuf {
+    fn new(len: usize) -> SocketBuf {
+        // SAFETY: a new private anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        match std::ptr::NonNull::new(ptr.cast::<u8>()) {
+            Some(ptr) if ptr.as_ptr() != libc::MAP_FAILED.cast() => {
+                SocketBuf { ptr, len, touched: 0 }
+            }
+            _ => std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(len, 4096)
+                    .unwrap_or_else(|_| std::alloc::Layout::new::<u8>()),
+            ),
+        }
+    }
+
+    /// Gives the pages back to the kernel; the buffer reads as zeros again.
+    fn release_pages(&mut self) {
+        // SAFETY: the range is this buffer's own mapping, borrowed by nothing (it is not
+        // lent out while in the pool).
+        unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_DONTNEED) };
+        self.touched = 0;
+    }
+
+    /// The whole buffer as a slice that a socket may hold for as long as it likes.
+    ///
+    /// # Safety
+    /// Nothing else may access the buffer until that slice is gone (see [`Lent`]).
+    unsafe fn lend(&mut self) -> &'static mut [u8] {
+        // SAFETY: `len` bytes of readable and writable memory, and by the caller's promise
+        // the slice is the only access to them.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SocketBuf {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; no slice of it is alive (see `Lent`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+// SAFETY: a `SocketBuf` owns its mapping exclusively, like a `Box<[u8]>`.
+unsafe impl Send for SocketBuf {}
+
 /// Buffers of a TCP socket lent out as `'static` slices. Invariant: the slices handed out
 /// by [`BufferPool::lend`] are the only references into them, and they live in one
 /// connection's socket.
-struct Lent([*mut [u8]; 2]);
+struct Lent([SocketBuf; 2]);
 
 impl Lent {
     /// # Safety
     /// The slices lent out must no longer be reachable (their socket was dropped).
-    unsafe fn reclaim(self) -> [Box<[u8]>; 2] {
-        // SAFETY: the pointers came from `Box::into_raw` in `BufferPool::lend`, and by the
-        // caller's promise nothing borrows them any more.
-        self.0.map(|p| unsafe { Box::from_raw(p) })
+    unsafe fn reclaim(self) -> [SocketBuf; 2] {
+        self.0
     }
 }
 
@@ -461,20 +529,27 @@ impl Lent {
 ///
 /// smoltcp's sockets own their buffers and never give them back, so each connection used to
 /// allocate two fresh buffers of [`EngineConfig::tcp_buffer`] bytes and free them at its
-/// end: an mmap(2) and a munmap(2) each (the latter a TLB shootdown on the CPUs the process
+/// end: a mapping and an unmapping each (the latter a TLB shootdown on the CPUs the process
 /// ran on) and a page fault for every page first touched. perf put that at about a third of
 /// the engine's CPU time per connect, on the path between the command's SYN and the
 /// SYN-ACK. Lent as `'static` slices instead, the buffers come back when their socket has
-/// been dropped ([`Conn::into_buffers`]). At most [`BufferPool::KEEP`] are kept, so an
-/// engine that once held many connections does not keep their memory.
+/// been dropped ([`Conn::into_buffers`]).
+///
+/// Bounds: at most [`BufferPool::KEEP`] buffers are kept, enough for a command that
+/// connects and closes in a loop while the previous connections still close; and a
+/// returning buffer that a connection filled beyond [`BufferPool::KEEP_TOUCHED`] gives its
+/// pages back first (`MADV_DONTNEED`), so the pool's resident memory stays under
+/// `KEEP × KEEP_TOUCHED` (16 MiB) whatever went through it.
 struct BufferPool {
-    free: Vec<Box<[u8]>>,
+    free: Vec<SocketBuf>,
     size: usize,
 }
 
 impl BufferPool {
-    /// Buffers kept for reuse (four connections' worth).
-    const KEEP: usize = 8;
+    /// Buffers kept for reuse (32 connections' worth).
+    const KEEP: usize = 64;
+    /// A returning buffer with more than this resident gives its pages back.
+    const KEEP_TOUCHED: usize = 256 << 10;
 
     fn new(size: usize) -> BufferPool {
         BufferPool { free: Vec::new(), size }
@@ -482,22 +557,26 @@ impl BufferPool {
 
     /// A receive and a send buffer for a new socket, and the record to take them back.
     fn lend(&mut self) -> (Lent, [&'static mut [u8]; 2]) {
-        let mut take = || {
-            let buf = self.free.pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice());
-            Box::into_raw(buf)
-        };
-        let raw = [take(), take()];
-        // SAFETY: each pointer is a live, unaliased allocation from `Box::into_raw`; it is
-        // turned back into a box only by `Lent::reclaim`, after these slices are gone.
-        let slices = raw.map(|p| unsafe { &mut *p });
-        (Lent(raw), slices)
+        let mut take = || self.free.pop().unwrap_or_else(|| SocketBuf::new(self.size));
+        let mut bufs = [take(), take()];
+        // SAFETY: each buffer is lent once, to the one socket built from these slices;
+        // `Lent::reclaim` hands the buffers back only after that socket is gone.
+        let slices = [unsafe { bufs[0].lend() }, unsafe { bufs[1].lend() }];
+        (Lent(bufs), slices)
     }
 
-    fn give_back(&mut self, bufs: [Box<[u8]>; 2]) {
-        for b in bufs {
-            if self.free.len() < Self::KEEP && b.len() == self.size {
-                self.free.push(b);
+    /// Takes back a connection's buffers, through which at most `moved` bytes went in
+    /// either direction.
+    fn give_back(&mut self, bufs: [SocketBuf; 2], moved: u64) {
+        for mut b in bufs {
+            if self.free.len() >= Self::KEEP || b.len != self.size {
+                continue;
             }
+            b.touched = b.touched.max(usize::try_from(moved).unwrap_or(usize::MAX).min(b.len));
+            if b.touched > Self::KEEP_TOUCHED {
+                b.release_pages();
+            }
+            self.free.push(b);
         }
     }
 }
@@ -868,7 +947,8 @@ impl Engine {
                 self.by_key.remove(&flow.key);
             }
             if let Some(bufs) = self.conns.remove(&id).and_then(Conn::into_buffers) {
-                self.buffers.give_back(bufs);
+                let moved = flow.stats.bytes[0].max(flow.stats.bytes[1]);
+                self.buffers.give_back(bufs, moved);
             }
         }
     }
@@ -1207,7 +1287,7 @@ impl Engine {
         let conn = Conn { set, dirty: false, poll_at: None, lent: Some(lent) };
         if !listening {
             if let Some(bufs) = conn.into_buffers() {
-                self.buffers.give_back(bufs);
+                self.buffers.give_back(bufs, 0);
             }
             self.end_flow(id, CloseReason::Failed);
             return;
@@ -1517,7 +1597,7 @@ mod tests {
         Instant::from_millis(ms)
     }
 
-    fn engine_with(f: impl FnOnce(&mut EngineConfig)) -> (Engine, Receiver<Event>) {
+    fn engine_with(f: impl FnOnce(&mut EngineConfig)) -> (Engine, crate::event::Events) {
         let (emitter, rx) = event::channel(100_000);
         let mut cfg = EngineConfig::new(1500, 1_000_000_000);
         cfg.tcp_buffer = 64 * 1024;
@@ -1525,7 +1605,7 @@ mod tests {
         (Engine::new(cfg, emitter, t(0)), rx)
     }
 
-    fn engine() -> (Engine, Receiver<Event>) {
+    fn engine() -> (Engine, crate::event::Events) {
         engine_with(|_| {})
     }
 
@@ -2064,9 +2144,34 @@ mod tests {
         let lent: Vec<Lent> = (0..BufferPool::KEEP).map(|_| pool.lend().0).collect();
         for l in lent {
             // SAFETY: the slices `lend` returned were dropped at once.
-            pool.give_back(unsafe { l.reclaim() });
+            pool.give_back(unsafe { l.reclaim() }, 0);
         }
         assert_eq!(pool.free.len(), BufferPool::KEEP);
+    }
+
+    #[test]
+    fn a_filled_buffer_gives_its_pages_back_before_it_is_kept() {
+        let size = 2 * BufferPool::KEEP_TOUCHED;
+        let mut pool = BufferPool::new(size);
+        let (l, [rx, tx]) = pool.lend();
+        assert!(rx.iter().chain(tx.iter()).all(|&b| b == 0), "a new buffer reads as zeros");
+        rx.fill(7);
+        tx[..100].fill(7);
+        // SAFETY: `rx` and `tx` are not used again.
+        pool.give_back(unsafe { l.reclaim() }, size as u64);
+        let (l, [rx, tx]) = pool.lend();
+        assert!(
+            rx.iter().chain(tx.iter()).all(|&b| b == 0),
+            "a buffer a connection filled comes back without its pages"
+        );
+        rx[..100].fill(9);
+        // SAFETY: as above.
+        pool.give_back(unsafe { l.reclaim() }, 100);
+        let (_l, [rx, tx]) = pool.lend();
+        assert!(
+            rx[..100].iter().chain(tx[..100].iter()).any(|&b| b == 9),
+            "a lightly used buffer keeps its pages (no system call, no page faults)"
+        );
     }
 
     #[test]
