@@ -15,10 +15,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Result;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::RecvTimeoutError;
 
 use crate::{
-    event::{Event, UnixNanos, now_unix_nanos},
+    event::{Event, Events, UnixNanos, now_unix_nanos},
     flow::{FlowTable, Output, PacketFlow, TableConfig},
     sandbox::ExitStatus,
     sink::{
@@ -167,15 +167,22 @@ impl Collector {
     }
 
     /// Handles events until every sender of `events` is gone, ticking on the wall clock.
-    pub fn drain(&mut self, events: Receiver<Event>) {
+    ///
+    /// After a batch that emptied the channel it lets events gather for a moment
+    /// ([`Events::coalesce`]) instead of being woken by the next one.
+    pub fn drain(&mut self, events: Events) {
         let mut next_tick = now_unix_nanos() + TICK.as_nanos() as u64;
         loop {
+            let mut drained = false;
             match events.recv_timeout(FLUSH_EVERY) {
                 Ok(first) => {
                     self.handle(first);
+                    let mut handled = 1;
                     for event in events.try_iter().take(BATCH - 1) {
                         self.handle(event);
+                        handled += 1;
                     }
+                    drained = handled < BATCH;
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -186,6 +193,9 @@ impl Collector {
                 next_tick = now + TICK.as_nanos() as u64;
             } else {
                 self.for_each_consumer(|c, table| c.tick(table));
+            }
+            if drained {
+                events.coalesce();
             }
         }
     }

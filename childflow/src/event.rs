@@ -324,6 +324,8 @@ impl PacketBudget {
 #[derive(Clone)]
 pub struct Emitter {
     tx: Sender<Event>,
+    /// Never sent on: disconnects [`Events::coalesce`] once every emitter is gone.
+    _alive: Sender<()>,
     capacity: usize,
     dropped: Arc<AtomicU64>,
     budget: Arc<PacketBudget>,
@@ -381,15 +383,69 @@ impl Emitter {
 }
 
 /// A bounded event channel: backends emit into the [`Emitter`], the collector reads the
-/// [`Receiver`].
+/// [`Events`].
 ///
 /// Bounded by a length check on an unbounded (linked-block) channel rather than by
 /// crossbeam's array channel, which allocates and writes every slot up front: at 65,536
 /// events of ~750 bytes that was 49 MB touched and a third of a `childflow -- true` run.
-pub fn channel(capacity: usize) -> (Emitter, Receiver<Event>) {
+pub fn channel(capacity: usize) -> (Emitter, Events) {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let (alive, senders) = crossbeam_channel::bounded(0);
     let budget = Arc::new(PacketBudget::default());
-    (Emitter { tx, capacity, dropped: Arc::new(AtomicU64::new(0)), budget }, rx)
+    let emitter =
+        Emitter { tx, _alive: alive, capacity, dropped: Arc::new(AtomicU64::new(0)), budget };
+    (emitter, Events { rx, senders })
+}
+
+/// How long the collector lets events gather after it has handled all there were
+/// ([`Events::coalesce`]).
+pub const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The receiving side of the event channel: a [`Receiver`] (through `Deref`) that can also
+/// wait without being woken by every event.
+pub struct Events {
+    rx: Receiver<Event>,
+    /// Disconnected once every [`Emitter`] is dropped; nothing is ever sent on it.
+    senders: Receiver<()>,
+}
+
+impl Events {
+    /// Waits [`COALESCE`], or less if every emitter is gone meanwhile, while events gather
+    /// in the channel unseen.
+    ///
+    /// Why: a collector blocked in `recv` is woken by each event a backend emits, a futex
+    /// wake-up in the backend's thread and an inter-processor interrupt (on the test VM a
+    /// VM exit on each side) every time. A command that connects in a loop made the
+    /// rootless engine emit a few events per connection, and the collector's wake-ups took
+    /// the command's CPU from it at every connect. Sleeping here after each drained batch
+    /// turns tens of thousands of wake-ups a second into at most a thousand, and the events
+    /// are still handled within about a millisecond.
+    pub fn coalesce(&self) {
+        let _ = self.senders.recv_timeout(COALESCE);
+    }
+}
+
+/// Makes the calling thread `SCHED_BATCH`: it keeps its fair share of the CPU, but waking it
+/// never preempts the thread that is running (sched(7); `check_preempt_wakeup_fair` in
+/// kernel/sched/fair.c returns early for a woken task whose policy is not
+/// `SCHED_NORMAL`).
+///
+/// For childflow's own helper threads (the collector, rootless attribution): on a machine
+/// with few CPUs their wake-ups otherwise took the CPU from the command exactly when it had
+/// work (the command's connect returns, and the next one starts, while the collector handles
+/// that connection's events). Failure is harmless (the thread stays `SCHED_OTHER`).
+pub fn yield_to_the_command() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(2) on the calling thread (pid 0) with a valid parameter.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
+impl std::ops::Deref for Events {
+    type Target = Receiver<Event>;
+
+    fn deref(&self) -> &Receiver<Event> {
+        &self.rx
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,7 @@ pub fn run(config: &Config) -> Result<i32> {
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     sandbox::after_clone(move || {
         let thread = std::thread::Builder::new().name("collector".into()).spawn(move || {
+            event::yield_to_the_command();
             collector.drain(events);
             collector
         });

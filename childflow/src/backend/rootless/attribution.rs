@@ -66,6 +66,7 @@ pub fn spawn(
 ) -> std::io::Result<(Sender<Lookup>, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let thread = std::thread::Builder::new().name("attribution".into()).spawn(move || {
+        crate::event::yield_to_the_command();
         let mut procfs = Procfs::new(PathBuf::from("/proc"), init);
         procfs.diag = diag;
         run(procfs, &rx, &events)
