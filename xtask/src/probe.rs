@@ -330,6 +330,17 @@ fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
         .map(|_| libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: len })
         .collect();
     let mut msgs = mmsg_headers(&mut iov);
+    // SAFETY: `msgs` holds BATCH valid headers pointing at `iov` and `payload`, which
+    // outlive the sends.
+    Ok(unsafe { send_paced(sock.as_raw_fd(), &mut msgs, time, pps) })
+}
+
+/// Sends the batch `msgs` over and over with `sendmmsg(2)` for `time`, at `pps` packets/s
+/// (0: unpaced); returns how many the kernel accepted.
+///
+/// # Safety
+/// Every header in `msgs` must point at buffers (and names) that live until this returns.
+unsafe fn send_paced(fd: i32, msgs: &mut [libc::mmsghdr], time: Duration, pps: u64) -> u64 {
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < time {
@@ -340,9 +351,8 @@ fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
                 std::thread::sleep(wait);
             }
         }
-        // SAFETY: `msgs` holds BATCH valid headers pointing at `iov` and `payload`, which
-        // outlive the call.
-        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        // SAFETY: by the caller's promise the headers and what they point at are valid.
+        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0) };
         if n > 0 {
             sent += n as u64;
         } else {
@@ -350,7 +360,7 @@ fn flood(to: SocketAddr, time: Duration, len: usize, pps: u64) -> Result<u64> {
             std::thread::yield_now();
         }
     }
-    Ok(sent)
+    sent
 }
 
 /// The interface and next hop towards `to`, from `/proc/net/route` (longest prefix).
@@ -466,25 +476,9 @@ fn raw_flood(to: std::net::SocketAddrV4, time: Duration, len: usize, pps: u64) -
         m.msg_hdr.msg_name = (&raw mut addr).cast();
         m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
     }
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < time {
-        if pps > 0 {
-            let due = Duration::from_secs_f64(sent as f64 / pps as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-        // SAFETY: `msgs` holds BATCH valid headers pointing at `iov`, `pkt` and `addr`,
-        // which outlive the call.
-        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
-        if n > 0 {
-            sent += n as u64;
-        } else {
-            std::thread::yield_now();
-        }
-    }
-    Ok(sent)
+    // SAFETY: `msgs` holds BATCH valid headers pointing at `iov`, `pkt` and `addr`, which
+    // outlive the sends.
+    Ok(unsafe { send_paced(sock.as_raw_fd(), &mut msgs, time, pps) })
 }
 
 /// Counts datagrams arriving at `addr` until `time` has passed and none came for 500 ms.
