@@ -434,17 +434,7 @@ fn raw_flood(to: std::net::SocketAddrV4, time: Duration, len: usize, pps: u64) -
     }
     // SAFETY: a new fd we own.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt(2) with a pointer to a c_int that outlives the call.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    set_int_option(sock.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
     // IPv4 header (no options, DF, TTL 64, UDP) and UDP header (checksum 0: none, RFC 768).
     let total = 20 + 8 + len;
     let mut pkt = vec![0x5au8; total];
@@ -481,21 +471,25 @@ fn raw_flood(to: std::net::SocketAddrV4, time: Duration, len: usize, pps: u64) -
     Ok(unsafe { send_paced(sock.as_raw_fd(), &mut msgs, time, pps) })
 }
 
+/// `setsockopt(2)` of an `int` option; failure is ignored (the probe works without it).
+fn set_int_option(fd: i32, level: i32, name: i32, value: libc::c_int) {
+    // SAFETY: setsockopt(2) with a pointer to a c_int that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Counts datagrams arriving at `addr` until `time` has passed and none came for 500 ms.
 fn sink(addr: SocketAddr, time: Duration) -> Result<u64> {
     let sock = std::net::UdpSocket::bind(addr).context("bind the sink port")?;
     sock.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let size: libc::c_int = 16 << 20;
-    // SAFETY: setsockopt(2) with a pointer to a c_int that outlives the call.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    set_int_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20);
     let mut bufs = vec![[0u8; 2048]; BATCH];
     let mut iov: Vec<libc::iovec> = bufs
         .iter_mut()
