@@ -117,30 +117,19 @@ pub fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         "many" => many(hold, n),
-        "flood" => {
+        kind @ ("flood" | "rawflood") => {
             let arg = |i: usize, what: &str| -> Result<u64> {
-                args.get(i).with_context(|| format!("flood needs {what}"))?.parse().context("N")
+                args.get(i).with_context(|| format!("{kind} needs {what}"))?.parse().context("N")
             };
-            let sent = flood(
-                SocketAddr::new(ip, FLOOD_PORT),
-                Duration::from_secs(arg(2, "SECONDS")?),
-                arg(3, "LEN")? as usize,
-                arg(4, "PPS")?,
-            )?;
-            println!("sent {sent}");
-            Ok(())
-        }
-        "rawflood" => {
-            let arg = |i: usize, what: &str| -> Result<u64> {
-                args.get(i).with_context(|| format!("rawflood needs {what}"))?.parse().context("N")
+            let (time, len, pps) =
+                (Duration::from_secs(arg(2, "SECONDS")?), arg(3, "LEN")? as usize, arg(4, "PPS")?);
+            let sent = match (kind, ip) {
+                ("flood", _) => flood(SocketAddr::new(ip, FLOOD_PORT), time, len, pps)?,
+                (_, std::net::IpAddr::V4(ip)) => {
+                    raw_flood(std::net::SocketAddrV4::new(ip, FLOOD_PORT), time, len, pps)?
+                }
+                _ => bail!("rawflood sends IPv4 only"),
             };
-            let std::net::IpAddr::V4(ip) = ip else { bail!("rawflood sends IPv4 only") };
-            let sent = raw_flood(
-                std::net::SocketAddrV4::new(ip, FLOOD_PORT),
-                Duration::from_secs(arg(2, "SECONDS")?),
-                arg(3, "LEN")? as usize,
-                arg(4, "PPS")?,
-            )?;
             println!("sent {sent}");
             Ok(())
         }
