@@ -209,6 +209,7 @@ impl Accounting {
         // and a perf link, several ms) the first time a loader needs them: here on a thread
         // of its own, while the ELF is parsed and the kernel BTF is hidden on others.
         let probe = std::thread::spawn(|| {
+            yield_to_critical_path();
             let _ = aya::features();
             phase!("aya feature probes done");
         });
@@ -230,6 +231,9 @@ impl Accounting {
                 .into_iter()
                 .map(|(name, prog)| {
                     s.spawn(move || {
+                        if name != "cf_tc" {
+                            yield_to_critical_path();
+                        }
                         load_one(name, prog)?;
                         match cgroup {
                             Some(cgroup) => attach_cgroup(name, prog, cgroup),
@@ -410,6 +414,18 @@ impl Accounting {
     }
 }
 
+/// Lowers the calling thread's priority (nice 10; on Linux `setpriority(PRIO_PROCESS, 0)`
+/// is per thread), for work that runs beside the start-up's critical path: the object's
+/// maps, then the verification of `cf_tc`, the longest (~7 ms), then the attachment. On two
+/// CPUs everything else of the start-up (the other programs' verification, aya's feature
+/// probes, the NAT table) has finished long before that, but at the same priority the
+/// scheduler shares a CPU between it and the critical path and delays the command's start
+/// by as much.
+pub fn yield_to_critical_path() {
+    // SAFETY: a plain system call on this thread; failure leaves the priority as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
 /// Size of the `PACKETS` ring for a run with `capture`.
 ///
 /// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
@@ -427,32 +443,23 @@ fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
 /// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
 /// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
 /// constructor: 40-150 ms of every start on this VM, more than everything else together.
-/// So the loader is built on a short-lived thread with a mount namespace of its own
-/// (`unshare(CLONE_NEWNS)` affects only the calling thread), in which `/dev/null` is
-/// bind-mounted over that file: aya reads nothing, fails to parse, and moves on without
-/// BTF. Propagation is cut first (`MS_SLAVE`), so the bind mount never reaches the host's
-/// namespace; it disappears with the thread. If any step is refused, the loader is built
-/// the slow way.
+/// So the loader is built on a short-lived thread whose root directory is elsewhere: the
+/// thread unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working
+/// directory, for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
+/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. The rest of
+/// the process is untouched, and nothing is left behind: the root goes with the thread.
+///
+/// Before, the thread hid the file with a bind mount in a mount namespace of its own: the
+/// namespace's copy cost milliseconds, and so did its teardown at the thread's exit (an
+/// expedited RCU grace period in `namespace_unlock`). If any step is refused, the loader is
+/// built the slow way.
 fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     let hidden = std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unshare/mount with NUL-terminated strings, on this thread only.
+            // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
             let hidden = unsafe {
-                libc::unshare(libc::CLONE_NEWNS) == 0
-                    && libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_SLAVE,
-                        std::ptr::null(),
-                    ) == 0
-                    && libc::mount(
-                        c"/dev/null".as_ptr(),
-                        c"/sys/kernel/btf/vmlinux".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) == 0
+                libc::unshare(libc::CLONE_FS) == 0
+                    && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
             };
             hidden.then(EbpfLoader::new)
         })
