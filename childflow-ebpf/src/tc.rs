@@ -1,14 +1,16 @@
-//! TC (TCX) programs on the host end of the run's veth: per-flow accounting.
+//! The TC program on the host end of the run's veth: per-flow accounting.
 //!
-//! `cf_tc_ingress` sees what the command sends (host ingress = out of the child), `cf_tc_egress`
-//! what it receives. Each packet updates its flow's counters: in its place in `SLOTS`
+//! `cf_tc` runs on both directions (two `clsact` filters): on the ingress it sees what the
+//! command sends (host ingress = out of the child), on the egress what it receives (see
+//! `direction`). Each packet updates its flow's counters: in its place in `SLOTS`
 //! (found by a hash of the key, see `FLOWS`), or in its `FLOWS` entry if that place was
 //! taken; counters with atomic adds (two CPUs may handle one flow at once), history and
 //! flags with plain writes.
 //! A flow's first packet and its FIN/RST go to `FLOW_EVENTS`; userspace samples the map
 //! for periodic updates and retires idle flows, so the ring never carries one record per
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
-//! Both programs return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never alter, traffic.
+//! The program returns `TC_ACT_UNSPEC` (the next filter, or the default action: pass): it
+//! observes, never alters, traffic.
 //!
 //! Capture: when `CONFIG` says so, each packet the capture filter in `FILTER` matches is
 //! copied (up to the snap length and `CAPTURE_MAX`) with its direction and timestamp into
@@ -583,11 +585,12 @@ fn wakeup_flags(ring: &RingBuf) -> u64 {
 /// with its place in `SLOTS`, test-run floor (~31 ns) included; it was 170–186 ns with the
 /// head copy and one `FLOWS` lookup per packet. On real traffic (`bpf_stats`, `--costs-ab`
 /// with the program cut short at each step, bulk TCP, load ~4) the caches are cold and
-/// every line is a miss: of `cf_tc_egress`'s ~450 ns, ~215 ns is the cost of calling any
+/// every line is a miss (measured with one program per direction, before `cf_tc`): of the
+/// egress program's ~450 ns, ~215 ns is the cost of calling any
 /// program on this hook (an empty one), ~60 ns parsing (the scratch lines, the code),
 /// ~90 ns the first read of the slot (its key's line: a miss to memory on the CPU that
 /// sends the ACKs, which copies the received data in between), ~80 ns the rest (the
-/// direction's line); `cf_tc_ingress` pays ~2 ns for the same read, its lines still
+/// direction's line); the ingress program paid ~2 ns for the same read, its lines still
 /// being in its cache. Before the slots, the `FLOWS` lookup alone cost 145–200 ns there.
 ///
 /// Measured and dropped, as they changed nothing: skipping the zero payload add of pure
