@@ -21,6 +21,12 @@ pub const DIR_OUT: usize = 0;
 /// Index into the per-direction arrays: traffic received by the command tree.
 pub const DIR_IN: usize = 1;
 
+/// The minor of the classid of the TC filter on each direction of the host end of the
+/// run's veth: the one TC program reads it back (`__sk_buff.tc_classid`) to know which way
+/// a packet goes. The host end's ingress carries what the command sends.
+pub const TC_CLASSID_INGRESS: u16 = 1;
+pub const TC_CLASSID_EGRESS: u16 = 2;
+
 /// TCP header flag bits (RFC 9293 §3.1), as in the 13th byte of the header.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

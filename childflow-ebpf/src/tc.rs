@@ -1,14 +1,16 @@
-//! TC (TCX) programs on the host end of the run's veth: per-flow accounting.
+//! The TC program on the host end of the run's veth: per-flow accounting.
 //!
-//! `cf_tc_ingress` sees what the command sends (host ingress = out of the child), `cf_tc_egress`
-//! what it receives. Each packet updates its flow's counters: in its place in `SLOTS`
+//! `cf_tc` runs on both directions (two `clsact` filters): on the ingress it sees what the
+//! command sends (host ingress = out of the child), on the egress what it receives (see
+//! `direction`). Each packet updates its flow's counters: in its place in `SLOTS`
 //! (found by a hash of the key, see `FLOWS`), or in its `FLOWS` entry if that place was
 //! taken; counters with atomic adds (two CPUs may handle one flow at once), history and
 //! flags with plain writes.
 //! A flow's first packet and its FIN/RST go to `FLOW_EVENTS`; userspace samples the map
 //! for periodic updates and retires idle flows, so the ring never carries one record per
 //! packet. Wake-ups are batched: a record only wakes the reader once enough data waits.
-//! Both programs return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never alter, traffic.
+//! The program returns `TC_ACT_UNSPEC` (the next filter, or the default action: pass): it
+//! observes, never alters, traffic.
 //!
 //! Capture: when `CONFIG` says so, each packet the capture filter in `FILTER` matches is
 //! copied (up to the snap length and `CAPTURE_MAX`) with its direction and timestamp into
@@ -40,7 +42,8 @@ use childflow_common::{
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
         DIR_IN, DIR_OUT, FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT, PROTO_TCP, PROTO_UDP,
-        SlotDir, TCP_FIN, TCP_RST, history_bits, record_history,
+        SlotDir, TC_CLASSID_EGRESS, TC_CLASSID_INGRESS, TCP_FIN, TCP_RST, history_bits,
+        record_history,
     },
 };
 
@@ -102,6 +105,9 @@ struct Scratch {
     entry: FlowEntry,
     /// `OUTCOME_*` bits (see `account`).
     outcome: u32,
+    /// The packet's direction (`DIR_*`), read back from here where it is needed (see
+    /// `account`).
+    dir: u32,
 }
 
 /// A per-CPU clock of tick resolution for "last seen": the time of this CPU's first packet
@@ -166,16 +172,64 @@ const HEADER: usize = core::mem::size_of::<PacketHeader>();
 
 const DNS_PORT: u16 = 53;
 
+/// The TC program, on both directions of the host end (one `clsact` filter each, see
+/// childflow's `ebpf` module): one program to verify at start-up instead of one per
+/// direction, and one copy of its code in the caches for both.
 #[classifier]
-pub fn cf_tc_ingress(ctx: TcContext) -> i32 {
-    account(&ctx, DIR_OUT);
+pub fn cf_tc(ctx: TcContext) -> i32 {
+    account(&ctx);
     TC_ACT_UNSPEC
 }
 
-#[classifier]
-pub fn cf_tc_egress(ctx: TcContext) -> i32 {
-    account(&ctx, DIR_IN);
-    TC_ACT_UNSPEC
+/// Which way the packet goes: from the classid of the filter that runs the program, which
+/// `cls_bpf` puts into the packet's `tc_classid` (the minor, a `u16`) before every run
+/// (net/sched/cls_bpf.c, `cls_bpf_classify`): [`TC_CLASSID_INGRESS`] (1) → `DIR_OUT`,
+/// [`TC_CLASSID_EGRESS`] (2) → `DIR_IN`. Unlike comparing `ingress_ifindex` with `ifindex`,
+/// this holds for a packet forwarded back out of the interface it came in by.
+///
+/// A test run (`BPF_PROG_TEST_RUN`, `cargo xtask bench rootful --prog-run`) cannot set
+/// `tc_classid` (it is 0 there, never on a filter): there, a packet with an ingress
+/// interface goes out of the command, one without goes in.
+///
+/// Computed without a branch, and handed on through map memory (see `account`).
+#[inline(always)]
+fn direction(ctx: &TcContext) -> usize {
+    const _: () = assert!(TC_CLASSID_INGRESS >> 1 == DIR_OUT as u16);
+    const _: () = assert!(TC_CLASSID_EGRESS >> 1 == DIR_IN as u16);
+    // SAFETY: reading fields of the program's own context.
+    let (classid, ingress) =
+        unsafe { ((*ctx.skb.skb).tc_classid as u64, (*ctx.skb.skb).ingress_ifindex as u64) };
+    // 1 if `x` (a u32) is 0, else 0.
+    let is_zero = |x: u64| x.wrapping_sub(1) >> 63;
+    (((classid >> 1) & 1) | (is_zero(classid) & is_zero(ingress))) as usize
+}
+
+/// Turns the key of a packet parsed as if the command sent it (source = local) around if
+/// the command receives it (`dir_mask` all ones): the addresses, and the ports if they are
+/// ports (TCP, UDP; ICMP's are the same both ways). Arithmetic only, no branch on the
+/// direction: after a branch the verifier would know the direction exactly on each side,
+/// and walk everything after it once per direction (a TC program with the direction in a
+/// register verified 14,563 instructions, against 6,237 for one fixed direction).
+#[inline(always)]
+fn orient(p: &mut Parsed, dir_mask: u64) {
+    // The key as five words: local address (0, 1), remote address (2, 3), then the local
+    // and the remote port in the low 32 bits of word 4 (little-endian).
+    let w = (&raw mut p.key).cast::<u64>();
+    let port_mask = dir_mask & 0u64.wrapping_sub(merged(&p.has_ports) as u64);
+    // SAFETY: the 40-byte, 8-aligned key (in the scratch map value) as five words.
+    unsafe {
+        let mut i = 0;
+        while i < 2 {
+            let (a, b) = (w.add(i).read(), w.add(i + 2).read());
+            let x = (a ^ b) & dir_mask;
+            w.add(i).write(a ^ x);
+            w.add(i + 2).write(b ^ x);
+            i += 1;
+        }
+        let v = w.add(4).read();
+        let x = ((v ^ (v >> 16)) & 0xffff) & port_mask;
+        w.add(4).write(v ^ x ^ (x << 16));
+    }
 }
 
 /// `Scratch::outcome` bits: the packet is DNS; it parsed (or is not IP: nothing to parse).
@@ -193,22 +247,31 @@ const OUTCOME_PARSED: u32 = 2;
 /// the verifier walks a static subprogram once per caller state, and with these four as
 /// subprograms (`#[inline(never)]`) each TC program took 7,088 instructions to verify
 /// instead of 5,552 inline, for no difference in `--prog-run`.
+///
+/// The direction goes through map memory (`Scratch::dir`): the verifier does not track what
+/// map memory holds, so to it the direction is "0 or 1" everywhere, and no path is walked
+/// once per direction. The packet is parsed as if the command sent it, then turned around
+/// if it receives it ([`orient`]), both without a branch on the direction.
 #[inline(always)]
-fn account(ctx: &TcContext, dir: usize) {
+fn account(ctx: &TcContext) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU map slot; programs do not migrate CPUs while running.
     let scratch = unsafe { &mut *scratch };
-    let outcome = if parse_frame_direct(&ctx.skb, dir, &mut scratch.parsed) {
+    // SAFETY (both): a field of this CPU's scratch slot.
+    unsafe { (&raw mut scratch.dir).write_volatile(direction(ctx) as u32) };
+    let dir = (merged(&scratch.dir) & 1) as usize;
+    let outcome = if parse_frame_direct(&ctx.skb, DIR_OUT, &mut scratch.parsed) {
         OUTCOME_PARSED
     } else {
         core::hint::cold_path();
-        parse_slow(ctx.skb.skb, dir)
+        parse_slow(ctx.skb.skb, DIR_OUT)
     };
     let mut dns = 0;
     // The slow parser zeroed the key of a packet that is not IP: family 0, not DNS.
     if outcome & OUTCOME_PARSED != 0 {
+        orient(&mut scratch.parsed, 0u64.wrapping_sub(dir as u64));
         let p = &scratch.parsed;
         if merged(&p.key.family) != 0 {
             update(p, &mut scratch.clock, dir);
@@ -445,7 +508,6 @@ fn filter_matches(p: &Parsed, dir: usize) -> bool {
 fn pred(insn: &Insn, p: &Parsed, dir: usize) -> bool {
     let key = &p.key;
     let family = key.family;
-    let out = dir == DIR_OUT;
     match insn.field {
         field::DIRECTION => insn.arg as usize == dir,
         field::FAMILY => family != 0 && family == insn.arg,
@@ -456,11 +518,11 @@ fn pred(insn: &Insn, p: &Parsed, dir: usize) -> bool {
             if family == 0 || family != insn.arg {
                 return false;
             }
-            let (src, dst) = if out {
-                (&key.local_addr, &key.remote_addr)
-            } else {
-                (&key.remote_addr, &key.local_addr)
-            };
+            // Source and destination by offset, not by a branch on the direction (see
+            // `orient`): the local address, then the remote one.
+            let addrs = (&raw const key.local_addr).cast::<[u8; 16]>();
+            // SAFETY: `local_addr` and `remote_addr` are adjacent in the key.
+            let (src, dst) = unsafe { (&*addrs.add(dir & 1), &*addrs.add((dir ^ 1) & 1)) };
             (insn.side & SIDE_SRC != 0 && in_net(src, &insn.addr, insn.prefix))
                 || (insn.side & SIDE_DST != 0 && in_net(dst, &insn.addr, insn.prefix))
         }
@@ -473,11 +535,10 @@ fn pred(insn: &Insn, p: &Parsed, dir: usize) -> bool {
             if !transport || family == 0 || p.has_ports == 0 {
                 return false;
             }
-            let (sp, dp) = if out {
-                (key.local_port, key.remote_port)
-            } else {
-                (key.remote_port, key.local_port)
-            };
+            // By offset, as the addresses: the local port, then the remote one.
+            let ports = (&raw const key.local_port).cast::<u16>();
+            // SAFETY: `local_port` and `remote_port` are adjacent in the key.
+            let (sp, dp) = unsafe { (*ports.add(dir & 1), *ports.add((dir ^ 1) & 1)) };
             (insn.side & SIDE_SRC != 0 && insn.lo <= sp && sp <= insn.hi)
                 || (insn.side & SIDE_DST != 0 && insn.lo <= dp && dp <= insn.hi)
         }
@@ -524,11 +585,12 @@ fn wakeup_flags(ring: &RingBuf) -> u64 {
 /// with its place in `SLOTS`, test-run floor (~31 ns) included; it was 170–186 ns with the
 /// head copy and one `FLOWS` lookup per packet. On real traffic (`bpf_stats`, `--costs-ab`
 /// with the program cut short at each step, bulk TCP, load ~4) the caches are cold and
-/// every line is a miss: of `cf_tc_egress`'s ~450 ns, ~215 ns is the cost of calling any
+/// every line is a miss (measured with one program per direction, before `cf_tc`): of the
+/// egress program's ~450 ns, ~215 ns is the cost of calling any
 /// program on this hook (an empty one), ~60 ns parsing (the scratch lines, the code),
 /// ~90 ns the first read of the slot (its key's line: a miss to memory on the CPU that
 /// sends the ACKs, which copies the received data in between), ~80 ns the rest (the
-/// direction's line); `cf_tc_ingress` pays ~2 ns for the same read, its lines still
+/// direction's line); the ingress program paid ~2 ns for the same read, its lines still
 /// being in its cache. Before the slots, the `FLOWS` lookup alone cost 145–200 ns there.
 ///
 /// Measured and dropped, as they changed nothing: skipping the zero payload add of pure

@@ -167,7 +167,9 @@ fn filtered(filter: &str) -> Filtered {
         .expect("fits the kernel table");
     let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
     let mut acc = Accounting::load(capture, Some(&program)).expect("load");
-    acc.attach_to(&net.host_if).expect("attach");
+    let ifindex = nix::net::if_::if_nametoindex(net.host_if.as_str()).expect("the veth's index");
+    childflow::ebpf::add_clsact(ifindex).expect("add a clsact qdisc");
+    acc.attach_tc(ifindex).expect("attach");
     let mut ring = acc.take_packets().unwrap();
     udp_exchange(&net, 7, &[40, 60], true);
     let mut tcp = TcpStream::connect((net.server_v4(), 80)).expect("connect to the HTTP server");
@@ -178,7 +180,7 @@ fn filtered(filter: &str) -> Filtered {
     drop(tcp);
     udp_exchange(&net, 53, &[12], false);
     std::thread::sleep(Duration::from_millis(200));
-    acc.detach();
+    childflow::ebpf::remove_clsact(ifindex).expect("detach");
     let all = flagged_packets(&mut ring);
     let marked = all.iter().filter(|(flags, _)| flags & PACKET_CAPTURE != 0).count() as u64;
     let packets = all

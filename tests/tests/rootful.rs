@@ -284,8 +284,8 @@ fn a_finished_run_leaves_nothing_within_two_seconds() {
     if unsupported() {
         return;
     }
-    // childflow returns once the command's results are final; the kernel's teardown (TCX
-    // link release, the nft table) finishes behind it in a lingering process.
+    // childflow returns once the command's results are final; the kernel's teardown (the
+    // nft table, the cgroup links) finishes behind it in a lingering process.
     let mut child = childflow().args(["--root", "--", "sleep", "1"]).spawn().unwrap();
     let id = format!("{:x}", child.id());
     // First the run's state must be seen, or its absence afterwards proves nothing.

@@ -4,7 +4,7 @@
 //!
 //! Each object (default: the newest `childflow.bpf.o` under `target/`) is loaded the way
 //! childflow loads it (`CONFIG` with capture off and `FILTER` empty, both written and frozen
-//! before the programs are verified), and `cf_tc_ingress`, `cf_tc_egress` and
+//! before the programs are verified), and `cf_tc` (once per direction, see [`PROGRAMS`]) and
 //! `cf_skb_egress` run [`REPEAT`] times on each packet of [`packets`]: the first run creates
 //! the flow, the rest are packets of an existing flow. Objects are run interleaved, in
 //! [`ROUNDS`] rounds (order reversed every other round); the table has the medians in ns per
@@ -25,9 +25,9 @@
 //!
 //! `--load-only` stops there: only those figures, no test runs.
 //!
-//! `--pair` instead runs the data segment through `cf_tc_ingress` on CPU 0 and the ACK of
-//! the same flow through `cf_tc_egress` on CPU 1 at once: what sharing one flow entry
-//! between two CPUs costs.
+//! `--pair` instead runs the data segment through `cf_tc` out of the command on CPU 0 and
+//! the ACK of the same flow into it on CPU 1 at once: what sharing one flow entry between
+//! two CPUs costs.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -47,7 +47,17 @@ use childflow_common::{
 
 const ROUNDS: usize = 9;
 const REPEAT: u32 = 500_000;
-const PROGRAMS: [&str; 3] = ["cf_tc_ingress", "cf_tc_egress", "cf_skb_egress"];
+/// What runs: (row, program, `ingress_ifindex` of the test packets). A test run cannot set
+/// the `tc_classid` by which `cf_tc` tells the directions apart on its filters, so it reads
+/// the direction from `ingress_ifindex` there: set, out of the command; 0, into it
+/// (`direction` in childflow-ebpf's tc.rs).
+const PROGRAMS: [(&str, &str, u32); 3] =
+    [("cf_tc out", "cf_tc", 1), ("cf_tc in", "cf_tc", 0), ("cf_skb_egress", "cf_skb_egress", 0)];
+
+/// The `ingress_ifindex` that row `label`'s test packets carry.
+fn ingress_of(label: &str) -> u32 {
+    PROGRAMS.iter().find(|(l, _, _)| *l == label).map_or(0, |(_, _, i)| *i)
+}
 
 /// Writes `v` into slot 0 of array map `name` and freezes the map (`BPF_MAP_FREEZE`).
 fn freeze<V: aya::Pod>(ebpf: &mut Ebpf, name: &str, v: V) -> Result<()> {
@@ -139,10 +149,17 @@ struct TestRun {
     _pad: u32,
 }
 
-/// Average ns per run of program `fd` on `pkt`, over `repeat` runs (the kernel's figure).
-fn test_run(fd: i32, pkt: &[u8], repeat: u32) -> Result<u32> {
+/// Average ns per run of program `fd` on `pkt` arriving on `ingress_ifindex` (0: none),
+/// over `repeat` runs (the kernel's figure).
+fn test_run(fd: i32, ingress_ifindex: u32, pkt: &[u8], repeat: u32) -> Result<u32> {
     let mut out = vec![0u8; pkt.len() + 256];
+    // The head of a `struct __sk_buff` up to `ingress_ifindex` (the 10th word); the kernel
+    // zeroes the rest.
+    let mut ctx = [0u32; 10];
+    ctx[9] = ingress_ifindex;
     let mut attr = TestRun {
+        ctx_size_in: if ingress_ifindex != 0 { size_of_val(&ctx) as u32 } else { 0 },
+        ctx_in: if ingress_ifindex != 0 { ctx.as_mut_ptr() as u64 } else { 0 },
         prog_fd: fd as u32,
         data_size_in: pkt.len() as u32,
         data_size_out: out.len() as u32,
@@ -212,10 +229,20 @@ pub(crate) fn load(path: &str) -> Result<Loaded> {
         program.insns[0].proto = 6;
     }
     freeze(&mut ebpf, "FILTER", program)?;
-    let mut fds = Vec::new();
-    let mut stats = Vec::new();
-    let mut ids = Vec::new();
-    for name in PROGRAMS {
+    let mut fds: Vec<(&'static str, i32)> = Vec::new();
+    let mut stats: Vec<(u32, u32, u32, f64)> = Vec::new();
+    let mut ids: Vec<u32> = Vec::new();
+    for (label, name, _) in PROGRAMS {
+        if let Some(i) = PROGRAMS.iter().position(|(_, n, _)| *n == name)
+            && PROGRAMS[i].0 != label
+        {
+            // Loaded for an earlier row: the same program and figures.
+            let (fd, stat, id) = (fds[i].1, stats[i], ids[i]);
+            fds.push((label, fd));
+            stats.push(stat);
+            ids.push(id);
+            continue;
+        }
         let prog = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?;
         let started = std::time::Instant::now();
         let keep_log = |e: aya::programs::ProgramError| {
@@ -245,7 +272,7 @@ pub(crate) fn load(path: &str) -> Result<Loaded> {
             ms,
         ));
         ids.push(info.id());
-        fds.push((name, fd));
+        fds.push((label, fd));
     }
     // Loaded too for `bench rootful --costs-ab`, which attaches the cgroup programs: without
     // it no socket has an owner and `cf_skb_egress` takes its slow path on every packet.
@@ -335,9 +362,9 @@ pub fn run(args: &[String]) -> Result<()> {
     for round in 0..ROUNDS {
         for i in 0..loaded.len() {
             let k = if round % 2 == 0 { i } else { loaded.len() - 1 - i };
-            for (p, (_, fd)) in loaded[k].fds.iter().enumerate() {
+            for (p, (label, fd)) in loaded[k].fds.iter().enumerate() {
                 for (q, (_, pkt)) in pkts.iter().enumerate() {
-                    ns[k][p][q].push(test_run(*fd, pkt, REPEAT)?);
+                    ns[k][p][q].push(test_run(*fd, ingress_of(label), pkt, REPEAT)?);
                 }
             }
         }
@@ -374,19 +401,21 @@ fn run_pair(loaded: &[Loaded]) -> Result<()> {
         for i in 0..loaded.len() {
             let k = if round % 2 == 0 { i } else { loaded.len() - 1 - i };
             let fd = |n: &str| loaded[k].fds.iter().find(|(m, _)| *m == n).map(|(_, fd)| *fd);
-            let (ingress, egress) = (fd("cf_tc_ingress").unwrap(), fd("cf_tc_egress").unwrap());
+            let (out, into) = (fd("cf_tc out").unwrap(), fd("cf_tc in").unwrap());
             let (d, a) = (data.clone(), ack.clone());
-            let t0 =
-                std::thread::spawn(move || pin_to(0).and_then(|()| test_run(ingress, &d, REPEAT)));
-            let t1 =
-                std::thread::spawn(move || pin_to(1).and_then(|()| test_run(egress, &a, REPEAT)));
+            let t0 = std::thread::spawn(move || {
+                pin_to(0).and_then(|()| test_run(out, ingress_of("cf_tc out"), &d, REPEAT))
+            });
+            let t1 = std::thread::spawn(move || {
+                pin_to(1).and_then(|()| test_run(into, ingress_of("cf_tc in"), &a, REPEAT))
+            });
             ns[k].0.push(t0.join().map_err(|_| anyhow::anyhow!("test-run thread panicked"))??);
             ns[k].1.push(t1.join().map_err(|_| anyhow::anyhow!("test-run thread panicked"))??);
         }
     }
     for (l, (i, e)) in loaded.iter().zip(ns) {
         println!(
-            "{}: at once, cf_tc_ingress (data, CPU 0) {} ns, cf_tc_egress (ACK, CPU 1) {} ns",
+            "{}: at once, cf_tc out (data, CPU 0) {} ns, cf_tc in (ACK, CPU 1) {} ns",
             l.path,
             median(i),
             median(e)
@@ -403,17 +432,17 @@ fn check(loaded: &[Loaded]) -> Result<()> {
     use childflow_common::flow::{FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT};
     for l in loaded {
         let fd = |n: &str| l.fds.iter().find(|(m, _)| *m == n).map(|(_, fd)| *fd).unwrap();
-        let (ingress, egress) = (fd("cf_tc_ingress"), fd("cf_tc_egress"));
+        let (tc_out, tc_in) = (fd("cf_tc out"), fd("cf_tc in"));
         let (mut sent, mut bytes) = (0u64, 0u64);
         for i in 0..CHECK_FLOWS {
             let mut p = packet(17, 0, 10 + (i as usize % 50));
             p[34..36].copy_from_slice(&(10000 + i).to_be_bytes());
             let (out, back) = (1 + (i as u32 % 3), 1 + (i as u32 % 2));
             for _ in 0..out {
-                test_run(ingress, &p, 1)?;
+                test_run(tc_out, ingress_of("cf_tc out"), &p, 1)?;
             }
             for _ in 0..back {
-                test_run(egress, &reversed(p.clone()), 1)?;
+                test_run(tc_in, ingress_of("cf_tc in"), &reversed(p.clone()), 1)?;
             }
             sent += (out + back) as u64;
             bytes += (out + back) as u64 * (p.len() as u64 - 14);

@@ -347,8 +347,9 @@ fn rates(bin: &str, probe: &str) -> Result<()> {
 
 /// The programs' cost on childflow's own plumbing: in each of [`ROUNDS`] runs of
 /// `childflow --root`, the command measures once with the programs attached, then the bench
-/// detaches them (`bpftool link detach`: the TCX and cgroup links of this run's `cf_*`
-/// programs) and the command measures again on the same namespace, veth and NAT. So the
+/// detaches them (`bpftool link detach`: the cgroup links of this run's `cf_*` programs;
+/// `tc qdisc del`: the TC filters) and the command measures again on the same namespace,
+/// veth and NAT. So the
 /// pair differs only in the programs (the second run of a pair always comes second; the
 /// baseline namespace above differs in more than that, e.g. it measured faster or slower
 /// than childflow by 10–40 % from one bench run to the next).
@@ -460,12 +461,13 @@ fn pair(
             .filter(|l| mine.contains(&l["prog_id"].as_u64().unwrap_or(0)))
             .filter_map(|l| Some(l["id"].as_u64()?.to_string()))
             .collect();
-        if ids.len() < 3 {
-            bail!("found {} links of this run's programs, expected 4: {links}", ids.len());
+        if ids.len() < 2 {
+            bail!("found {} links of this run's programs, expected 2: {links}", ids.len());
         }
         for id in &ids {
             sh(&["bpftool", "link", "detach", "id", id])?;
         }
+        sh(&["tc", "qdisc", "del", "dev", &format!("cf{:x}h", child.id()), "clsact"])?;
         if udp {
             sink = Some(Sink::start(probe)?);
         }
@@ -652,8 +654,8 @@ fn program_cost(bin: &str, cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
         .spawn()
         .context("failed to start childflow")?;
     // The latest sight of each program: at the end of a run the cgroup programs go (with
-    // the cgroup) while the lingerer still holds the TC ones, so the last snapshot alone
-    // would miss them.
+    // the cgroup) while the veth still holds the TC one, so the last snapshot alone would
+    // miss them.
     let mut latest = std::collections::BTreeMap::new();
     while child.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_millis(200));
@@ -746,9 +748,7 @@ fn empty_program_cost(cmd: &[String]) -> Result<Vec<(String, f64, u64)>> {
 /// a namespace, masquerade) without childflow's userspace draining the rings, so the
 /// figures are for A/B, not for the table above. Medians of the rounds, ns per run.
 fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
-    use aya::programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SchedClassifier, TcAttachType,
-    };
+    use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock};
     let cgroup = std::path::PathBuf::from(format!(
         "/sys/fs/cgroup/unified/cfbench-ab-{}",
         std::process::id()
@@ -758,9 +758,11 @@ fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
         let _stats = BpfStats::enable()?;
         let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
         let traffic = [("bulk TCP", iperf), ("64-byte UDP", flood_args(probe, 0))];
-        let names = ["cf_tc_ingress", "cf_tc_egress", "cf_skb_egress"];
         // ns[object][traffic][program]: one figure per round.
-        let mut ns = vec![vec![vec![Vec::new(); names.len()]; traffic.len()]; objects.len()];
+        let mut ns = vec![
+            vec![std::collections::BTreeMap::<String, Vec<u32>>::new(); traffic.len()];
+            objects.len()
+        ];
         println!(
             "\nper-run program cost, A/B on the baseline veth (bpf_stats, median of {AB_ROUNDS} \
              interleaved rounds); load average {}",
@@ -772,14 +774,7 @@ fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
                 for (t, (what, cmd)) in traffic.iter().enumerate() {
                     let mut l = crate::bench_progrun::load(&objects[k])?;
                     let cg = std::fs::File::open(&cgroup)?;
-                    for (name, dir) in [
-                        ("cf_tc_ingress", TcAttachType::Ingress),
-                        ("cf_tc_egress", TcAttachType::Egress),
-                    ] {
-                        let p: &mut SchedClassifier =
-                            l.ebpf.program_mut(name).context("no TC program")?.try_into()?;
-                        p.attach("cfbbh", dir)?;
-                    }
+                    let tc = attach_tc(&mut l)?;
                     let p: &mut CgroupSkb = l
                         .ebpf
                         .program_mut("cf_skb_egress")
@@ -810,24 +805,25 @@ fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
                     if let Some(s) = sink {
                         s.received()?;
                     }
-                    for (j, name) in names.iter().enumerate() {
+                    for name in tc.iter().copied().chain(["cf_skb_egress"]) {
                         let info = match l.ebpf.program(name).context("no program")? {
                             aya::programs::Program::SchedClassifier(p) => p.info()?,
                             aya::programs::Program::CgroupSkb(p) => p.info()?,
                             _ => bail!("{name}: unexpected program type"),
                         };
                         let cnt = info.run_count().max(1);
-                        ns[k][t][j].push((info.run_time().as_nanos() as u64 / cnt) as u32);
+                        let cost = (info.run_time().as_nanos() as u64 / cnt) as u32;
+                        ns[k][t].entry(name.to_owned()).or_default().push(cost);
                     }
-                    // Dropping `l` detaches everything.
+                    // The filters go with the qdisc; dropping `l` detaches the rest.
+                    sh(&["tc", "qdisc", "del", "dev", "cfbbh", "clsact"])?;
                 }
             }
         }
         for (k, obj) in objects.iter().enumerate() {
             println!("\n{obj}");
             for (t, (what, _)) in traffic.iter().enumerate() {
-                for (j, name) in names.iter().enumerate() {
-                    let runs = &ns[k][t][j];
+                for (name, runs) in &ns[k][t] {
                     let (lo, hi) =
                         (runs.iter().min().unwrap_or(&0), runs.iter().max().unwrap_or(&0));
                     println!(
@@ -845,6 +841,45 @@ fn programs_ab(probe: &str, objects: &[String]) -> Result<()> {
     })();
     let _ = std::fs::remove_dir(&cgroup);
     result
+}
+
+/// Attaches the TC program(s) of `l` to both directions of the baseline veth as childflow
+/// does (`clsact`, one direct-action filter per direction with the classid that tells
+/// `cf_tc` the direction), through a pin that is removed as soon as the filter holds the
+/// program. An object from before `cf_tc` has one program per direction. Returns the
+/// programs' names; `tc qdisc del dev cfbbh clsact` detaches them.
+fn attach_tc(l: &mut crate::bench_progrun::Loaded) -> Result<Vec<&'static str>> {
+    use childflow_common::flow::{TC_CLASSID_EGRESS, TC_CLASSID_INGRESS};
+    let two = l.ebpf.program("cf_tc").is_none();
+    let filters = if two {
+        [("cf_tc_ingress", "ingress", 0), ("cf_tc_egress", "egress", 0)]
+    } else {
+        [("cf_tc", "ingress", TC_CLASSID_INGRESS), ("cf_tc", "egress", TC_CLASSID_EGRESS)]
+    };
+    sh(&["tc", "qdisc", "add", "dev", "cfbbh", "clsact"])?;
+    for (name, dir, classid) in filters {
+        let pin = format!("/sys/fs/bpf/cfbench-ab-{}-{name}", std::process::id());
+        let p: &mut aya::programs::SchedClassifier =
+            l.ebpf.program_mut(name).context("no TC program")?.try_into()?;
+        p.pin(&pin)?;
+        let added = sh(&[
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "cfbbh",
+            dir,
+            "bpf",
+            "da",
+            "pinned",
+            &pin,
+            "classid",
+            &format!(":{classid:x}"),
+        ]);
+        let _ = std::fs::remove_file(&pin);
+        added?;
+    }
+    Ok(if two { vec!["cf_tc_ingress", "cf_tc_egress"] } else { vec!["cf_tc"] })
 }
 
 /// Rounds of `--costs-ab`.

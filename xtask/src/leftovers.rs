@@ -2,7 +2,7 @@
 //!
 //! Everything of ours is named so it can be recognised here: network namespaces and links
 //! start with `cf` (or `childflow`), nftables tables and cgroups contain `childflow`, kernel
-//! programs start with `cf_`, pins live under `/sys/fs/bpf/childflow`.
+//! programs start with `cf_`, pins (the benches' passing ones) under `/sys/fs/bpf/cf`.
 
 use std::{fs, path::Path, process::Command};
 
@@ -30,7 +30,7 @@ pub fn scan() -> Vec<String> {
     }
     find_dirs(Path::new("/sys/fs/cgroup"), 4, &mut found);
     for prog in lines("bpftool", &["prog", "show"]) {
-        // "42: sched_cls  name cf_tc_ingress  tag ..."
+        // "42: sched_cls  name cf_tc  tag ..."
         let mut words = prog.split_whitespace();
         if let Some(name) = words.by_ref().skip_while(|w| *w != "name").nth(1)
             && name.starts_with("cf_")
@@ -41,7 +41,7 @@ pub fn scan() -> Vec<String> {
     if let Ok(dir) = fs::read_dir("/sys/fs/bpf") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("childflow") {
+            if ours(&name) {
                 found.push(format!("bpffs pin: /sys/fs/bpf/{name}"));
             }
         }

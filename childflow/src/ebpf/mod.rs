@@ -1,11 +1,13 @@
 //! Loading childflow's kernel programs (built from `childflow-ebpf/` at build time) and
 //! reading what they collect.
 //!
-//! Every attachment is owned: dropping the returned value detaches the programs and frees the
-//! maps. If the process dies, the kernel does the same: cgroup and TCX links with their fds
-//! (see [`TcxLinks`]), and the links with the interface they are on; nothing is pinned.
+//! The attribution programs' cgroup links are owned: dropping the returned value detaches
+//! them and frees the maps, and if the process dies, the kernel does the same with the fds.
+//! The TC program goes on an interface as `clsact` filters ([`Accounting::attach_tc`]),
+//! which hold it until they or the interface go. Nothing is pinned.
 
 use std::{
+    io::{Read, Write},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
@@ -20,7 +22,16 @@ use aya::{
 };
 use childflow_common::{
     event::{CaptureConfig, DROP_COUNTERS},
-    flow::{FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT},
+    flow::{
+        FlowEntry, FlowKey, FlowSlot, FlowStats, NO_SLOT, TC_CLASSID_EGRESS, TC_CLASSID_INGRESS,
+    },
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 
 /// The object built from `childflow-ebpf/` by `build.rs`; `None` in a rootless-only build.
@@ -52,28 +63,11 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
-    /// Attaching a TCX link to an interface failed.
-    #[error("failed to attach a TCX {direction} link to {iface}")]
-    Attach {
-        direction: &'static str,
-        iface: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The interface to attach to does not exist.
-    #[error("failed to find interface {iface}")]
-    NoInterface {
-        iface: String,
-        #[source]
-        source: nix::Error,
-    },
-    /// Loading the placeholder program of the TCX links failed.
-    #[error("failed to load the placeholder TC program")]
-    Placeholder(#[source] std::io::Error),
-    /// Putting a loaded program on its TCX link (`BPF_LINK_UPDATE`) failed.
-    #[error("failed to put eBPF program {program} on its TCX link")]
-    Update {
-        program: &'static str,
+    /// A netlink request for the TC program's qdisc or filters failed.
+    #[error("failed to {what} of interface {ifindex}")]
+    Tc {
+        what: &'static str,
+        ifindex: u32,
         #[source]
         source: std::io::Error,
     },
@@ -126,23 +120,24 @@ pub fn preflight() -> Result<(), EbpfError> {
         });
     }
     use aya::util::KernelVersion;
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    if !tcx {
+    let ringbuf = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 8, 0));
+    if !ringbuf {
         return Err(EbpfError::MissingFeature {
-            what: "TCX links (Linux 6.6 or newer)",
-            fix: "upgrade the kernel to 6.6 or newer, or run without --root",
+            what: "BPF ring buffers (Linux 5.8 or newer)",
+            fix: "upgrade the kernel to 5.8 or newer, or run without --root",
         });
     }
     Ok(())
 }
 
-/// The per-flow accounting programs, attached to both directions of one interface.
+/// The per-flow accounting program and the attribution programs, with their maps.
 ///
-/// The interface is meant to be the host end of the run's veth: what arrives on it (ingress)
-/// was sent by the command, what leaves it (egress) goes to the command.
+/// The TC program goes on both directions of the host end of the run's veth
+/// ([`Accounting::attach_tc`]): what arrives on it (ingress) was sent by the command, what
+/// leaves it (egress) goes to the command.
 pub struct Accounting {
-    /// Declared first: links are dropped (programs detached) before the object.
-    links: Vec<OwnedLink>,
+    /// Declared first: the cgroup links are dropped (programs detached) before the object.
+    _links: Vec<OwnedLink>,
     ebpf: Ebpf,
     /// Places in `SLOTS` of flows removed from the flow map, with when: in quarantine (see
     /// [`Accounting::remove_flow`]).
@@ -155,9 +150,9 @@ pub struct Accounting {
 const SLOT_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Accounting {
-    /// Loads the object and attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` (TCX links,
-    /// see [`Accounting::attach_to`]).
-    /// Capture is off (only DNS packets are copied); no cgroup programs.
+    /// Loads the object and puts `cf_tc` on both directions of `iface` (a `clsact` qdisc is
+    /// added, see [`add_clsact`]). Capture is off (only DNS packets are copied); no cgroup
+    /// programs.
     pub fn attach(iface: &str) -> Result<Self, EbpfError> {
         Self::attach_with(iface, None, CaptureConfig::default())
     }
@@ -169,15 +164,21 @@ impl Accounting {
         cgroup: Option<&std::fs::File>,
         capture: CaptureConfig,
     ) -> Result<Self, EbpfError> {
-        let mut accounting = Self::load_with(capture, None, cgroup)?;
-        accounting.attach_to(iface)?;
+        let accounting = Self::load_with(capture, None, cgroup)?;
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| EbpfError::Tc {
+            what: "find",
+            ifindex: 0,
+            source: e.into(),
+        })?;
+        add_clsact(ifindex)?;
+        accounting.attach_tc(ifindex)?;
         Ok(accounting)
     }
 
     /// Loads the object and every program (the verifier runs here), with the capture
     /// settings `capture` and the capture filter `filter` (`None`: no filter, every packet
     /// matches), without attaching anything: a caller can do this while it creates the
-    /// interface, then [`Accounting::attach_to`] it (the cgroup: [`Accounting::load_with`]).
+    /// interface, then [`Accounting::attach_tc`] (the cgroup: [`Accounting::load_with`]).
     ///
     /// The settings are fixed for the life of the programs: `CONFIG` and `FILTER` are
     /// declared read-only for programs (`BPF_F_RDONLY_PROG` in childflow-ebpf), written, then frozen
@@ -208,6 +209,7 @@ impl Accounting {
         // and a perf link, several ms) the first time a loader needs them: here on a thread
         // of its own, while the ELF is parsed and the kernel BTF is hidden on others.
         let probe = std::thread::spawn(|| {
+            yield_to_critical_path();
             let _ = aya::features();
             phase!("aya feature probes done");
         });
@@ -229,6 +231,9 @@ impl Accounting {
                 .into_iter()
                 .map(|(name, prog)| {
                     s.spawn(move || {
+                        if name != "cf_tc" {
+                            yield_to_critical_path();
+                        }
                         load_one(name, prog)?;
                         match cgroup {
                             Some(cgroup) => attach_cgroup(name, prog, cgroup),
@@ -242,73 +247,56 @@ impl Accounting {
                 .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf, retired: Vec::new() })
+        Ok(Accounting { _links: links.into_iter().flatten().collect(), ebpf, retired: Vec::new() })
     }
 
-    /// Attaches `cf_tc_ingress`/`cf_tc_egress` to `iface` as TCX links. Short for
-    /// [`TcxLinks::attach`] then [`Accounting::attach_prepared`]; a caller that knows the
-    /// interface before the programs are verified makes the links first, in parallel (see
-    /// [`TcxLinks`]). The attribution programs go on a cgroup at load
-    /// ([`Accounting::load_with`]).
-    pub fn attach_to(&mut self, iface: &str) -> Result<(), EbpfError> {
-        let links = TcxLinks::attach(iface)?;
-        self.attach_prepared(links)
-    }
-
-    /// Puts `cf_tc_ingress`/`cf_tc_egress` on the TCX links `tcx` (which this value owns
-    /// from now on).
+    /// Puts `cf_tc` on both directions of interface `ifindex`, which has a `clsact` qdisc
+    /// ([`add_clsact`]): one direct-action `bpf` filter on its ingress and one on its egress,
+    /// each with the classid that tells the program its direction (`TC_CLASSID_INGRESS`,
+    /// `TC_CLASSID_EGRESS`, read back as `tc_classid`). The filters hold the program from
+    /// then on, until they or the interface go.
     ///
-    /// The programs are swapped in with `BPF_LINK_UPDATE`, which replaces a link's program
-    /// in place (kernel/bpf/tcx.c, `tcx_link_update`: the same `bpf_mprog_entry`, no grace
-    /// period; ~0.0 ms in `cargo xtask bench rootful --tcx-floor`). The capture settings were
-    /// written at load, so the first packet already sees them. Every link is owned by this
-    /// value (and so by this process's fds): nothing outlives it, not even a SIGKILL of the
-    /// process.
-    pub fn attach_prepared(&mut self, tcx: TcxLinks) -> Result<(), EbpfError> {
-        let TcxLinks { ingress, egress, .. } = tcx;
-        for (name, link) in [("cf_tc_ingress", &ingress), ("cf_tc_egress", &egress)] {
-            let program = program_name(name).unwrap_or("cf_tc");
-            let load = |source| EbpfError::Load { program, source };
-            let prog: &SchedClassifier = self
-                .ebpf
-                .program(name)
-                .ok_or(EbpfError::Load { program, source: ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(load)?;
-            let fd = prog.fd().map_err(load)?;
-            link_update(link, fd.as_fd())
-                .map_err(|source| EbpfError::Update { program, source })?;
-            phase!("{program} on its TCX link");
+    /// Classic `clsact` filters, not TCX links: creating a TCX link waits for a full RCU grace
+    /// period under RTNL (kernel/bpf/tcx.c, `tcx_link_prog_attach` → `tcx_entry_sync` →
+    /// `synchronize_rcu()`), and the two directions serialize on RTNL: 20-40 ms of the
+    /// start-up here, whose goal is 20 ms in all (`cargo xtask bench rootful --tcx-floor`;
+    /// `CHILDFLOW_TRACE_STARTUP=1` showed the egress link done at 25-41 ms with the verifier
+    /// long finished). The two filters take ~0.2 ms: no normal grace period, at most an
+    /// expedited one per direction for its first filter (see [`add_clsact`]). What TCX
+    /// offered is not needed here: the veth is the run's own, so no other tc user shares it,
+    /// and the filters die with it, which dies with the command's network namespace, so the
+    /// kernel still cleans up after a SIGKILL.
+    pub fn attach_tc(&self, ifindex: u32) -> Result<(), EbpfError> {
+        let program = "cf_tc";
+        let load = |source| EbpfError::Load { program, source };
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or(EbpfError::Load { program, source: ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(load)?;
+        let fd = prog.fd().map_err(load)?.as_fd();
+        for (what, minor, classid) in [
+            ("add the ingress TC filter", TcHandle::MIN_INGRESS, TC_CLASSID_INGRESS),
+            ("add the egress TC filter", TcHandle::MIN_EGRESS, TC_CLASSID_EGRESS),
+        ] {
+            let mut msg = TcMessage::with_index(ifindex as i32);
+            msg.header.parent = TcHandle { major: TcHandle::CLSACT.major, minor };
+            // Priority 1, every protocol (ETH_P_ALL, in network order).
+            msg.header.info =
+                u32::from(TcHandle { major: 1, minor: (libc::ETH_P_ALL as u16).to_be() });
+            msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+            msg.attributes.push(TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(fd.as_raw_fd() as u32)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName(program.into())),
+                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+                TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle { major: 0, minor: classid })),
+            ]));
+            route_request(RouteNetlinkMessage::NewTrafficFilter(msg), NLM_F_CREATE | NLM_F_EXCL)
+                .map_err(|source| EbpfError::Tc { what, ifindex, source })?;
         }
-        self.links.push(Box::new(ingress));
-        self.links.push(Box::new(egress));
+        phase!("{program} on both directions");
         Ok(())
-    }
-
-    /// Detaches every program, in parallel (each detach waits for the kernel); the maps
-    /// stay readable, so a final read sees counters that no packet changes any more.
-    /// Dropping the value detaches too, one link after the other.
-    pub fn detach(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        std::thread::scope(|s| {
-            for link in links {
-                s.spawn(move || drop(link));
-            }
-        });
-    }
-
-    /// Leaves the TCX links open instead of closing them when this value is dropped: for
-    /// an interface about to disappear (the run's veth dies with the command's namespace),
-    /// or links another process holds duplicates of (`rootful/linger.rs`), closing them
-    /// here is time for nothing. They close when the process exits.
-    pub fn leave_tc_filters(&mut self) {
-        for link in std::mem::take(&mut self.links) {
-            if link.is::<TcxLink>() {
-                std::mem::forget(link);
-            } else {
-                self.links.push(link);
-            }
-        }
     }
 
     fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowEntry>, EbpfError> {
@@ -426,6 +414,18 @@ impl Accounting {
     }
 }
 
+/// Lowers the calling thread's priority (nice 10; on Linux `setpriority(PRIO_PROCESS, 0)`
+/// is per thread), for work that runs beside the start-up's critical path: the object's
+/// maps, then the verification of `cf_tc`, the longest (~7 ms), then the attachment. On two
+/// CPUs everything else of the start-up (the other programs' verification, aya's feature
+/// probes, the NAT table) has finished long before that, but at the same priority the
+/// scheduler shares a CPU between it and the critical path and delays the command's start
+/// by as much.
+pub fn yield_to_critical_path() {
+    // SAFETY: a plain system call on this thread; failure leaves the priority as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
 /// Size of the `PACKETS` ring for a run with `capture`.
 ///
 /// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
@@ -443,32 +443,23 @@ fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
 /// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
 /// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
 /// constructor: 40-150 ms of every start on this VM, more than everything else together.
-/// So the loader is built on a short-lived thread with a mount namespace of its own
-/// (`unshare(CLONE_NEWNS)` affects only the calling thread), in which `/dev/null` is
-/// bind-mounted over that file: aya reads nothing, fails to parse, and moves on without
-/// BTF. Propagation is cut first (`MS_SLAVE`), so the bind mount never reaches the host's
-/// namespace; it disappears with the thread. If any step is refused, the loader is built
-/// the slow way.
+/// So the loader is built on a short-lived thread whose root directory is elsewhere: the
+/// thread unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working
+/// directory, for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
+/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. The rest of
+/// the process is untouched, and nothing is left behind: the root goes with the thread.
+///
+/// Before, the thread hid the file with a bind mount in a mount namespace of its own: the
+/// namespace's copy cost milliseconds, and so did its teardown at the thread's exit (an
+/// expedited RCU grace period in `namespace_unlock`). If any step is refused, the loader is
+/// built the slow way.
 fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     let hidden = std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unshare/mount with NUL-terminated strings, on this thread only.
+            // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
             let hidden = unsafe {
-                libc::unshare(libc::CLONE_NEWNS) == 0
-                    && libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_SLAVE,
-                        std::ptr::null(),
-                    ) == 0
-                    && libc::mount(
-                        c"/dev/null".as_ptr(),
-                        c"/sys/kernel/btf/vmlinux".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) == 0
+                libc::unshare(libc::CLONE_FS) == 0
+                    && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
             };
             hidden.then(EbpfLoader::new)
         })
@@ -490,8 +481,7 @@ const BPF_MAP_FREEZE: libc::c_long = 22;
 fn load_one(name: &str, prog: &mut aya::programs::Program) -> Result<(), EbpfError> {
     use aya::programs::Program as P;
     let program: &'static str = match name {
-        "cf_tc_ingress" => "cf_tc_ingress",
-        "cf_tc_egress" => "cf_tc_egress",
+        "cf_tc" => "cf_tc",
         "cf_sock_create" => "cf_sock_create",
         "cf_skb_egress" => "cf_skb_egress",
         _ => return Ok(()),
@@ -536,13 +526,6 @@ fn write_and_freeze<V: aya::Pod>(
 /// A link owned by [`Accounting`]; dropping it detaches the program.
 type OwnedLink = Box<dyn std::any::Any + Send>;
 
-/// The `&'static` name of one of childflow's programs, `None` for anything else.
-fn program_name(name: &str) -> Option<&'static str> {
-    ["cf_tc_ingress", "cf_tc_egress", "cf_sock_create", "cf_skb_egress"]
-        .into_iter()
-        .find(|p| *p == name)
-}
-
 /// Attaches one loaded cgroup program (`name` from the object) to `cgroup` and takes
 /// ownership of its link. `None` for a program that is not a cgroup program.
 fn attach_cgroup(
@@ -572,106 +555,62 @@ fn attach_cgroup(
     Ok(Some(link))
 }
 
-/// One TCX link, owned by its fd: closing it detaches the program.
-struct TcxLink(OwnedFd);
-
-/// TCX links on both directions of an interface, made before childflow's programs are
-/// verified, running a placeholder (`r0 = TC_ACT_UNSPEC; exit`: every packet passes, as
-/// with no program) until [`Accounting::attach_prepared`] swaps the real ones in.
+/// Adds a `clsact` qdisc to interface `ifindex`, for [`Accounting::attach_tc`].
 ///
-/// Why: creating a TCX link waits for a full RCU grace period while holding RTNL
-/// (kernel/bpf/tcx.c, `tcx_link_prog_attach` → `tcx_entry_sync` → `synchronize_rcu()`), and
-/// the two directions serialize on RTNL: 22-24 ms median here (HZ=250), 0.2 ms with
-/// `rcu_expedited=1` (`cargo xtask bench rootful --tcx-floor`). Replacing a link's program
-/// costs no grace period. So the waits run while the verifier works on the other cores,
-/// instead of after it. TCX, not classic `clsact` filters, on purpose: a TCX link is owned
-/// by its fd (so by this process, or the lingering teardown process, see
-/// `rootful/linger.rs`), never collides with another tc user of the interface, and is what
-/// the design names.
-///
-/// Dropping the value before that detaches the placeholder (closes the links).
-pub struct TcxLinks {
-    ingress: TcxLink,
-    egress: TcxLink,
-    /// Kept for the lifetime of the links only through them; dropped with this value.
-    _placeholder: OwnedFd,
+/// Best made as soon as the interface exists, well before the filters: each direction's
+/// first filter swaps in the qdisc's filter list (net/sched/sch_generic.c,
+/// `mini_qdisc_pair_swap`), which waits for an expedited RCU grace period unless a grace
+/// period has passed since the qdisc was made.
+pub fn add_clsact(ifindex: u32) -> Result<(), EbpfError> {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.parent = TcHandle::CLSACT;
+    msg.header.handle = TcHandle { major: TcHandle::CLSACT.major, minor: 0 };
+    msg.attributes.push(TcAttribute::Kind("clsact".into()));
+    route_request(RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_EXCL)
+        .map_err(|source| EbpfError::Tc { what: "add a clsact qdisc", ifindex, source })
 }
 
-/// `BPF_PROG_LOAD`, `BPF_LINK_CREATE`, `BPF_LINK_UPDATE` (include/uapi/linux/bpf.h).
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
+/// Removes the `clsact` qdisc of interface `ifindex`, and with it the TC filters.
+pub fn remove_clsact(ifindex: u32) -> Result<(), EbpfError> {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.parent = TcHandle::CLSACT;
+    msg.header.handle = TcHandle { major: TcHandle::CLSACT.major, minor: 0 };
+    route_request(RouteNetlinkMessage::DelQueueDiscipline(msg), 0).map_err(|source| EbpfError::Tc {
+        what: "remove the clsact qdisc",
+        ifindex,
+        source,
+    })
+}
 
-impl TcxLinks {
-    /// Loads the placeholder and attaches it to both directions of `iface`, ingress first
-    /// (each waits for a grace period; the kernel serializes them anyway).
-    pub fn attach(iface: &str) -> Result<TcxLinks, EbpfError> {
-        let index = nix::net::if_::if_nametoindex(iface)
-            .map_err(|source| EbpfError::NoInterface { iface: iface.to_owned(), source })?;
-        let placeholder = load_placeholder().map_err(EbpfError::Placeholder)?;
-        let attach = |direction, attach_type| {
-            let link = link_create(&placeholder, index, attach_type).map_err(|source| {
-                EbpfError::Attach { direction, iface: iface.to_owned(), source }
-            })?;
-            phase!("TCX {direction} link on {iface}");
-            Ok::<_, EbpfError>(TcxLink(link))
-        };
-        let ingress = attach("ingress", BPF_TCX_INGRESS)?;
-        let egress = attach("egress", BPF_TCX_EGRESS)?;
-        Ok(TcxLinks { ingress, egress, _placeholder: placeholder })
+/// Sends one rtnetlink request (with `NLM_F_REQUEST | NLM_F_ACK | flags`) on a socket of its
+/// own in this thread's network namespace, and waits for the kernel's answer: blocking, as
+/// the answer comes at once.
+fn route_request(msg: RouteNetlinkMessage, flags: u16) -> std::io::Result<()> {
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-}
-
-/// `bpf(cmd, attr)`: the fd or 0 it returns, or the error.
-fn bpf(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<i32> {
-    // SAFETY: bpf(2) reads `attr.len()` bytes of `attr` and the buffers it points to, which
-    // the callers keep alive for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
-}
-
-/// Loads `r0 = -1 (TC_ACT_UNSPEC); exit` as a SCHED_CLS program (2 instructions: the
-/// verifier takes microseconds).
-fn load_placeholder() -> std::io::Result<OwnedFd> {
-    // struct bpf_insn {code, dst_reg:4 src_reg:4, off, imm}, little-endian in a u64.
-    let insns: [u64; 2] = [
-        0xb7 | ((-1i32 as u32 as u64) << 32), // BPF_ALU64 | BPF_MOV | BPF_K: r0 = -1
-        0x95,                                 // BPF_JMP | BPF_EXIT
-    ];
-    let license = c"GPL";
-    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; rest zero.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
-    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..64].copy_from_slice(b"cf_placeholder\0\0");
-    let fd = bpf(BPF_PROG_LOAD, &attr)?;
     // SAFETY: a new fd the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `BPF_LINK_CREATE` of `prog` as a TCX link of type `attach_type` on `ifindex`, appended
-/// after any other TCX program there.
-fn link_create(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
-    // union bpf_attr, link_create: prog_fd, target_ifindex, attach_type, flags, tcx {...}.
-    let mut attr = [0u8; 64];
-    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
-    let fd = bpf(BPF_LINK_CREATE, &attr)?;
-    // SAFETY: a new fd the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `BPF_LINK_UPDATE`: `link` runs `prog` from now on.
-fn link_update(link: &TcxLink, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    // union bpf_attr, link_update: link_fd, new_prog_fd, flags, old_prog_fd.
-    let mut attr = [0u8; 16];
-    attr[0..4].copy_from_slice(&(link.0.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+    let socket = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // To the kernel (a zeroed `sockaddr_nl` needs no `sendto` address: `write` will do).
+    (&socket).write_all(&buf)?;
+    let mut answer = vec![0; 8192];
+    let n = (&socket).read(&mut answer)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
+        },
+        other => Err(std::io::Error::other(format!("unexpected netlink answer {other:?}"))),
+    }
 }

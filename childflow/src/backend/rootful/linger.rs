@@ -1,9 +1,9 @@
 //! Kernel-side teardown behind childflow's back, so a finished run returns at once.
 //!
 //! Deleting the run's owned nftables table unregisters its hooks, which waits for an RCU
-//! grace period (`synchronize_net` outside RTNL), and so does releasing a TCX link
-//! (kernel/bpf/tcx.c, `tcx_link_release` → `tcx_entry_sync`): 15-70 ms
-//! on this kind of machine, as long as a whole `--root -- true` run otherwise. None of it
+//! grace period (`synchronize_net` outside RTNL); the cgroup links' release is handed over
+//! with it. Up to tens of ms on this kind of machine, longer than the rest of a
+//! `--root -- true` run. None of it
 //! changes what the run reports: by then the command is gone, its link is down and the last
 //! counters are read.
 //!
@@ -39,8 +39,8 @@ pub fn bpf_links() -> Vec<RawFd> {
 /// Whether a `/proc/self/fd` link target is a BPF link. The kernel names the anon inode
 /// `bpf_link` (kernel/bpf/syscall.c, `bpf_link_prime`; `anon_inode:bpf_link` on 6.18);
 /// `bpf-link` is accepted too, like `bpf-map`/`bpf-prog`. Matching only `bpf-link` once
-/// left every link with childflow, whose exit then released both TCX links itself, two
-/// grace periods (8-20 ms) between its last line and its exit.
+/// left every link with childflow, whose exit then released them itself (with the TCX links
+/// of the time, two grace periods, 8-20 ms, between its last line and its exit).
 fn is_bpf_link(target: &std::ffi::OsStr) -> bool {
     target == "anon_inode:bpf_link" || target == "anon_inode:bpf-link"
 }

@@ -5,23 +5,23 @@
 //! ```text
 //!  childflow (root) ─ sandbox init (pid 1 of new pid+net+mount ns, in cgroup childflow-<id>)
 //!                        └─ the command, as SUDO_UID/SUDO_GID, no capabilities
-//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TCX programs on cf<id>h (accounting)
+//!  host: cf<id>h ══ veth ══ cf<id>c (child)     TC program on cf<id>h (accounting)
 //!        nft table childflow_<id> (masquerade)  cgroup programs on childflow-<id> (attribution)
 //! ```
 //!
 //! Order of set-up, arranged so the slow parts overlap (timings with `-vv`, or on stderr
-//! with `CHILDFLOW_TRACE_STARTUP=1`, see [`startup`]): preflight (root, BTF, TCX, cgroup
-//! v2) before touching anything; the cgroup and its reaper ([`cgroup`]); the sandbox,
+//! with `CHILDFLOW_TRACE_STARTUP=1`, see [`startup`]): preflight (root, BTF, kernel
+//! version, cgroup v2) before touching anything; the cgroup and its reaper ([`cgroup`]); the sandbox,
 //! cloned straight into the cgroup (`CLONE_INTO_CGROUP`) and waiting (no thread may exist
 //! before this clone); then at once, on threads of their own, the programs
 //! ([`crate::ebpf`]: aya's feature probes, object, maps, verification of each program in
 //! parallel, each attribution program attached to the cgroup as soon as it is verified)
 //! and the NAT table ([`nft`], which matches the veth by its name), while this thread
-//! creates the veth, addresses and routes ([`net`]) and then the TCX links on the host end,
-//! with a placeholder program: their RCU grace periods (~11 ms each) pass while the
-//! verifier still works ([`crate::ebpf::TcxLinks`]). When the verifier is done, the TC
-//! programs replace the placeholder (no grace period) and the sandbox is released: the
-//! command starts only once every program sees its traffic. While it runs, the kernel's ring
+//! creates the veth, addresses and routes and a `clsact` qdisc on the host end ([`net`]).
+//! When the verifier is done, the TC program goes on both directions of the host end as
+//! two `clsact` filters (no RCU grace period to wait for, unlike TCX links, see
+//! [`crate::ebpf::Accounting::attach_tc`]) and the sandbox is released: the command
+//! starts only once every program sees its traffic. While it runs, the kernel's ring
 //! buffers are drained through `AsyncFd` and the flow map is sampled every second
 //! ([`flows`]); every event goes to the [`Emitter`] without blocking.
 //!
@@ -80,7 +80,7 @@ use tokio::io::unix::AsyncFd;
 use self::startup::phase;
 use crate::{
     cli::Config,
-    ebpf::{Accounting, TcxLinks},
+    ebpf::Accounting,
     event::{Direction, DropReport, Emitter, Event, PacketEvent},
     sandbox::{self, Credentials, ExitStatus, Namespaces, Spec},
 };
@@ -423,7 +423,10 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let (run_id, host_if) = (run_id.clone(), net::Addressing::new(&run_id, 0).host_if);
         std::thread::Builder::new()
             .name("nft".into())
-            .spawn(move || nft::NatTable::create(&run_id, &host_if))
+            .spawn(move || {
+                crate::ebpf::yield_to_critical_path();
+                nft::NatTable::create(&run_id, &host_if)
+            })
             .context("failed to start the nftables thread")?
     };
 
@@ -440,13 +443,12 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         phase!("netlink sockets open, host addresses read");
         let host_index = net::create(&host, &child, &addressing, init_pid).await?;
         phase!("veth created and configured");
+        crate::ebpf::add_clsact(host_index)?;
+        phase!("clsact qdisc added");
         net::enable_forwarding(&addressing.host_if)?;
         anyhow::Ok((host, host_index, addressing))
     })?;
     phase!("veth and routes ready");
-    // The TCX links, with a placeholder program until the verifier is done: their grace
-    // periods overlap the verification instead of following it (see `TcxLinks`).
-    let tcx = TcxLinks::attach(&addressing.host_if)?;
     let nat = nat_thread.join().map_err(|_| anyhow::anyhow!("the nftables thread panicked"))??;
     phase!("nft table ready");
     tracing::debug!(
@@ -460,7 +462,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let mut accounting =
         loader.join().map_err(|_| anyhow::anyhow!("the eBPF loader thread panicked"))??;
     phase!("eBPF programs loaded");
-    accounting.attach_prepared(tcx)?;
+    accounting.attach_tc(host_index)?;
     phase!("eBPF programs attached");
     let clock = flows::Clock::now();
     let mut drain = Drain {
@@ -535,11 +537,11 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // Stop the traffic first, so the last drain and the final counters agree with each
     // other (and with a capture) to the packet: with the host end down nothing crosses the
     // link any more, and the kernel has waited for packets in flight (`dev_close` →
-    // `synchronize_net`, an expedited grace period under RTNL). Detaching the programs
+    // `synchronize_net`, an expedited grace period under RTNL). Removing the filters
     // would do the same at a higher cost.
     if let Err(e) = runtime.block_on(net::set_down(&host, host_index, &addressing.host_if)) {
-        tracing::debug!("{e:#}; detaching the programs instead");
-        accounting.detach();
+        tracing::debug!("{e:#}; removing the TC filters instead");
+        let _ = crate::ebpf::remove_clsact(host_index);
     }
     drain.drain_all(&mut rings);
     drain.finish_packets();
@@ -562,7 +564,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     let mut keep = linger::bpf_links();
     keep.push(nat.as_raw_fd());
     linger::hand_over(&keep);
-    accounting.leave_tc_filters();
     drop((rings, accounting, nat, host, runtime));
     cg.leave_to_reaper();
     drop(reaper);

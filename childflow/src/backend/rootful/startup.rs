@@ -3,7 +3,7 @@
 //! Each [`phase!`] also goes to the debug log (`-vv`); with the variable set it is printed
 //! as `childflow startup: +12.3 ms  <phase>  (unix <wall clock>)` (from the backend's
 //! first phase), from whichever thread reaches it, so the critical path through
-//! the overlapping threads (loader, verifiers, nft, netlink, TCX) reads directly off the
+//! the overlapping threads (loader, verifiers, nft, netlink, tc) reads directly off the
 //! list. It costs one `Instant` read per phase when off.
 
 use std::{sync::OnceLock, time::Instant};
