@@ -457,6 +457,32 @@ mod tests {
     }
 
     #[test]
+    fn events_emitted_while_the_collector_coalesces_wait_for_it_and_the_end_ends_the_wait() {
+        let (emitter, rx) = channel(16);
+        let second = emitter.clone();
+        let sender = std::thread::spawn(move || {
+            for i in 0..5 {
+                assert!(second.emit(drops(i)));
+            }
+        });
+        rx.coalesce();
+        sender.join().unwrap();
+        let got: Vec<u64> = rx
+            .try_iter()
+            .map(|e| match e {
+                Event::Drops(d) => d.count,
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [0, 1, 2, 3, 4], "nothing emitted meanwhile is lost or reordered");
+        drop(emitter);
+        // Every emitter is gone: the wait ends (a collector's last coalesce does not hold up
+        // the end of the run) and the channel reports the end.
+        rx.coalesce();
+        assert!(matches!(rx.recv(), Err(crossbeam_channel::RecvError)));
+    }
+
+    #[test]
     fn a_full_channel_counts_drops_instead_of_blocking() {
         let (emitter, rx) = channel(2);
         assert!(emitter.emit(drops(1)));
