@@ -29,20 +29,15 @@
 //! them 512-aligned inside their pages (a contiguous buffer: 2.5 GB/s); the copies around
 //! the pages cost less (about 4 KiB of a 64 KiB frame).
 //!
-//! The direct writes run on a thread of their own ([`Writer`]), one at a time, while the
-//! capture fills the other of two stages; the buffers of a write (its stage and packet
-//! buffers) come back when it is done.
-//!
 //! Not used for tmpfs (no device to DMA to; `O_DIRECT` there would still copy), anything
 //! but regular files (FIFOs, devices), or filesystems that refuse `O_DIRECT` (the open
 //! fails with `EINVAL`): those keep the plain buffered file.
 //!
 //! Invariants: the pending bytes (the stage with its holes, in order) start at file offset
-//! `direct_end`, a multiple of [`ALIGN`]; every byte before `direct_end` was handed to the
-//! writer, and is in the file once [`Writer::wait`] returned; every hole starts at an
-//! aligned stage offset, and its length and the address of its first byte are aligned,
-//! so every piece of a write is; after `flush` the file's bytes equal everything ever
-//! given.
+//! `direct_end`, a multiple of [`ALIGN`]; every byte before `direct_end` was written with
+//! `O_DIRECT`; every hole starts at an aligned stage offset, and its length and the
+//! address of its first byte are aligned, so every piece of a write is; after `flush`
+//! the file's bytes equal everything ever given.
 
 use super::pcapng::{self, Out as _};
 use std::{
@@ -104,6 +99,14 @@ impl Stage {
     fn bytes(&self) -> &[u8] {
         // SAFETY: the first `len` bytes of the allocation are initialized (written by `put`).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Moves the bytes from `from` on to the front.
+    fn shift(&mut self, from: usize) {
+        let rest = self.len - from;
+        // SAFETY: both ranges lie within the first `len` bytes; `copy` allows overlap.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(from), self.ptr.as_ptr(), rest) };
+        self.len = rest;
     }
 
     /// Room for `need` more bytes. Only reached by a block larger than the stage's free
@@ -171,107 +174,19 @@ struct Hole {
     len: usize,
 }
 
-/// One `O_DIRECT` write for the writer thread: the first `len` bytes of the stage's
-/// bytes and holes, at `offset`.
-struct Job {
-    stage: Stage,
-    holes: Vec<Hole>,
-    len: usize,
-    offset: u64,
-}
-
-/// A [`Job`] done: its buffers come back.
-struct Done {
-    stage: Stage,
-    holes: Vec<Hole>,
-    result: io::Result<()>,
-}
-
-/// The thread that makes the `O_DIRECT` writes, one at a time, while the capture goes on
-/// encoding into the other stage.
-///
-/// Why: a direct write returns when the device has the data. At bulk rates the capture
-/// spent 60% of its time blocked in `pwritev(2)` (2.5 ms for each 4 MiB), and while it
-/// did, the packets waiting for it filled the rootless backend's budget, which then held
-/// the tap (the engine's 1 ms waits added up to 0.24 s of a 3 s run).
-struct Writer {
-    jobs: Option<crossbeam_channel::Sender<Job>>,
-    done: crossbeam_channel::Receiver<Done>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// A job was sent and its [`Done`] not received yet.
-    busy: bool,
-    /// The stage not in use (the one last written), once the first write came back.
-    spare: Option<Stage>,
-}
-
-impl Writer {
-    fn start(direct: File) -> io::Result<Writer> {
-        let (jobs, rx) = crossbeam_channel::bounded::<Job>(1);
-        let (tx, done) = crossbeam_channel::bounded(1);
-        let thread =
-            std::thread::Builder::new().name("capture-writer".into()).spawn(move || {
-                for job in rx {
-                    let parts = segments(job.stage.bytes(), &job.holes, job.len);
-                    let result = write_all_at(&direct, parts, job.offset);
-                    let done = Done { stage: job.stage, holes: job.holes, result };
-                    if tx.send(done).is_err() {
-                        break;
-                    }
-                }
-            })?;
-        Ok(Writer { jobs: Some(jobs), done, thread: Some(thread), busy: false, spare: None })
-    }
-
-    /// Waits for the write in progress, if any, and returns its result.
-    fn wait(&mut self) -> io::Result<()> {
-        if !self.busy {
-            return Ok(());
-        }
-        self.busy = false;
-        let done = self.done.recv().map_err(|_| io::Error::other("the capture writer stopped"))?;
-        for hole in done.holes {
-            crate::event::recycle_packet_bytes(hole.buf);
-        }
-        let mut stage = done.stage;
-        stage.len = 0;
-        self.spare = Some(stage);
-        done.result
-    }
-
-    /// Hands `job` to the thread; the caller waited for the previous one.
-    fn send(&mut self, job: Job) -> io::Result<()> {
-        let jobs =
-            self.jobs.as_ref().ok_or_else(|| io::Error::other("the capture writer stopped"))?;
-        jobs.send(job).map_err(|_| io::Error::other("the capture writer stopped"))?;
-        self.busy = true;
-        Ok(())
-    }
-}
-
-impl Drop for Writer {
-    /// Lets the write in progress finish (its buffers are the device's until then).
-    fn drop(&mut self) {
-        self.jobs = None;
-        let _ = self.wait();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// See the module documentation.
 pub struct DirectFile {
+    direct: File,
     buffered: File,
     stage: Stage,
     /// Packet data to write from its own buffers, in stage order.
     holes: Vec<Hole>,
     /// Their lengths, summed.
     hole_bytes: usize,
-    /// Where the pending bytes go: everything before was handed to the writer.
+    /// Where the pending bytes go: everything before was written with `O_DIRECT`.
     direct_end: u64,
     /// [`Self::pending`] at the last tail write: nothing new to write if unchanged.
     tail_written: usize,
-    writer: Writer,
 }
 
 impl DirectFile {
@@ -300,13 +215,13 @@ impl DirectFile {
         };
         let stage = Stage::new()?;
         Ok(Some(DirectFile {
+            direct,
             buffered,
             stage,
             holes: Vec::new(),
             hole_bytes: 0,
             direct_end: 0,
             tail_written: 0,
-            writer: Writer::start(direct)?,
         }))
     }
 
@@ -339,8 +254,7 @@ impl DirectFile {
         &mut self.stage
     }
 
-    /// Bytes given to the file so far (written, being written, staged or waiting in
-    /// packet buffers).
+    /// Bytes given to the file so far (written, staged or waiting in packet buffers).
     pub fn size(&self) -> u64 {
         self.direct_end + self.pending() as u64
     }
@@ -385,10 +299,9 @@ impl DirectFile {
     }
 
     /// Writes everything given so far: the aligned part with `O_DIRECT`, the tail
-    /// buffered; returns once it is all in the file.
+    /// buffered.
     pub fn flush(&mut self) -> io::Result<()> {
         self.write_aligned()?;
-        self.writer.wait()?;
         let pending = self.pending();
         if pending > 0 && pending != self.tail_written {
             let parts = segments(self.stage.bytes(), &self.holes, pending);
@@ -403,42 +316,41 @@ impl DirectFile {
         &self.buffered
     }
 
-    /// Bytes given but not yet handed to the writer: staged or in packet buffers.
+    /// Bytes given but not yet written with `O_DIRECT`: staged or in packet buffers.
     fn pending(&self) -> usize {
         self.stage.len + self.hole_bytes
     }
 
-    /// Hands the whole [`ALIGN`]ed chunks of what is pending to the writer thread (after
-    /// the previous write is done): the stage and the packet buffers they are made of go
-    /// with it, and the rest of the stage (less than a chunk) moves to the other stage.
+    /// Writes the whole [`ALIGN`]ed chunks of what is pending with `O_DIRECT` (one
+    /// `pwritev(2)` of stage pieces and packet buffers): the packet buffers written go
+    /// back to the pool, the rest of the stage (less than a chunk) moves to its front.
     ///
     /// Why whole chunks of [`ALIGN`]: a direct write that ends inside a file system block
     /// costs ext4 a zeroed partial block and an unaligned (serialized) write next time;
     /// `dd oflag=direct` to the project's VM disk ran at 2.2 GB/s with `bs=4M` and at
     /// 1.1 GB/s with `bs=4M+512`, with twice the system time.
+    ///
+    /// Why here and not on a thread of its own: with the writes on a writer thread (while
+    /// the capture filled a second stage) a bulk capture cost as much as before (-22 to
+    /// -40% throughput over 9 runs, against -14 to -27% over 5 runs written here): two
+    /// writes' worth of packet buffers out of the backend's hands instead of one, and a
+    /// third busy thread on two CPUs.
     fn write_aligned(&mut self) -> io::Result<()> {
         let (stage_len, holes, len) = self.cut(self.pending() / ALIGN * ALIGN);
         if len == 0 {
             return Ok(());
         }
-        self.writer.wait()?;
-        let mut next = match self.writer.spare.take() {
-            Some(stage) => stage,
-            None => Stage::new()?,
-        };
-        next.put(&self.stage.bytes()[stage_len..]);
-        let mut stage = std::mem::replace(&mut self.stage, next);
-        stage.len = stage_len;
-        let rest = self.holes.split_off(holes);
-        for hole in &self.holes {
+        let parts = segments(self.stage.bytes(), &self.holes[..holes], len);
+        write_all_at(&self.direct, parts, self.direct_end)?;
+        self.direct_end += len as u64;
+        for hole in self.holes.drain(..holes) {
             self.hole_bytes -= hole.len;
+            crate::event::recycle_packet_bytes(hole.buf);
         }
-        let holes = std::mem::replace(&mut self.holes, rest);
         for hole in &mut self.holes {
             hole.at -= stage_len;
         }
-        self.writer.send(Job { stage, holes, len, offset: self.direct_end })?;
-        self.direct_end += len as u64;
+        self.stage.shift(stage_len);
         // The tail now sits at a new offset: it has not been written there.
         self.tail_written = 0;
         Ok(())
