@@ -42,7 +42,11 @@ pub trait Consumer: Send {
 
     /// Every event, after the flow table took it in. `flow` is the flow it concerns when the
     /// table knows it; for packets `first` says whether this is the flow's first packet.
-    fn event(&mut self, _event: &Event, _flow: Option<PacketFlow<'_>>) -> Result<()> {
+    ///
+    /// A consumer may take a packet's bytes (`PacketEvent::data`, then left empty) to keep
+    /// them past the event: the capture writes large packets to a direct file straight from
+    /// their buffers. Consumers after it see the packet without its bytes; none needs them.
+    fn event(&mut self, _event: &mut Event, _flow: Option<PacketFlow<'_>>) -> Result<()> {
         Ok(())
     }
 
@@ -201,15 +205,20 @@ impl Collector {
     }
 
     /// Takes in one event.
-    pub fn handle(&mut self, event: Event) {
+    pub fn handle(&mut self, mut event: Event) {
         self.events += 1;
+        // Before a consumer may take the bytes (`Consumer::event`).
+        let packet_len = match &event {
+            Event::Packet(p) => p.data.len(),
+            _ => 0,
+        };
         let mut failed = Vec::new();
         let flow = match &event {
             Event::Packet(p) => self.table.packet(p),
             other => self.table.ingest(other).map(|flow| PacketFlow { flow, first: false }),
         };
         for (i, c) in self.consumers.iter_mut().enumerate() {
-            if let Err(e) = c.event(&event, flow) {
+            if let Err(e) = c.event(&mut event, flow) {
                 failed.push((i, e));
             }
         }
@@ -225,7 +234,7 @@ impl Collector {
         self.write_output();
         if let Event::Packet(p) = event {
             if let Some(budget) = &self.packet_budget {
-                budget.release(p.data.len());
+                budget.release(packet_len);
             }
             crate::event::recycle_packet_bytes(p.data);
         }
@@ -363,7 +372,7 @@ mod tests {
             "recorder".into()
         }
 
-        fn event(&mut self, event: &Event, flow: Option<PacketFlow<'_>>) -> Result<()> {
+        fn event(&mut self, event: &mut Event, flow: Option<PacketFlow<'_>>) -> Result<()> {
             if let Event::Packet(_) = event {
                 let f = flow.map(|f| format!("uid {} first {}", f.flow.uid, f.first));
                 self.log.lock().unwrap().push(format!("packet {f:?}"));

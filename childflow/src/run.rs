@@ -202,7 +202,7 @@ impl Consumer for CaptureConsumer {
         "capture".into()
     }
 
-    fn event(&mut self, event: &Event, flow: Option<PacketFlow<'_>>) -> Result<()> {
+    fn event(&mut self, event: &mut Event, flow: Option<PacketFlow<'_>>) -> Result<()> {
         let Some(c) = self.capture.as_mut() else { return Ok(()) };
         match event {
             Event::Packet(packet) => {
@@ -212,7 +212,7 @@ impl Consumer for CaptureConsumer {
                     first_of_flow: flow.is_some_and(|f| f.first),
                     process: flow.and_then(|f| f.flow.process.as_deref()),
                 };
-                if let Err(e) = c.packet(packet, &meta) {
+                if let Err(e) = c.take_packet(packet, &meta) {
                     capture_stopped(e);
                 }
             }

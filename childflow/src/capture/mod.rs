@@ -29,10 +29,15 @@
 //!   at least every [`FLUSH_INTERVAL`] while packets come; a buffer is also written out
 //!   whenever it holds [`FLUSH_AT`] bytes), so a file cut by a kill is valid up to the last
 //!   flush.
-//! - Each packet is copied once on its way to the file: straight into the aligned stage of
-//!   a direct file ([`direct::Stage`], via [`pcapng::Out`]), or into `buf` for any other
-//!   file (then written from there). With `--tls-keylog` packets wait in `buf` (below), so
-//!   a direct file then gets them from `buf`, one copy more.
+//! - Each packet is copied at most once on its way to the file: straight into the aligned
+//!   stage of a direct file ([`direct::Stage`], via [`pcapng::Out`]), or into `buf` for any
+//!   other file (then written from there). Packets of [`direct::ZERO_COPY_MIN`] or more
+//!   whose buffer the capture may keep ([`Capture::take_packet`]) are not copied to a
+//!   direct file: the device reads their pages where they are
+//!   ([`direct::DirectFile::encode_from`]), behind a padding block that readers skip; nor
+//!   to a plain file when of [`GATHER_MIN`] or more (`writev(2)` around `buf`). With
+//!   `--tls-keylog` packets wait in `buf` (below), so a direct file then gets them from
+//!   `buf`, one copy more.
 //! - The key log is read at every flush *before* the buffered packets are written, and new
 //!   lines go into a DSB ahead of them: a TLS library writes a secret before it sends the
 //!   packets that use it, so every buffered packet's secrets are in the file by then. With a
@@ -326,6 +331,29 @@ impl Capture {
     /// Adds one packet. Returns an error once, when the capture stops on it; after that
     /// packets are only counted.
     pub fn packet(&mut self, pkt: &PacketEvent, meta: &PacketMeta<'_>) -> Result<(), CaptureError> {
+        self.add(pkt, Bytes::Shared(&pkt.data), meta)
+    }
+
+    /// [`Capture::packet`], free to take the packet's buffer (leaving `pkt.data` empty): a
+    /// large packet written to a direct file goes to the file from that buffer, which is
+    /// kept until it is written and then goes back to the packet pool
+    /// ([`crate::event::recycle_packet_bytes`]).
+    pub fn take_packet(
+        &mut self,
+        pkt: &mut PacketEvent,
+        meta: &PacketMeta<'_>,
+    ) -> Result<(), CaptureError> {
+        let head = PacketEvent { data: Vec::new(), ..*pkt };
+        self.add(&head, Bytes::Owned(&mut pkt.data), meta)
+    }
+
+    /// Counts, filters and writes one packet: `head` without its data, which is `bytes`.
+    fn add(
+        &mut self,
+        head: &PacketEvent,
+        bytes: Bytes<'_>,
+        meta: &PacketMeta<'_>,
+    ) -> Result<(), CaptureError> {
         self.stats.received += 1;
         let iface = (meta.interface as usize).min(self.counters.len() - 1);
         self.counters[iface].received += 1;
@@ -334,17 +362,19 @@ impl Capture {
             return Ok(());
         }
         // An empty packet was already filtered out by the backend (`PacketEvent::data`).
-        let backend_filtered = pkt.data.is_empty() && pkt.orig_len > 0;
+        let data = bytes.as_slice();
+        let backend_filtered = data.is_empty() && head.orig_len > 0;
         if backend_filtered
-            || self.filter.as_ref().is_some_and(|filter| {
-                !filter.matches(&Fields::from_ethernet(&pkt.data, pkt.direction))
-            })
+            || self
+                .filter
+                .as_ref()
+                .is_some_and(|filter| !filter.matches(&Fields::from_ethernet(data, head.direction)))
         {
             self.stats.filtered_out += 1;
             return Ok(());
         }
         self.counters[iface].accepted += 1;
-        let result = self.write_packet(iface, pkt, meta);
+        let result = self.write_packet(iface, head, bytes, meta);
         self.check(result)
     }
 
@@ -352,9 +382,10 @@ impl Capture {
         &mut self,
         iface: usize,
         pkt: &PacketEvent,
+        mut bytes: Bytes<'_>,
         meta: &PacketMeta<'_>,
     ) -> Result<(), CaptureError> {
-        let data = &pkt.data[..pkt.data.len().min(self.snaplen as usize)];
+        let len = bytes.as_slice().len().min(self.snaplen as usize);
         if let Some(p) = meta.process
             && (self.process_comment.0 != p.pid || self.process_comment.1.is_empty())
         {
@@ -373,8 +404,12 @@ impl Capture {
         let comments_len = meta.process.map_or(0, |_| self.process_comment.1.len() + 8)
             + if flow { self.flow_comment.len() + 8 } else { 0 };
         // At least the block's size: 28 bytes of header and 4 of trailer, data padded to
-        // 32 bits, flags (8), process (12), the comments and the end of options (4).
-        let estimate = 64 + data.len() + comments_len;
+        // 32 bits, flags (8), process (12), the comments and the end of options (4); and
+        // the padding block ahead of a packet that may stay in its buffer.
+        let mut estimate = 64 + len + comments_len;
+        if matches!(bytes, Bytes::Owned(_)) && len >= direct::ZERO_COPY_MIN {
+            estimate += direct::ALIGN + pcapng::MIN_BLOCK;
+        }
         if let Some(max) = self.max_size
             && self.packets_in_file > 0
             && self.file_len() + estimate as u64 > max
@@ -403,25 +438,37 @@ impl Capture {
             process: meta.process.map(|p| (p.pid, 0)),
             comments: &slots[..n],
         };
+        let (ts, orig_len) = (pkt.ts, pkt.orig_len);
         let gather = !direct
-            && data.len() >= GATHER_MIN
+            && len >= GATHER_MIN
             && self.keylog.is_none()
             && matches!(self.file, Some(Output::Plain(_)));
         let block_start = self.buf.len();
         let mut hole = None;
         if gather {
             let mut out = pcapng::Gather { buf: &mut self.buf, hole: None };
-            pcapng::enhanced_packet(&mut out, iface as u32, pkt.ts, data, pkt.orig_len, &options);
+            let data = &bytes.as_slice()[..len];
+            pcapng::enhanced_packet(&mut out, iface as u32, ts, data, orig_len, &options);
             hole = out.hole;
+        } else if let (true, Some(Output::Direct(f)), Bytes::Owned(owner)) =
+            (direct, self.file.as_mut(), &mut bytes)
+            && let Some(pad) = f.padding_for(&owner[..len])
+        {
+            // Out of its own buffer (see `direct::DirectFile::encode_from`).
+            pcapng::padding(f.stage(), pad);
+            f.encode_from(owner, len, |out, data| {
+                pcapng::enhanced_packet(out, iface as u32, ts, data, orig_len, &options);
+            });
         } else {
             let out = sink(&mut self.file, &mut self.buf, direct);
-            pcapng::enhanced_packet(out, iface as u32, pkt.ts, data, pkt.orig_len, &options);
+            let data = &bytes.as_slice()[..len];
+            pcapng::enhanced_packet(out, iface as u32, ts, data, orig_len, &options);
         }
         self.packets_in_file += 1;
         self.counters[iface].written += 1;
         self.stats.written += 1;
         if let Some((at, _)) = hole {
-            self.write_gathered(block_start, at, data)?;
+            self.write_gathered(block_start, at, &bytes.as_slice()[..len])?;
         } else if direct {
             self.unflushed += 1;
         } else if self.buf.len() >= FLUSH_AT {
@@ -758,6 +805,22 @@ impl Capture {
         }
         self.block_sink().put(&head);
         Ok(())
+    }
+}
+
+/// A packet's bytes as the capture gets them: borrowed, or in a buffer it may keep
+/// ([`Capture::take_packet`]).
+enum Bytes<'a> {
+    Shared(&'a [u8]),
+    Owned(&'a mut Vec<u8>),
+}
+
+impl Bytes<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Shared(b) => b,
+            Bytes::Owned(b) => b,
+        }
     }
 }
 

@@ -26,6 +26,18 @@ pub const BLOCK_ISB: u32 = 0x0000_0005;
 pub const BLOCK_EPB: u32 = 0x0000_0006;
 /// Decryption Secrets Block (§4.7).
 pub const BLOCK_DSB: u32 = 0x0000_000A;
+/// A block of zeros that only moves the next block to a chosen file offset ([`padding`]).
+/// Its type is one §10.1 reserves for local use (bit 31 set): readers skip block types they
+/// do not know (§3.1), silently: Wireshark's `pcapng_read_block` skips it as an unknown
+/// block (a debug message only) and libpcap's reader ignores it.
+pub const BLOCK_PADDING: u32 = 0x8C1F_0A11;
+
+/// Where an Enhanced Packet Block's packet data starts, from the start of the block: type,
+/// length, interface, timestamp (2), captured and original length (§4.3).
+pub const EPB_DATA_OFFSET: usize = 28;
+
+/// The smallest block: type and the two lengths (§3.1).
+pub const MIN_BLOCK: usize = 12;
 
 /// Written in native order; a reader of the other endianness sees 0x4D3C2B1A and swaps.
 pub const BYTE_ORDER_MAGIC: u32 = 0x1A2B_3C4D;
@@ -430,6 +442,28 @@ pub fn decryption_secrets<O: Out + ?Sized>(
 ) -> usize {
     let mut b = Block::begin(out, BLOCK_DSB);
     b.u32(secrets_type).u32(secrets.len() as u32).padded(secrets);
+    b.finish()
+}
+
+/// Appends a padding block ([`BLOCK_PADDING`]) of `len` bytes in all: zeros between the
+/// block's two lengths. `len` is a multiple of 4 and at least [`MIN_BLOCK`]; anything else
+/// appends nothing (and returns 0).
+///
+/// Why: a direct capture file writes a large packet's data straight from the packet's own
+/// memory (`super::direct`), which needs that data at a file offset of the same alignment
+/// as its address; this moves the packet's block there.
+pub fn padding<O: Out + ?Sized>(out: &mut O, len: usize) -> usize {
+    if len < MIN_BLOCK || !len.is_multiple_of(4) || len > u32::MAX as usize {
+        return 0;
+    }
+    const ZEROS: [u8; 256] = [0; 256];
+    let b = Block::begin(out, BLOCK_PADDING);
+    let mut rest = len - MIN_BLOCK;
+    while rest > 0 {
+        let n = rest.min(ZEROS.len());
+        b.out.put(&ZEROS[..n]);
+        rest -= n;
+    }
     b.finish()
 }
 

@@ -249,7 +249,7 @@ impl Consumer for LiveConsumer {
         "live view".into()
     }
 
-    fn event(&mut self, _event: &Event, _flow: Option<PacketFlow<'_>>) -> Result<()> {
+    fn event(&mut self, _event: &mut Event, _flow: Option<PacketFlow<'_>>) -> Result<()> {
         self.dirty = true;
         Ok(())
     }
