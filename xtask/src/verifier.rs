@@ -146,6 +146,25 @@ pub fn run(objects: &[String]) -> Result<()> {
          average {}",
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
+    // What childflow's loader thread does before any program is verified: aya parses the
+    // object, loads its BTF and creates the maps (aya's feature probes, once per process,
+    // are done by now: `prepare` loaded every object once).
+    let mut aya_ms = vec![Vec::new(); prepared.len()];
+    let bytes: Vec<Vec<u8>> =
+        prepared.iter().map(|p| std::fs::read(&p.path)).collect::<Result<_, _>>()?;
+    for round in 0..rounds {
+        for i in 0..prepared.len() {
+            let k = if round % 2 == 0 { i } else { prepared.len() - 1 - i };
+            // `EbpfLoader::new` parses the kernel's BTF (childflow avoids that, see its
+            // `loader_without_kernel_btf`): not timed. The packet ring as without capture.
+            let mut loader = aya::EbpfLoader::new();
+            loader.btf(None).map_max_entries("PACKETS", 1 << 20);
+            let started = std::time::Instant::now();
+            let ebpf = loader.load(&bytes[k])?;
+            aya_ms[k].push((started.elapsed().as_secs_f64() * 1e6) as u32);
+            drop(ebpf);
+        }
+    }
     // [object][program][round] -> log
     let mut logs = vec![vec![Vec::new(); PROGRAMS.len()]; prepared.len()];
     for round in 0..rounds {
@@ -167,6 +186,11 @@ pub fn run(objects: &[String]) -> Result<()> {
     ];
     for (k, prep) in prepared.iter().enumerate() {
         println!("\n{}", prep.path);
+        println!(
+            "aya load (parse, BTF, maps): median {} us, min {} us",
+            crate::bench_progrun::median(aya_ms[k].clone()),
+            aya_ms[k].iter().min().copied().unwrap_or(0)
+        );
         print!("{:<16}{:>6}", "", "insns");
         for (label, _) in keys {
             print!("{label:>11}");
