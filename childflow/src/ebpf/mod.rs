@@ -206,10 +206,12 @@ impl Accounting {
     ) -> Result<Self, EbpfError> {
         preflight()?;
         // aya probes the kernel's features once per process (a dozen tiny program loads
-        // and a perf link, several ms) the first time a loader needs them: here on a thread
-        // of its own, while the ELF is parsed and the kernel BTF is hidden on others.
+        // and a perf link, ~1 ms) the first time a loader needs them: here on a thread of
+        // its own, while the ELF is parsed and the kernel BTF is hidden on others. At the
+        // normal priority: `load` below waits for the probes right after parsing, so they
+        // are on the critical path (niced, they finished 1-3 ms later under load, and the
+        // loader waited).
         let probe = std::thread::spawn(|| {
-            yield_to_critical_path();
             let _ = aya::features();
             phase!("aya feature probes done");
         });
@@ -415,10 +417,10 @@ impl Accounting {
 }
 
 /// Lowers the calling thread's priority (nice 10; on Linux `setpriority(PRIO_PROCESS, 0)`
-/// is per thread), for work that runs beside the start-up's critical path: the object's
-/// maps, then the verification of `cf_tc`, the longest (~7 ms), then the attachment. On two
-/// CPUs everything else of the start-up (the other programs' verification, aya's feature
-/// probes, the NAT table) has finished long before that, but at the same priority the
+/// is per thread), for work that runs beside the start-up's critical path: aya's feature
+/// probes, the object's maps, then the verification of `cf_tc`, the longest (~5 ms), then
+/// the attachment. On two CPUs everything else of the start-up (the other programs'
+/// verification, the NAT table) has finished long before that, but at the same priority the
 /// scheduler shares a CPU between it and the critical path and delays the command's start
 /// by as much.
 pub fn yield_to_critical_path() {
