@@ -111,11 +111,20 @@ pub fn preflight() -> Result<()> {
 }
 
 /// Who the command runs as: the user who invoked sudo, else childflow's own user.
+///
+/// Childflow's own user keeps childflow's own supplementary groups (`getgroups`), as a
+/// child process would: no user database lookup. That lookup (NSS: `nsswitch.conf`, then
+/// `libnss_files`/`libnss_systemd` loaded and the group file scanned) took ~1 ms of every
+/// start-up, before the sandbox could be cloned. Through sudo the groups are the invoking
+/// user's, which only the user database knows.
 pub fn invoking_user() -> Result<Credentials> {
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let (uid, gid) = match (var("SUDO_UID"), var("SUDO_GID")) {
         (Some(uid), Some(gid)) => (uid, gid),
-        _ => (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()),
+        _ => {
+            let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+            return Ok(Credentials { uid, gid, groups: own_groups().unwrap_or_else(|| vec![gid]) });
+        }
     };
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
     let groups = match &user {
@@ -128,6 +137,20 @@ pub fn invoking_user() -> Result<Credentials> {
         None => vec![gid],
     };
     Ok(Credentials { uid, gid, groups })
+}
+
+/// This process's supplementary groups. Not `nix::unistd::getgroups`, which sizes its
+/// buffer by reading `/proc/sys/kernel/ngroups_max`: the kernel says how many there are.
+fn own_groups() -> Option<Vec<u32>> {
+    // SAFETY: getgroups(0, NULL) only counts; the second call writes at most `n` entries
+    // into a buffer of `n`.
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        let mut groups = vec![0; usize::try_from(n).ok()?];
+        let got = libc::getgroups(n, groups.as_mut_ptr());
+        groups.truncate(usize::try_from(got).ok()?);
+        Some(groups)
+    }
 }
 
 /// Writes the command's resolv.conf to `path`, world-readable (the command reads it as
