@@ -99,17 +99,16 @@ fn main() {
     embed_stripped(&full, &out_dir.join("childflow.bpf.o"));
 }
 
-/// Writes the object childflow embeds (`embedded`): `full` without its DWARF and BTF.
+/// Writes the object childflow embeds (`embedded`): `full` without its DWARF.
 ///
-/// The programs need neither: they read only UAPI context fields (no CO-RE relocation) and
-/// their maps are declared without BTF. Both cost every start-up: aya parses every section
-/// of the object, with its relocations (the DWARF sections hold ~11,000 of them), loads the
-/// BTF into the kernel and hands each program its function and line information, which
-/// the verifier checks. Without them the loader's parse, BTF load and map creation took
-/// 1.97 ms instead of 2.34 (median, `cargo xtask bench rootful --prog-run --verifier`).
-/// What is lost: source lines in a verifier log and in `bpftool prog dump`; the full
-/// object stays next to it (`childflow.full.bpf.o`) for that, e.g. for
-/// `cargo xtask bench rootful --prog-run --load-only OBJECT` with `CF_VERIFIER_LOG`.
+/// The programs do not need it (they read only UAPI context fields: no CO-RE relocation),
+/// and it cost every start-up: aya parses every section of the object with its relocations
+/// (the DWARF sections hold ~11,000 of them). Without it the loader's parse, BTF load and
+/// map creation took 2.10 ms instead of 2.34 (median, `cargo xtask bench rootful --prog-run
+/// --verifier`). The BTF stays: it marks the programs' cold paths as global functions,
+/// which the verifier checks once each (see `cf_parse_slow` in childflow-ebpf's tc.rs);
+/// without it they would be static subprograms. What is lost: source lines in
+/// `bpftool prog dump`; the full object stays next to it (`childflow.full.bpf.o`).
 ///
 /// With no `llvm-objcopy` (package llvm-22, which `llvm-22-dev` pulls in), the full object is
 /// embedded, with a warning.
@@ -125,8 +124,6 @@ fn embed_stripped(full: &Path, embedded: &Path) {
     let stripped = objcopy.is_some_and(|objcopy| {
         Command::new(objcopy)
             .arg("--strip-debug")
-            .args(["--remove-section=.BTF", "--remove-section=.rel.BTF"])
-            .args(["--remove-section=.BTF.ext", "--remove-section=.rel.BTF.ext"])
             .arg(full)
             .arg(embedded)
             .status()
