@@ -584,7 +584,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // with the command's network namespace once the last reference to it (our netlink
     // socket there) is gone; the reaper removes the cgroup and the resolv.conf file when
     // childflow exits.
-    let mut keep = linger::bpf_links();
+    let mut keep = accounting.link_fds();
     keep.push(nat.as_raw_fd());
     linger::hand_over(&keep);
     drop((rings, accounting, nat, host, runtime));
