@@ -51,6 +51,10 @@ pub enum EbpfError {
     /// A kernel feature the programs need is missing.
     #[error("the kernel lacks {what}: {fix}")]
     MissingFeature { what: &'static str, fix: &'static str },
+    /// The loader thread could not return to the root directory after hiding the kernel
+    /// BTF from aya (see `loader_without_kernel_btf`).
+    #[error("failed to restore the eBPF loader thread's root directory")]
+    Loader(#[source] std::io::Error),
     /// The object could not be parsed or its maps created.
     #[error("failed to load childflow's eBPF object")]
     Object(#[source] aya::EbpfError),
@@ -214,7 +218,7 @@ impl Accounting {
             let _ = aya::features();
             phase!("aya feature probes done");
         });
-        let mut loader = loader_without_kernel_btf();
+        let mut loader = loader_without_kernel_btf()?;
         // The packet ring carries whole packets only when capturing; otherwise DNS alone.
         loader.map_max_entries("PACKETS", packet_ring_bytes(&capture));
         phase!("eBPF loader ready");
@@ -444,40 +448,58 @@ fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
     if capture.capture_all != 0 { 64 << 20 } else { 1 << 20 }
 }
 
-/// An `EbpfLoader` that never parsed the kernel's BTF.
+/// An `EbpfLoader` that never parsed the kernel's BTF. Call it on a thread of childflow's
+/// own (the loader thread): it changes the thread's root directory for a moment.
 ///
 /// The programs read only UAPI context fields (no CO-RE relocation), so they need no kernel
 /// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
 /// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
 /// constructor: 40-150 ms of every start on this VM, more than everything else together.
-/// So the loader is built on a short-lived thread whose root directory is elsewhere: the
-/// thread unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working
-/// directory, for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
-/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. The rest of
-/// the process is untouched, and nothing is left behind: the root goes with the thread.
+/// So the loader is built while this thread's root directory is elsewhere: the thread
+/// unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working directory,
+/// for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
+/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. Then it goes
+/// back to the real root and working directory, through descriptors opened before. The rest
+/// of the process is untouched.
 ///
-/// Before, the thread hid the file with a bind mount in a mount namespace of its own: the
-/// namespace's copy cost milliseconds, and so did its teardown at the thread's exit (an
-/// expedited RCU grace period in `namespace_unlock`). If any step is refused, the loader is
-/// built the slow way.
-fn loader_without_kernel_btf() -> EbpfLoader<'static> {
-    let hidden = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
-            let hidden = unsafe {
-                libc::unshare(libc::CLONE_FS) == 0
-                    && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
-            };
-            hidden.then(EbpfLoader::new)
-        })
-        .join()
-        .ok()
-        .flatten()
-    });
-    hidden.unwrap_or_else(|| {
+/// Before, a short-lived thread of its own did this (its root went with it): its start,
+/// join and exit (a stack unmapped: a TLB shootdown) were ~0.5 ms on the start-up's
+/// critical path. Before that, the thread hid the file with a bind mount in a mount
+/// namespace of its own: the namespace's copy cost milliseconds, and so did its teardown at
+/// the thread's exit (an expedited RCU grace period in `namespace_unlock`). If any step is
+/// refused, the loader is built the slow way.
+fn loader_without_kernel_btf() -> Result<EbpfLoader<'static>, EbpfError> {
+    let open_dir = |path: &std::ffi::CStr| {
+        // SAFETY: open(2) with a NUL-terminated path; the fd is owned at once.
+        let fd = unsafe {
+            libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        };
+        // SAFETY: a new descriptor the kernel just returned to us.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let (Some(root), Some(cwd)) = (open_dir(c"/"), open_dir(c".")) else {
         tracing::debug!("could not hide the kernel BTF from aya; parsing it");
-        EbpfLoader::new()
-    })
+        return Ok(EbpfLoader::new());
+    };
+    // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
+    let hidden = unsafe {
+        libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
+    };
+    let loader = EbpfLoader::new();
+    if !hidden {
+        tracing::debug!("could not hide the kernel BTF from aya; parsed it");
+        return Ok(loader);
+    }
+    // SAFETY: fchdir/chroot on descriptors and a NUL-terminated string, on this thread only.
+    let back = unsafe {
+        libc::fchdir(root.as_raw_fd()) == 0
+            && libc::chroot(c".".as_ptr()) == 0
+            && libc::fchdir(cwd.as_raw_fd()) == 0
+    };
+    if !back {
+        return Err(EbpfError::Loader(std::io::Error::last_os_error()));
+    }
+    Ok(loader)
 }
 
 /// `BPF_MAP_FREEZE` (include/uapi/linux/bpf.h): no more writes from user space either.
