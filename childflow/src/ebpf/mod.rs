@@ -210,10 +210,9 @@ impl Accounting {
         preflight()?;
         // aya probes the kernel's features once per process (a dozen tiny program loads
         // and a perf link, ~1 ms) the first time a loader needs them: here on a thread of
-        // its own, while the ELF is parsed and the kernel BTF is hidden on others. At the
-        // normal priority: `load` below waits for the probes right after parsing, so they
-        // are on the critical path (niced, they finished 1-3 ms later under load, and the
-        // loader waited).
+        // its own, while the ELF is parsed and the kernel BTF is hidden on this one. At the
+        // normal priority, as is all of the start-up's work (see below): `load` waits for
+        // the probes right after parsing.
         let probe = std::thread::spawn(|| {
             let _ = aya::features();
             phase!("aya feature probes done");
@@ -230,15 +229,21 @@ impl Accounting {
         write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
         // Each program is verified on a thread of its own: the verifier runs without a
         // global lock for a privileged loader, so the verifications overlap on every core.
+        //
+        // None of these threads (nor the NAT table's) is niced any more, though only
+        // `cf_tc`'s verification is the critical path on a quiet machine: everything else
+        // must be done before the command starts too, and on a busy one a niced thread got
+        // a tenth of a CPU beside a process at the normal priority, so the join below
+        // waited for it (CHILDFLOW_TRACE_STARTUP beside one CPU hog: `cf_tc` verified at
+        // 13.9 ms, the programs loaded at 17.0). 30 alternating runs of `--root -- true`
+        // beside `yes >/dev/null`: 22.0 ms median niced, 21.0 not; without the hog 14.8
+        // and 14.9 ms.
         let programs: Vec<(&str, &mut aya::programs::Program)> = ebpf.programs_mut().collect();
         let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
                 .map(|(name, prog)| {
                     s.spawn(move || {
-                        if name != "cf_tc" {
-                            yield_to_critical_path();
-                        }
                         load_one(name, prog)?;
                         match cgroup {
                             Some(cgroup) => attach_cgroup(name, prog, cgroup),
@@ -423,18 +428,6 @@ impl Accounting {
         }
         Ok(out)
     }
-}
-
-/// Lowers the calling thread's priority (nice 10; on Linux `setpriority(PRIO_PROCESS, 0)`
-/// is per thread), for work that runs beside the start-up's critical path: aya's feature
-/// probes, the object's maps, then the verification of `cf_tc`, the longest (~5 ms), then
-/// the attachment. On two CPUs everything else of the start-up (the other programs'
-/// verification, the NAT table) has finished long before that, but at the same priority the
-/// scheduler shares a CPU between it and the critical path and delays the command's start
-/// by as much.
-pub fn yield_to_critical_path() {
-    // SAFETY: a plain system call on this thread; failure leaves the priority as it was.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
 }
 
 /// Size of the `PACKETS` ring for a run with `capture`.

@@ -446,10 +446,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let (run_id, host_if) = (run_id.clone(), net::Addressing::new(&run_id, 0).host_if);
         std::thread::Builder::new()
             .name("nft".into())
-            .spawn(move || {
-                crate::ebpf::yield_to_critical_path();
-                nft::NatTable::create(&run_id, &host_if)
-            })
+            .spawn(move || nft::NatTable::create(&run_id, &host_if))
             .context("failed to start the nftables thread")?
     };
 
