@@ -21,7 +21,10 @@
 //! When the verifier is done, the TC program goes on both directions of the host end as
 //! two `clsact` filters (no RCU grace period to wait for, unlike TCX links, see
 //! [`crate::ebpf::Accounting::attach_tc`]) and the sandbox is released: the command
-//! starts only once every program sees its traffic. While it runs, the kernel's ring
+//! starts only once every program sees its traffic (`init` has forked it long before, and
+//! it waits for the release with its credentials dropped and its program found, so only
+//! the exec is left, see [`crate::sandbox`]). No start-up thread is niced: all of their
+//! work must be done before the release. While it runs, the kernel's ring
 //! buffers are drained through `AsyncFd` and the flow map is sampled every second
 //! ([`flows`]); every event goes to the [`Emitter`] without blocking.
 //!
@@ -39,8 +42,8 @@
 //! a lingering process ([`linger`]) that releases it after childflow has exited. Decision:
 //! childflow returns when the run's *results* are final, not when the host is clean; the
 //! host is clean shortly after (median 11-33 ms, max 47-62 ms, measured by `cargo xtask
-//! bench rootful --startup` at load 3-7; tests allow the same 2 s as for SIGKILL). Waiting
-//! for it would add that to every run.
+//! bench rootful --startup` at load 3-7; 14-16 ms, max 22-34 ms at load ~1; tests allow
+//! the same 2 s as for SIGKILL). Waiting for it would add that to every run.
 //!
 //! Raw events: when `CHILDFLOW_RAW_EVENTS=PATH` is set, every event is also written to PATH
 //! as one JSON object per line ([`raw`]); tests use it to check what the backend emits
