@@ -93,8 +93,50 @@ fn main() {
         fail(&format!("building childflow-ebpf failed ({status}); see the compiler output above"));
     }
     let object = target_dir.join(target).join("release").join("childflow");
-    std::fs::copy(&object, out_dir.join("childflow.bpf.o"))
+    let full = out_dir.join("childflow.full.bpf.o");
+    std::fs::copy(&object, &full)
         .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", object.display())));
+    embed_stripped(&full, &out_dir.join("childflow.bpf.o"));
+}
+
+/// Writes the object childflow embeds (`embedded`): `full` without its DWARF.
+///
+/// The programs do not need it (they read only UAPI context fields: no CO-RE relocation),
+/// and it cost every start-up: aya parses every section of the object with its relocations
+/// (the DWARF sections hold ~11,000 of them). Without it the loader's parse, BTF load and
+/// map creation took 2.10 ms instead of 2.34 (median, `cargo xtask bench rootful --prog-run
+/// --verifier`). The BTF stays: it marks the programs' cold paths as global functions,
+/// which the verifier checks once each (see `cf_parse_slow` in childflow-ebpf's tc.rs);
+/// without it they would be static subprograms. What is lost: source lines in
+/// `bpftool prog dump`; the full object stays next to it (`childflow.full.bpf.o`).
+///
+/// With no `llvm-objcopy` (package llvm-22, which `llvm-22-dev` pulls in), the full object is
+/// embedded, with a warning.
+fn embed_stripped(full: &Path, embedded: &Path) {
+    println!("cargo:rerun-if-env-changed=CHILDFLOW_BPF_OBJCOPY");
+    let objcopy = env::var_os("CHILDFLOW_BPF_OBJCOPY")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Some(PathBuf::from("/usr/lib/llvm-22/bin/llvm-objcopy")).filter(|p| p.is_file())
+        })
+        .or_else(|| which("llvm-objcopy-22"))
+        .or_else(|| which("llvm-objcopy"));
+    let stripped = objcopy.is_some_and(|objcopy| {
+        Command::new(objcopy)
+            .arg("--strip-debug")
+            .arg(full)
+            .arg(embedded)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !stripped {
+        println!(
+            "cargo:warning=llvm-objcopy not found or failed: embedding the eBPF object with its \
+             debug information (slower start-up; `cargo xtask setup` installs it)"
+        );
+        std::fs::copy(full, embedded)
+            .unwrap_or_else(|e| fail(&format!("cannot copy {}: {e}", full.display())));
+    }
 }
 
 fn require(path: &Path, what: &str) {

@@ -52,6 +52,19 @@ struct CgScratch {
     parsed: Parsed,
 }
 
+/// `N` words from `src` to `dst` (an aggregate copy becomes a `memcpy` call or byte copies).
+///
+/// SAFETY: both point at `N` valid, 8-aligned words.
+#[inline(always)]
+unsafe fn copy_words<const N: usize>(dst: *mut u64, src: *const u64) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: see the function's contract.
+        unsafe { dst.add(i).write(src.add(i).read()) };
+        i += 1;
+    }
+}
+
 /// Scratch of its own: a TC program may interrupt this one on the same CPU.
 #[map]
 static CG_SCRATCH: PerCpuArray<CgScratch> = PerCpuArray::with_max_entries(1, 0);
@@ -140,12 +153,26 @@ fn attribute(ctx: &SkBuffContext) {
         let Some(owner) = (unsafe { OWNERS.get(&cookie) }) else {
             return;
         };
-        let mut rec = *owner;
-        rec.hook = SOCK_FLOW;
-        rec.key = *key;
         let _ = ATTRIBUTED.insert(key, &cookie, 0);
-        if SOCK_EVENTS.output::<SockRecord>(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
-            count_drop(DROP_SOCK_RINGBUF);
+        // Written in place into the ring, from the owner's record, not built on the stack
+        // and copied (`output`): 88 bytes of stack the verifier tracked slot by slot in
+        // every state it kept (`cf_skb_egress` stack 144 -> 64 bytes, 1.42 -> 1.34 ms to verify).
+        match SOCK_EVENTS.reserve::<SockRecord>(0) {
+            Some(mut entry) => {
+                let rec = entry.as_mut_ptr();
+                // SAFETY: `rec` points at reserved ring memory of a `SockRecord`'s size,
+                // 8-aligned (ring records are), as is `owner` (a map value).
+                unsafe {
+                    copy_words::<{ core::mem::size_of::<SockRecord>() / 8 }>(
+                        rec.cast(),
+                        (owner as *const SockRecord).cast(),
+                    );
+                    (*rec).hook = SOCK_FLOW;
+                    copy_key(&mut (*rec).key, key);
+                }
+                entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+            }
+            None => count_drop(DROP_SOCK_RINGBUF),
         }
     }
     copy_key(&mut scratch.last_key, key);

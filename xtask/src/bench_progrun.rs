@@ -23,7 +23,8 @@
 //!
 //! With `CF_CAPTURE=1` every object is loaded as for a capture with a one-term filter.
 //!
-//! `--load-only` stops there: only those figures, no test runs.
+//! `--load-only` stops there: only those figures, no test runs. `--verifier` instead prints
+//! the verifier's statistics per program (see the `verifier` module).
 //!
 //! `--pair` instead runs the data segment through `cf_tc` out of the command on CPU 0 and
 //! the ACK of the same flow into it on CPU 1 at once: what sharing one flow entry between
@@ -201,17 +202,15 @@ pub(crate) struct Loaded {
     ids: Vec<u32>,
 }
 
-pub(crate) fn load(path: &str) -> Result<Loaded> {
+/// The object at `path` with its maps created and `CONFIG` and `FILTER` written and frozen
+/// as childflow does it, no program loaded yet.
+pub(crate) fn load_maps_only(path: &str) -> Result<Ebpf> {
+    load_maps(path, EbpfLoader::new())
+}
+
+fn load_maps(path: &str, mut loader: EbpfLoader) -> Result<Ebpf> {
     let obj = std::fs::read(path).with_context(|| format!("failed to read {path}"))?;
-    let mut loader = EbpfLoader::new();
     loader.btf(None);
-    // CF_VERIFIER_LOG=FILE: on a load failure, the verifier's log (with the per-instruction
-    // walk and its statistics) goes to FILE. A program that fails only after the walk (too
-    // much stack across calls, say) shows where the verifier spends its instructions.
-    let log_file = std::env::var_os("CF_VERIFIER_LOG");
-    if log_file.is_some() {
-        loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
-    }
     let mut ebpf = loader.load(&obj).with_context(|| format!("failed to load {path}"))?;
     // CF_CAPTURE=1: loaded as for a capture with a filter (one predicate), the programs'
     // other configuration and the one whose verification costs most.
@@ -229,6 +228,20 @@ pub(crate) fn load(path: &str) -> Result<Loaded> {
         program.insns[0].proto = 6;
     }
     freeze(&mut ebpf, "FILTER", program)?;
+    Ok(ebpf)
+}
+
+pub(crate) fn load(path: &str) -> Result<Loaded> {
+    let mut loader = EbpfLoader::new();
+    // CF_VERIFIER_LOG=FILE: on a load failure, the verifier's log (with the per-instruction
+    // walk and its statistics) goes to FILE. A program that fails only after the walk (too
+    // much stack across calls, say) shows where the verifier spends its instructions.
+    // (With `--verifier`, CF_VERIFIER_LOG=DIR gets the log of a successful load.)
+    let log_file = std::env::var_os("CF_VERIFIER_LOG");
+    if log_file.is_some() {
+        loader.verifier_log_level(aya::VerifierLogLevel::DEBUG | aya::VerifierLogLevel::STATS);
+    }
+    let mut ebpf = load_maps(path, loader)?;
     let mut fds: Vec<(&'static str, i32)> = Vec::new();
     let mut stats: Vec<(u32, u32, u32, f64)> = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
@@ -314,6 +327,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut objects: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
     if objects.is_empty() {
         objects.push(newest_object()?);
+    }
+    if args.iter().any(|a| a == "--verifier") {
+        return crate::verifier::run(&objects);
     }
     let loaded = objects.iter().map(|o| load(o)).collect::<Result<Vec<_>>>()?;
     println!(

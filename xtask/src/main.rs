@@ -12,6 +12,7 @@ mod bench_tcx;
 mod leftovers;
 mod probe;
 mod setup;
+mod verifier;
 
 use std::{
     env,

@@ -16,9 +16,7 @@ use crate::backend::rootful::startup::phase;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError, SchedClassifier,
-    },
+    programs::{ProgramError, SchedClassifier},
 };
 use childflow_common::{
     event::{CaptureConfig, DROP_COUNTERS},
@@ -53,6 +51,10 @@ pub enum EbpfError {
     /// A kernel feature the programs need is missing.
     #[error("the kernel lacks {what}: {fix}")]
     MissingFeature { what: &'static str, fix: &'static str },
+    /// The loader thread could not return to the root directory after hiding the kernel
+    /// BTF from aya (see `loader_without_kernel_btf`).
+    #[error("failed to restore the eBPF loader thread's root directory")]
+    Loader(#[source] std::io::Error),
     /// The object could not be parsed or its maps created.
     #[error("failed to load childflow's eBPF object")]
     Object(#[source] aya::EbpfError),
@@ -136,8 +138,9 @@ pub fn preflight() -> Result<(), EbpfError> {
 /// ([`Accounting::attach_tc`]): what arrives on it (ingress) was sent by the command, what
 /// leaves it (egress) goes to the command.
 pub struct Accounting {
-    /// Declared first: the cgroup links are dropped (programs detached) before the object.
-    _links: Vec<OwnedLink>,
+    /// The cgroup programs' links (see [`attach_cgroup`]). Declared first: dropped
+    /// (programs detached) before the object.
+    links: Vec<OwnedFd>,
     ebpf: Ebpf,
     /// Places in `SLOTS` of flows removed from the flow map, with when: in quarantine (see
     /// [`Accounting::remove_flow`]).
@@ -206,14 +209,15 @@ impl Accounting {
     ) -> Result<Self, EbpfError> {
         preflight()?;
         // aya probes the kernel's features once per process (a dozen tiny program loads
-        // and a perf link, several ms) the first time a loader needs them: here on a thread
-        // of its own, while the ELF is parsed and the kernel BTF is hidden on others.
+        // and a perf link, ~1 ms) the first time a loader needs them: here on a thread of
+        // its own, while the ELF is parsed and the kernel BTF is hidden on this one. At the
+        // normal priority, as is all of the start-up's work (see below): `load` waits for
+        // the probes right after parsing.
         let probe = std::thread::spawn(|| {
-            yield_to_critical_path();
             let _ = aya::features();
             phase!("aya feature probes done");
         });
-        let mut loader = loader_without_kernel_btf();
+        let mut loader = loader_without_kernel_btf()?;
         // The packet ring carries whole packets only when capturing; otherwise DNS alone.
         loader.map_max_entries("PACKETS", packet_ring_bytes(&capture));
         phase!("eBPF loader ready");
@@ -225,15 +229,21 @@ impl Accounting {
         write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
         // Each program is verified on a thread of its own: the verifier runs without a
         // global lock for a privileged loader, so the verifications overlap on every core.
+        //
+        // None of these threads (nor the NAT table's) is niced any more, though only
+        // `cf_tc`'s verification is the critical path on a quiet machine: everything else
+        // must be done before the command starts too, and on a busy one a niced thread got
+        // a tenth of a CPU beside a process at the normal priority, so the join below
+        // waited for it (CHILDFLOW_TRACE_STARTUP beside one CPU hog: `cf_tc` verified at
+        // 13.9 ms, the programs loaded at 17.0). 30 alternating runs of `--root -- true`
+        // beside `yes >/dev/null`: 22.0 ms median niced, 21.0 not; without the hog 14.8
+        // and 14.9 ms.
         let programs: Vec<(&str, &mut aya::programs::Program)> = ebpf.programs_mut().collect();
         let links = std::thread::scope(|s| {
             let running: Vec<_> = programs
                 .into_iter()
                 .map(|(name, prog)| {
                     s.spawn(move || {
-                        if name != "cf_tc" {
-                            yield_to_critical_path();
-                        }
                         load_one(name, prog)?;
                         match cgroup {
                             Some(cgroup) => attach_cgroup(name, prog, cgroup),
@@ -247,7 +257,7 @@ impl Accounting {
                 .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(Accounting { _links: links.into_iter().flatten().collect(), ebpf, retired: Vec::new() })
+        Ok(Accounting { links: links.into_iter().flatten().collect(), ebpf, retired: Vec::new() })
     }
 
     /// Puts `cf_tc` on both directions of interface `ifindex`, which has a `clsact` qdisc
@@ -297,6 +307,12 @@ impl Accounting {
         }
         phase!("{program} on both directions");
         Ok(())
+    }
+
+    /// The descriptors of the cgroup programs' links, for a process that takes over their
+    /// release (`backend::rootful::linger`).
+    pub fn link_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.links.iter().map(|l| l.as_raw_fd()).collect()
     }
 
     fn flow_map(&self) -> Result<HashMap<&MapData, FlowKey, FlowEntry>, EbpfError> {
@@ -414,18 +430,6 @@ impl Accounting {
     }
 }
 
-/// Lowers the calling thread's priority (nice 10; on Linux `setpriority(PRIO_PROCESS, 0)`
-/// is per thread), for work that runs beside the start-up's critical path: the object's
-/// maps, then the verification of `cf_tc`, the longest (~7 ms), then the attachment. On two
-/// CPUs everything else of the start-up (the other programs' verification, aya's feature
-/// probes, the NAT table) has finished long before that, but at the same priority the
-/// scheduler shares a CPU between it and the critical path and delays the command's start
-/// by as much.
-pub fn yield_to_critical_path() {
-    // SAFETY: a plain system call on this thread; failure leaves the priority as it was.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-}
-
 /// Size of the `PACKETS` ring for a run with `capture`.
 ///
 /// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
@@ -437,40 +441,58 @@ fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
     if capture.capture_all != 0 { 64 << 20 } else { 1 << 20 }
 }
 
-/// An `EbpfLoader` that never parsed the kernel's BTF.
+/// An `EbpfLoader` that never parsed the kernel's BTF. Call it on a thread of childflow's
+/// own (the loader thread): it changes the thread's root directory for a moment.
 ///
 /// The programs read only UAPI context fields (no CO-RE relocation), so they need no kernel
 /// BTF, and `.btf(None)` tells aya so. But aya 0.14's `EbpfLoader::new()` parses
 /// `/sys/kernel/btf/vmlinux` (5 MB here) before that option can be set, and it has no other
 /// constructor: 40-150 ms of every start on this VM, more than everything else together.
-/// So the loader is built on a short-lived thread whose root directory is elsewhere: the
-/// thread unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working
-/// directory, for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
-/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. The rest of
-/// the process is untouched, and nothing is left behind: the root goes with the thread.
+/// So the loader is built while this thread's root directory is elsewhere: the thread
+/// unshares its filesystem attributes (`unshare(CLONE_FS)`: root and working directory,
+/// for this thread only) and `chroot`s to `/proc/self/fdinfo`, where no
+/// `sys/kernel/btf/vmlinux` exists; aya finds nothing and moves on without BTF. Then it goes
+/// back to the real root and working directory, through descriptors opened before. The rest
+/// of the process is untouched.
 ///
-/// Before, the thread hid the file with a bind mount in a mount namespace of its own: the
-/// namespace's copy cost milliseconds, and so did its teardown at the thread's exit (an
-/// expedited RCU grace period in `namespace_unlock`). If any step is refused, the loader is
-/// built the slow way.
-fn loader_without_kernel_btf() -> EbpfLoader<'static> {
-    let hidden = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
-            let hidden = unsafe {
-                libc::unshare(libc::CLONE_FS) == 0
-                    && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
-            };
-            hidden.then(EbpfLoader::new)
-        })
-        .join()
-        .ok()
-        .flatten()
-    });
-    hidden.unwrap_or_else(|| {
+/// Before, a short-lived thread of its own did this (its root went with it): its start,
+/// join and exit (a stack unmapped: a TLB shootdown) were ~0.5 ms on the start-up's
+/// critical path. Before that, the thread hid the file with a bind mount in a mount
+/// namespace of its own: the namespace's copy cost milliseconds, and so did its teardown at
+/// the thread's exit (an expedited RCU grace period in `namespace_unlock`). If any step is
+/// refused, the loader is built the slow way.
+fn loader_without_kernel_btf() -> Result<EbpfLoader<'static>, EbpfError> {
+    let open_dir = |path: &std::ffi::CStr| {
+        // SAFETY: open(2) with a NUL-terminated path; the fd is owned at once.
+        let fd = unsafe {
+            libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        };
+        // SAFETY: a new descriptor the kernel just returned to us.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let (Some(root), Some(cwd)) = (open_dir(c"/"), open_dir(c".")) else {
         tracing::debug!("could not hide the kernel BTF from aya; parsing it");
-        EbpfLoader::new()
-    })
+        return Ok(EbpfLoader::new());
+    };
+    // SAFETY: unshare/chroot with a NUL-terminated string, on this thread only.
+    let hidden = unsafe {
+        libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/proc/self/fdinfo".as_ptr()) == 0
+    };
+    let loader = EbpfLoader::new();
+    if !hidden {
+        tracing::debug!("could not hide the kernel BTF from aya; parsed it");
+        return Ok(loader);
+    }
+    // SAFETY: fchdir/chroot on descriptors and a NUL-terminated string, on this thread only.
+    let back = unsafe {
+        libc::fchdir(root.as_raw_fd()) == 0
+            && libc::chroot(c".".as_ptr()) == 0
+            && libc::fchdir(cwd.as_raw_fd()) == 0
+    };
+    if !back {
+        return Err(EbpfError::Loader(std::io::Error::last_os_error()));
+    }
+    Ok(loader)
 }
 
 /// `BPF_MAP_FREEZE` (include/uapi/linux/bpf.h): no more writes from user space either.
@@ -523,36 +545,53 @@ fn write_and_freeze<V: aya::Pod>(
     Ok(())
 }
 
-/// A link owned by [`Accounting`]; dropping it detaches the program.
-type OwnedLink = Box<dyn std::any::Any + Send>;
+/// `BPF_LINK_CREATE` and the cgroup attach types (include/uapi/linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_CGROUP_INET_EGRESS: u32 = 1;
+const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 
-/// Attaches one loaded cgroup program (`name` from the object) to `cgroup` and takes
-/// ownership of its link. `None` for a program that is not a cgroup program.
+/// Attaches one loaded cgroup program (`name` from the object) to `cgroup` with a BPF link
+/// of its own (`BPF_LINK_CREATE`, no `BPF_F_ALLOW_MULTI`: what aya's `attach` with
+/// `CgroupAttachMode::Single` does) and returns the link's descriptor: closing its last copy
+/// detaches the program. `None` for a program that is not a cgroup program.
+///
+/// Made here rather than through aya, which keeps the descriptor to itself: the end of a
+/// run hands the links to the lingering process (`backend::rootful::linger`), and without
+/// their numbers it had to find them in `/proc/self/fd`, a `readlink` per descriptor
+/// (~0.4 ms of every run's end).
 fn attach_cgroup(
     name: &str,
-    prog: &mut aya::programs::Program,
+    prog: &aya::programs::Program,
     cgroup: &std::fs::File,
-) -> Result<Option<OwnedLink>, EbpfError> {
-    let program = match name {
-        "cf_sock_create" => "cf_sock_create",
-        "cf_skb_egress" => "cf_skb_egress",
+) -> Result<Option<OwnedFd>, EbpfError> {
+    use aya::programs::Program as P;
+    let (program, attach_type, prog_fd) = match (name, prog) {
+        ("cf_sock_create", P::CgroupSock(p)) => {
+            ("cf_sock_create", BPF_CGROUP_INET_SOCK_CREATE, p.fd())
+        }
+        ("cf_skb_egress", P::CgroupSkb(p)) => ("cf_skb_egress", BPF_CGROUP_INET_EGRESS, p.fd()),
         _ => return Ok(None),
     };
-    let load = |source| EbpfError::Load { program, source };
-    let at_cgroup = |source| EbpfError::AttachCgroup { program, source };
-    let link: OwnedLink = if program == "cf_sock_create" {
-        let prog: &mut CgroupSock = prog.try_into().map_err(load)?;
-        let id = prog.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(at_cgroup)?;
-        Box::new(prog.take_link(id).map_err(load)?)
-    } else {
-        let prog: &mut CgroupSkb = prog.try_into().map_err(load)?;
-        let id = prog
-            .attach(cgroup.as_fd(), CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .map_err(at_cgroup)?;
-        Box::new(prog.take_link(id).map_err(load)?)
+    let prog_fd = prog_fd.map_err(|source| EbpfError::Load { program, source })?;
+    // union bpf_attr for BPF_LINK_CREATE: prog_fd, target_fd, attach_type, flags; the rest
+    // zero.
+    let attr =
+        [prog_fd.as_fd().as_raw_fd() as u32, cgroup.as_raw_fd() as u32, attach_type, 0, 0, 0];
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes from a valid buffer; both fds are open.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), std::mem::size_of_val(&attr))
     };
+    if fd < 0 {
+        let io_error = std::io::Error::last_os_error();
+        let source = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error,
+        });
+        return Err(EbpfError::AttachCgroup { program, source });
+    }
     phase!("{program} attached to the cgroup");
-    Ok(Some(link))
+    // SAFETY: a new descriptor the kernel just returned to us.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
 }
 
 /// Adds a `clsact` qdisc to interface `ifindex`, for [`Accounting::attach_tc`].

@@ -7,13 +7,21 @@
 //! changes what the run reports: by then the command is gone, its link is down and the last
 //! counters are read.
 //!
-//! So at the end of a run, [`hand_over`] forks a **lingerer** that holds a duplicate of each
+//! So at the end of a run, [`hand_over`] starts a **lingerer** that holds a duplicate of each
 //! descriptor whose release is slow (the BPF links and the nft socket) and closes every other
 //! one, its stdio included, so no caller's pipe stays open through it. It waits until
 //! childflow itself has exited (EOF on a pipe only childflow holds), then exits: the kernel
 //! releases the duplicates in the lingerer's exit path, when childflow's own closes were not
 //! the last references and cost nothing. Nobody waits for the lingerer: it is in a session
 //! of its own and is reaped by whoever inherits it.
+//!
+//! The lingerer shares childflow's address space (`clone(CLONE_VM)`, not `fork`): starting
+//! it copies no page tables (a `fork` took 0.3-0.4 ms), and childflow's exit leaves the
+//! address space's teardown to it too (`exit_mmap` runs in the last exiting user of a
+//! memory map). Such a child must not touch what childflow may change meanwhile: it runs on
+//! a stack of its own, reads only a plan that childflow never frees, and makes raw system
+//! calls (no `errno`, which lives in the thread-local storage it would share). On
+//! architectures without those raw calls here, it is forked as before.
 //!
 //! The guarantee stays the kernel's: every piece of state still dies with the last
 //! descriptor, whichever process holds it; a killed lingerer releases it the same way.
@@ -25,25 +33,6 @@ use std::{
     fs::File,
     os::fd::{AsRawFd, IntoRawFd, RawFd},
 };
-
-/// The descriptors of this process that are BPF links (see [`is_bpf_link`]): aya does not
-/// expose their numbers, the kernel does.
-pub fn bpf_links() -> Vec<RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
-    dir.flatten()
-        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| is_bpf_link(t.as_os_str())))
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// Whether a `/proc/self/fd` link target is a BPF link. The kernel names the anon inode
-/// `bpf_link` (kernel/bpf/syscall.c, `bpf_link_prime`; `anon_inode:bpf_link` on 6.18);
-/// `bpf-link` is accepted too, like `bpf-map`/`bpf-prog`. Matching only `bpf-link` once
-/// left every link with childflow, whose exit then released them itself (with the TCX links
-/// of the time, two grace periods, 8-20 ms, between its last line and its exit).
-fn is_bpf_link(target: &std::ffi::OsStr) -> bool {
-    target == "anon_inode:bpf_link" || target == "anon_inode:bpf-link"
-}
 
 /// The ranges `[lo, hi]` of descriptors from 3 up that are not in `keep`.
 fn close_ranges(keep: &[RawFd]) -> Vec<(u32, u32)> {
@@ -62,11 +51,11 @@ fn close_ranges(keep: &[RawFd]) -> Vec<(u32, u32)> {
     out
 }
 
-/// Forks the lingerer holding `keep` (see the module doc). Best effort: if it cannot be
-/// forked, childflow releases everything itself on exit, as before, only slower.
+/// Starts the lingerer holding `keep` (see the module doc). Best effort: if it cannot be
+/// started, childflow releases everything itself on exit, as before, only slower.
 ///
-/// The child makes only raw system calls (everything it needs is prepared before the
-/// fork), so forking from this multi-threaded process is safe.
+/// The child makes only raw system calls (everything it needs is prepared before), so
+/// starting it from this multi-threaded process is safe.
 pub fn hand_over(keep: &[RawFd]) {
     let Ok(devnull) = File::options().read(true).write(true).open("/dev/null") else { return };
     let Ok((parent_gone, parent_alive)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
@@ -76,6 +65,13 @@ pub fn hand_over(keep: &[RawFd]) {
     let mut keep = keep.to_vec();
     keep.push(gone);
     let ranges = close_ranges(&keep);
+    if let Some(pid) = shared::spawn(null, gone, ranges.clone()) {
+        // Held until childflow exits: that EOF is the lingerer's signal.
+        let _ = parent_alive.into_raw_fd();
+        drop(parent_gone);
+        tracing::debug!("teardown handed to process {pid}");
+        return;
+    }
     // SAFETY: the child below only makes async-signal-safe system calls, then exits.
     match unsafe { libc::fork() } {
         0 => {
@@ -107,18 +103,128 @@ pub fn hand_over(keep: &[RawFd]) {
     }
 }
 
+/// The lingerer as a clone sharing childflow's memory (see the module doc).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod shared {
+    use std::os::fd::RawFd;
+
+    /// What the lingerer does, in memory childflow never frees or changes (leaked).
+    struct Plan {
+        null: RawFd,
+        gone: RawFd,
+        ranges: &'static [(u32, u32)],
+    }
+
+    /// Its stack: childflow never unmaps it (the address space goes with the last of the
+    /// two to exit).
+    const STACK: usize = 64 * 1024;
+
+    /// Starts the lingerer; its pid, or `None` if it could not be started.
+    pub fn spawn(null: RawFd, gone: RawFd, ranges: Vec<(u32, u32)>) -> Option<i32> {
+        let plan = Box::leak(Box::new(Plan { null, gone, ranges: ranges.leak() }));
+        // SAFETY: a fresh private anonymous mapping, never unmapped.
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: `lingerer` runs on its own stack (top of the mapping, 16-aligned) with a
+        // plan that stays valid forever, and touches nothing else of this process's memory
+        // (see its doc). SIGCHLD, as for a fork: whoever inherits it reaps it.
+        let pid = unsafe {
+            libc::clone(
+                lingerer,
+                stack.cast::<u8>().add(STACK).cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                (plan as *mut Plan).cast(),
+            )
+        };
+        (pid > 0).then_some(pid)
+    }
+
+    /// The lingerer: a session of its own, /dev/null as stdio, every descriptor but the
+    /// kept ones closed, then it waits for EOF on `gone` and exits. Raw system calls only:
+    /// it shares childflow's memory, including the thread-local `errno` libc would write.
+    extern "C" fn lingerer(plan: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: the leaked plan `spawn` passed; raw system calls on this process's own
+        // descriptors, with a byte of this stack as the read buffer.
+        unsafe {
+            let plan = &*plan.cast::<Plan>();
+            syscall3(libc::SYS_setsid, 0, 0, 0);
+            for fd in 0..3 {
+                syscall3(libc::SYS_dup3, plan.null as usize, fd, 0);
+            }
+            for &(lo, hi) in plan.ranges {
+                syscall3(libc::SYS_close_range, lo as usize, hi as usize, 0);
+            }
+            let mut byte = 0u8;
+            while syscall3(libc::SYS_read, plan.gone as usize, (&raw mut byte) as usize, 1)
+                == -(libc::EINTR as isize)
+            {}
+            loop {
+                syscall3(libc::SYS_exit, 0, 0, 0);
+            }
+        }
+    }
+
+    /// A system call with up to three arguments; the result, or `-errno`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the x86-64 Linux system call convention (the kernel clobbers rcx, r11).
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") n as isize => ret,
+                in("rdi") a,
+                in("rsi") b,
+                in("rdx") c,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    /// A system call with up to three arguments; the result, or `-errno`.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn syscall3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the arm64 Linux system call convention.
+        unsafe {
+            std::arch::asm!(
+                "svc 0",
+                in("x8") n,
+                inlateout("x0") a as isize => ret,
+                in("x1") b,
+                in("x2") c,
+                options(nostack),
+            );
+        }
+        ret
+    }
+}
+
+/// Without the raw system calls: always fork.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod shared {
+    pub fn spawn(_: std::os::fd::RawFd, _: std::os::fd::RawFd, _: Vec<(u32, u32)>) -> Option<i32> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bpf_links_are_recognised_by_either_spelling_of_their_inode() {
-        use std::ffi::OsStr;
-        assert!(is_bpf_link(OsStr::new("anon_inode:bpf_link")));
-        assert!(is_bpf_link(OsStr::new("anon_inode:bpf-link")));
-        assert!(!is_bpf_link(OsStr::new("anon_inode:bpf-map")));
-        assert!(!is_bpf_link(OsStr::new("anon_inode:bpf-prog")));
-    }
 
     #[test]
     fn close_ranges_skip_stdio_and_the_kept_descriptors() {

@@ -21,7 +21,10 @@
 //! When the verifier is done, the TC program goes on both directions of the host end as
 //! two `clsact` filters (no RCU grace period to wait for, unlike TCX links, see
 //! [`crate::ebpf::Accounting::attach_tc`]) and the sandbox is released: the command
-//! starts only once every program sees its traffic. While it runs, the kernel's ring
+//! starts only once every program sees its traffic (`init` has forked it long before, and
+//! it waits for the release with its credentials dropped and its program found, so only
+//! the exec is left, see [`crate::sandbox`]). No start-up thread is niced: all of their
+//! work must be done before the release. While it runs, the kernel's ring
 //! buffers are drained through `AsyncFd` and the flow map is sampled every second
 //! ([`flows`]); every event goes to the [`Emitter`] without blocking.
 //!
@@ -39,8 +42,8 @@
 //! a lingering process ([`linger`]) that releases it after childflow has exited. Decision:
 //! childflow returns when the run's *results* are final, not when the host is clean; the
 //! host is clean shortly after (median 11-33 ms, max 47-62 ms, measured by `cargo xtask
-//! bench rootful --startup` at load 3-7; tests allow the same 2 s as for SIGKILL). Waiting
-//! for it would add that to every run.
+//! bench rootful --startup` at load 3-7; 14-16 ms, max 22-34 ms at load ~1; tests allow
+//! the same 2 s as for SIGKILL). Waiting for it would add that to every run.
 //!
 //! Raw events: when `CHILDFLOW_RAW_EVENTS=PATH` is set, every event is also written to PATH
 //! as one JSON object per line ([`raw`]); tests use it to check what the backend emits
@@ -111,11 +114,20 @@ pub fn preflight() -> Result<()> {
 }
 
 /// Who the command runs as: the user who invoked sudo, else childflow's own user.
+///
+/// Childflow's own user keeps childflow's own supplementary groups (`getgroups`), as a
+/// child process would: no user database lookup. That lookup (NSS: `nsswitch.conf`, then
+/// `libnss_files`/`libnss_systemd` loaded and the group file scanned) took ~1 ms of every
+/// start-up, before the sandbox could be cloned. Through sudo the groups are the invoking
+/// user's, which only the user database knows.
 pub fn invoking_user() -> Result<Credentials> {
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let (uid, gid) = match (var("SUDO_UID"), var("SUDO_GID")) {
         (Some(uid), Some(gid)) => (uid, gid),
-        _ => (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()),
+        _ => {
+            let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+            return Ok(Credentials { uid, gid, groups: own_groups().unwrap_or_else(|| vec![gid]) });
+        }
     };
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
     let groups = match &user {
@@ -128,6 +140,20 @@ pub fn invoking_user() -> Result<Credentials> {
         None => vec![gid],
     };
     Ok(Credentials { uid, gid, groups })
+}
+
+/// This process's supplementary groups. Not `nix::unistd::getgroups`, which sizes its
+/// buffer by reading `/proc/sys/kernel/ngroups_max`: the kernel says how many there are.
+fn own_groups() -> Option<Vec<u32>> {
+    // SAFETY: getgroups(0, NULL) only counts; the second call writes at most `n` entries
+    // into a buffer of `n`.
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        let mut groups = vec![0; usize::try_from(n).ok()?];
+        let got = libc::getgroups(n, groups.as_mut_ptr());
+        groups.truncate(usize::try_from(got).ok()?);
+        Some(groups)
+    }
 }
 
 /// Writes the command's resolv.conf to `path`, world-readable (the command reads it as
@@ -423,10 +449,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let (run_id, host_if) = (run_id.clone(), net::Addressing::new(&run_id, 0).host_if);
         std::thread::Builder::new()
             .name("nft".into())
-            .spawn(move || {
-                crate::ebpf::yield_to_critical_path();
-                nft::NatTable::create(&run_id, &host_if)
-            })
+            .spawn(move || nft::NatTable::create(&run_id, &host_if))
             .context("failed to start the nftables thread")?
     };
 
@@ -561,7 +584,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // with the command's network namespace once the last reference to it (our netlink
     // socket there) is gone; the reaper removes the cgroup and the resolv.conf file when
     // childflow exits.
-    let mut keep = linger::bpf_links();
+    let mut keep = accounting.link_fds();
     keep.push(nat.as_raw_fd());
     linger::hand_over(&keep);
     drop((rings, accounting, nat, host, runtime));

@@ -26,7 +26,10 @@ pub fn record(what: std::fmt::Arguments<'_>) {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
-        eprintln!("childflow startup: {ms:>+7.1} ms  {what}  (unix {unix:.6})");
+        // One write per line: stderr is unbuffered, and `eprintln!` wrote each piece of the
+        // format on its own, a system call (and a wake-up of whoever reads the pipe) each.
+        let line = format!("childflow startup: {ms:>+7.1} ms  {what}  (unix {unix:.6})\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
     tracing::debug!("{what}");
 }
