@@ -591,6 +591,24 @@ mod tests {
     }
 
     #[test]
+    fn lent_bytes_read_like_owned_ones_and_tell_the_lender_when_dropped() {
+        let memory: Arc<Vec<u8>> = Arc::new((0..100).collect());
+        let loan = Loan::new(memory.clone());
+        let bytes = &memory[10..20];
+        // SAFETY: `memory` is never written and `loan` keeps it alive.
+        let lent =
+            unsafe { Lent::new(std::ptr::NonNull::from(bytes).cast(), bytes.len(), loan.clone()) };
+        let data = PacketData::Lent(lent);
+        assert_eq!(data, (10..20).collect::<Vec<u8>>(), "lent bytes read as the memory holds them");
+        let copy = data.clone();
+        assert!(matches!(copy, PacketData::Owned(_)), "a clone is a copy of its own");
+        assert!(!loan.returned(), "not returned while the packet holds the bytes");
+        data.recycle();
+        assert!(loan.returned(), "returned once the packet is recycled");
+        assert_eq!(copy, bytes.to_vec(), "the copy outlives the loan");
+    }
+
+    #[test]
     fn events_emitted_while_the_collector_coalesces_wait_for_it_and_the_end_ends_the_wait() {
         let (emitter, rx) = channel(16);
         let second = emitter.clone();

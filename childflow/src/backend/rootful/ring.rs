@@ -13,17 +13,19 @@
 //! that record is dropped, so anything kept beyond must be copied. Here records are read
 //! ahead of the consumer position ([`PacketRing::next`]), and the position moves past a
 //! record only when it and every record before it are done ([`PacketRing::release`]).
+//! The kernel's producer only ever looks at the consumer position to find free space, so a
+//! record that is read but not released is simply still "in the ring".
 //!
 //! The kernel's wake-ups count the data between the two positions (`BPF_RB_AVAIL_DATA`),
 //! lent records included, so they say nothing while records are held: the drain loop
 //! comes back on a short timer then ([`PacketRing::holding`]).
-//! The kernel's producer only ever looks at the consumer position to find free space, so a
-//! record that is read but not released is simply still "in the ring".
 //!
 //! Why the pages can go to a device: they are ordinary kernel pages inserted into the
 //! mapping (`remap_vmalloc_range`), which `O_DIRECT` pins like any other user memory
 //! (checked on this kernel: a `pwrite(2)` with `O_DIRECT` from the data pages, also across
-//! the wrap, writes them).
+//! the wrap, writes them). Pinning takes the slow path (`gup_fast_folio_allowed` in
+//! mm/gup.c sends order-0 folios without a `mapping` there), ~2% of all samples of a bulk
+//! capture to disk, against the 7.5% the copy out of the ring cost.
 //!
 //! Invariants: `read` is at or ahead of the consumer position; `held` lists, in ring order,
 //! the end of every record read since the consumer position, with the loan of the ones
