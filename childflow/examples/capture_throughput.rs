@@ -49,7 +49,7 @@ fn main() {
                 ts: 0,
                 direction: if i % 2 == 0 { Direction::Out } else { Direction::In },
                 orig_len: data.len() as u32,
-                data,
+                data: data.into(),
             }
         })
         .collect();

@@ -236,7 +236,7 @@ impl Collector {
             if let Some(budget) = &self.packet_budget {
                 budget.release(packet_len);
             }
-            crate::event::recycle_packet_bytes(p.data);
+            p.data.recycle();
         }
     }
 
@@ -432,7 +432,7 @@ mod tests {
         l4.extend(80u16.to_be_bytes());
         l4.extend([0; 16]);
         let data = ipv4_frame(6, [10, 0, 2, 100], [198, 18, 0, 1], &l4);
-        let p = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data };
+        let p = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data: data.into() };
         c.handle(Event::Packet(p.clone()));
         c.handle(Event::Packet(p));
         assert_eq!(

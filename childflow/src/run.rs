@@ -327,7 +327,7 @@ mod tests {
                 ts: i,
                 direction: Direction::Out,
                 orig_len: frame.len() as u32,
-                data: frame.clone(),
+                data: frame.clone().into(),
             };
             assert!(emitter.emit(Event::Packet(p)));
         }

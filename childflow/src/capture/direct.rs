@@ -169,7 +169,7 @@ impl Drop for Stage {
 /// `buf[from]` are multiples of [`ALIGN`].
 struct Hole {
     at: usize,
-    buf: Vec<u8>,
+    buf: crate::event::PacketData,
     from: usize,
     len: usize,
 }
@@ -285,7 +285,7 @@ impl DirectFile {
     /// then taken (left empty) and kept until written. Returns whether it was taken.
     pub fn encode_from(
         &mut self,
-        owner: &mut Vec<u8>,
+        owner: &mut crate::event::PacketData,
         len: usize,
         encode: impl FnOnce(&mut dyn pcapng::Out, &[u8]),
     ) -> bool {
@@ -345,7 +345,7 @@ impl DirectFile {
         self.direct_end += len as u64;
         for hole in self.holes.drain(..holes) {
             self.hole_bytes -= hole.len;
-            crate::event::recycle_packet_bytes(hole.buf);
+            hole.buf.recycle();
         }
         for hole in &mut self.holes {
             hole.at -= stage_len;
@@ -405,7 +405,7 @@ fn segments<'a>(stage: &'a [u8], holes: &'a [Hole], end: usize) -> Vec<io::IoSli
 impl Drop for DirectFile {
     fn drop(&mut self) {
         for hole in self.holes.drain(..) {
-            crate::event::recycle_packet_bytes(hole.buf);
+            hole.buf.recycle();
         }
     }
 }
@@ -592,8 +592,8 @@ mod tests {
                 3 => 65_534,
                 _ => 2 * ALIGN + 4 + (i * 997) % (3 * ALIGN),
             };
-            let mut owner: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
-            let packet = owner.clone();
+            let packet: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            let mut owner = crate::event::PacketData::from(packet.clone());
             let pad = f.padding_for(&owner);
             assert_eq!(pad.is_some(), len >= ZERO_COPY_MIN, "packet {i} of {len} bytes");
             // Data at an address that is not 32-bit aligned never lines up.

@@ -33,7 +33,8 @@
 //!   stage of a direct file ([`direct::Stage`], via [`pcapng::Out`]), or into `buf` for any
 //!   other file (then written from there). Packets of [`direct::ZERO_COPY_MIN`] or more
 //!   whose buffer the capture may keep ([`Capture::take_packet`]) are not copied to a
-//!   direct file: the device reads their pages where they are
+//!   direct file: the device reads their pages where they are (for the rootful backend
+//!   the kernel's packet ring itself, [`crate::event::PacketData::Lent`])
 //!   ([`direct::DirectFile::encode_from`]), behind a padding block that readers skip; nor
 //!   to a plain file when of [`GATHER_MIN`] or more (`writev(2)` around `buf`). With
 //!   `--tls-keylog` packets wait in `buf` (below), so a direct file then gets them from
@@ -337,13 +338,13 @@ impl Capture {
     /// [`Capture::packet`], free to take the packet's buffer (leaving `pkt.data` empty): a
     /// large packet written to a direct file goes to the file from that buffer, which is
     /// kept until it is written and then goes back to the packet pool
-    /// ([`crate::event::recycle_packet_bytes`]).
+    /// ([`crate::event::PacketData::recycle`]).
     pub fn take_packet(
         &mut self,
         pkt: &mut PacketEvent,
         meta: &PacketMeta<'_>,
     ) -> Result<(), CaptureError> {
-        let head = PacketEvent { data: Vec::new(), ..*pkt };
+        let head = PacketEvent { data: Default::default(), ..*pkt };
         self.add(&head, Bytes::Owned(&mut pkt.data), meta)
     }
 
@@ -812,7 +813,7 @@ impl Capture {
 /// ([`Capture::take_packet`]).
 enum Bytes<'a> {
     Shared(&'a [u8]),
-    Owned(&'a mut Vec<u8>),
+    Owned(&'a mut crate::event::PacketData),
 }
 
 impl Bytes<'_> {

@@ -41,7 +41,7 @@ fn open(config: &CaptureConfig, dir: &Path) -> Capture {
 }
 
 fn packet(frame: Vec<u8>, direction: Direction, n: u64) -> PacketEvent {
-    PacketEvent { ts: T0 + n * 1_000, direction, orig_len: frame.len() as u32, data: frame }
+    PacketEvent { ts: T0 + n * 1_000, direction, orig_len: frame.len() as u32, data: frame.into() }
 }
 
 fn curl() -> ProcessInfo {
@@ -259,7 +259,7 @@ fn packets_the_backend_filtered_count_as_filtered_out_and_are_not_written() {
     let mut cap = open(&cfg, tmp.path());
     let traffic = mixed_traffic();
     let mut rejected = traffic[0].clone();
-    rejected.data = Vec::new();
+    rejected.data = Default::default();
     cap.packet(&rejected, &PacketMeta::default()).expect("count a filtered packet");
     cap.packet(&traffic[1], &PacketMeta::default()).expect("write packet");
     let stats = cap.close(0).expect("close capture");
@@ -701,7 +701,7 @@ fn tls_in_private_netns(dir: &Path) {
                 ts: now_unix_nanos(),
                 direction,
                 orig_len: frame.len() as u32,
-                data: frame,
+                data: frame.into(),
             };
             cap.packet(&event, &PacketMeta::default()).expect("write packet");
             if event.ts.is_multiple_of(4) {

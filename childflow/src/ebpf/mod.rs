@@ -404,6 +404,16 @@ impl Accounting {
         self.take_ring("PACKETS")
     }
 
+    /// [`Accounting::take_packets`] as the map itself: the rootful backend reads the ring in
+    /// place (`backend/rootful/ring.rs`).
+    pub fn take_packet_map(&mut self) -> Result<MapData, EbpfError> {
+        let name = "PACKETS";
+        match self.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(map)) => Ok(map),
+            _ => Err(EbpfError::Map { name, source: None }),
+        }
+    }
+
     /// Takes the ring buffer of socket records (`SockRecord`) from the cgroup programs.
     pub fn take_sock_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
         self.take_ring("SOCK_EVENTS")

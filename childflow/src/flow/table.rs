@@ -843,7 +843,8 @@ mod tests {
         l4.extend(40000u16.to_be_bytes());
         l4.extend([0; 16]);
         let data = ipv4_frame(6, [198, 18, 0, 1], [10, 0, 2, 100], &l4);
-        let packet = PacketEvent { ts: T0, direction: Direction::In, orig_len: 54, data };
+        let packet =
+            PacketEvent { ts: T0, direction: Direction::In, orig_len: 54, data: data.into() };
         let got = t.packet(&packet).expect("the flow of the packet");
         assert!(got.first);
         assert!(got.flow.community_id.starts_with("1:"));
@@ -861,7 +862,8 @@ mod tests {
         l4.extend(80u16.to_be_bytes());
         l4.extend([0; 16]);
         let data = ipv4_frame(6, [10, 0, 2, 100], [198, 18, 0, 1], &l4);
-        let syn = PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data };
+        let syn =
+            PacketEvent { ts: T0, direction: Direction::Out, orig_len: 54, data: data.into() };
         let got = t.packet(&syn).expect("a provisional flow");
         assert!(got.first);
         let early_id = got.flow.community_id;

@@ -184,7 +184,12 @@ pub fn filtered_packets(n: u64, out: &mut Vec<Event>) {
     }
     let ts = crate::event::now_unix_nanos();
     out.extend((0..n).map(|_| {
-        Event::Packet(PacketEvent { ts, direction: Direction::Out, orig_len: 1, data: Vec::new() })
+        Event::Packet(PacketEvent {
+            ts,
+            direction: Direction::Out,
+            orig_len: 1,
+            data: Default::default(),
+        })
     }));
 }
 

@@ -26,7 +26,9 @@
 //! the exec is left, see [`crate::sandbox`]). No start-up thread is niced: all of their
 //! work must be done before the release. While it runs, the kernel's ring
 //! buffers are drained through `AsyncFd` and the flow map is sampled every second
-//! ([`flows`]); every event goes to the [`Emitter`] without blocking.
+//! ([`flows`]); every event goes to the [`Emitter`] without blocking. Large captured
+//! packets are not copied out of the packet ring but lent to the collector from it
+//! ([`ring`]), which gives their space back once written.
 //!
 //! Every piece of host state has a lifetime the kernel enforces, so a SIGKILL of childflow
 //! leaves nothing behind: the sandbox's init dies with childflow (PDEATHSIG), taking the
@@ -56,6 +58,7 @@ mod linger;
 pub mod net;
 pub mod nft;
 mod raw;
+mod ring;
 pub(crate) mod startup;
 
 use std::{
@@ -84,7 +87,7 @@ use self::startup::phase;
 use crate::{
     cli::Config,
     ebpf::Accounting,
-    event::{Direction, DropReport, Emitter, Event, PacketEvent},
+    event::{Direction, DropReport, Emitter, Event, PacketData, PacketEvent},
     sandbox::{self, Credentials, ExitStatus, Namespaces, Spec},
 };
 
@@ -95,6 +98,12 @@ const RESOLV_DIR: &str = "/run";
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How often the rings are drained even without a wake-up (the programs batch wake-ups).
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// Captured packets at least this long are lent to the collector from the packet ring
+/// rather than copied out of it ([`ring`]): the sizes the capture writes from a packet's own
+/// memory (to a direct file, [`crate::capture::direct::ZERO_COPY_MIN`]; to a plain file,
+/// [`crate::capture::GATHER_MIN`]). A smaller packet is copied into the file's buffer
+/// anyway, so lending it would only hold its ring space longer.
+const LEND_MIN: usize = crate::capture::direct::ZERO_COPY_MIN;
 /// How long the last drain waits for the collector to take packets before it gives up on
 /// the rest of the ring (a healthy collector takes the whole budget in milliseconds).
 const FINAL_DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -223,7 +232,7 @@ const DROP_SOURCES: [(u32, &str); 5] = [
 /// The rings the drain loop reads.
 struct Rings {
     flows: AsyncFd<RingBuf<MapData>>,
-    packets: AsyncFd<RingBuf<MapData>>,
+    packets: AsyncFd<ring::PacketRing>,
     socks: AsyncFd<RingBuf<MapData>>,
 }
 
@@ -255,8 +264,9 @@ impl Drain {
     }
 
     /// One whole captured packet: DNS answers out of it, and the packet itself if it
-    /// belongs in the capture.
-    fn packet(&mut self, header: PacketHeader, data: &[u8]) {
+    /// belongs in the capture: lent from `ring` when it lies there and is large enough to
+    /// go to the file as it is (see [`LEND_MIN`]), else copied.
+    fn packet(&mut self, header: PacketHeader, data: &[u8], ring: Option<&ring::PacketRing>) {
         let ts = self.clock.to_unix(header.ts_ns);
         if header.direction != DIR_OUT as u32 {
             let mut answers = Vec::new();
@@ -274,7 +284,10 @@ impl Drain {
                     Direction::In
                 },
                 orig_len: header.orig_len,
-                data: crate::event::packet_bytes(data),
+                data: match ring.filter(|_| data.len() >= LEND_MIN).and_then(|r| r.lend(data)) {
+                    Some(lent) => PacketData::Lent(lent),
+                    None => crate::event::packet_bytes(data).into(),
+                },
             }));
         }
     }
@@ -282,7 +295,7 @@ impl Drain {
     /// Packets still waiting for records that will not come (the programs are detached).
     fn finish_packets(&mut self) {
         let mut reassembly = std::mem::take(&mut self.reassembly);
-        reassembly.finish(&mut |h, d| self.packet(h, d));
+        reassembly.finish(&mut |h, d| self.packet(h, d, None));
         self.flush();
     }
 
@@ -306,17 +319,21 @@ impl Drain {
         let mut reassembly = std::mem::take(&mut self.reassembly);
         // Packet bytes read in this pass (emitted at its end).
         let (mut held, mut left) = (0, false);
-        while let Some(item) = rings.packets.get_mut().next() {
+        let packets = rings.packets.get_ref();
+        // Space of records the collector is done with goes back first.
+        packets.release();
+        while let Some(item) = packets.next() {
             if !self.emitter.has_packet_room(held + item.len()) {
                 // Not consumed: the next `next` returns this record again.
-                std::mem::forget(item);
+                packets.put_back();
                 left = true;
                 break;
             }
             held += item.len();
-            let Ok(Record::Packet { header, data }) = decode(&item) else { continue };
-            reassembly.push(header, data, &mut |h, d| self.packet(h, d));
+            let Ok(Record::Packet { header, data }) = decode(item) else { continue };
+            reassembly.push(header, data, &mut |h, d| self.packet(h, d, Some(packets)));
         }
+        packets.release();
         self.reassembly = reassembly;
         while let Some(item) = rings.socks.get_mut().next() {
             match decode(&item) {
@@ -342,9 +359,10 @@ impl Drain {
         let start = Instant::now();
         while self.drain_rings(rings) {
             if start.elapsed() > FINAL_DRAIN_WAIT {
-                while rings.packets.get_mut().next().is_some() {
+                while rings.packets.get_ref().next().is_some() {
                     self.emitter.count_lost();
                 }
+                rings.packets.get_ref().release();
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -504,9 +522,12 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         // SAFETY (of `register`): each fd is owned by the RingBuf the AsyncFd owns, so it
         // stays open exactly as long as its registration.
         let register = |ring| unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from);
+        let packets = ring::PacketRing::new(accounting.take_packet_map()?)
+            .context("failed to map the packet ring")?;
         anyhow::Ok(Rings {
             flows: register(accounting.take_flow_events()?)?,
-            packets: register(accounting.take_packets()?)?,
+            // SAFETY: as above, the fd is owned by the PacketRing.
+            packets: unsafe { AsyncFd::register(packets) }.map_err(std::io::Error::from)?,
             socks: register(accounting.take_sock_events()?)?,
         })
     })?;
@@ -530,7 +551,10 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
         let mut sample_tick = tokio::time::interval(SAMPLE_EVERY);
         // Packets left in the ring for want of budget: not woken by the ring meanwhile
-        // (it would wake the loop at every packet), back after a millisecond.
+        // (it would wake the loop at every packet), back after a millisecond. The same
+        // while the ring's space is held by packets lent to the collector: the kernel's
+        // wake-ups count that space as unread data (see `ring`), and its return is noticed
+        // only here.
         let mut left = false;
         loop {
             tokio::select! {
@@ -548,7 +572,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
                     drain.sample(&mut accounting);
                 }
             }
-            left = drain.drain_rings(&mut rings);
+            left = drain.drain_rings(&mut rings) || rings.packets.get_ref().holding();
         }
     });
     let (status, _sandbox) = status.context("the waiter thread ended without a status")?;

@@ -862,8 +862,9 @@ impl Engine {
             snap = 0;
         }
         let ts = self.unix(now);
-        let event = |data| {
-            Event::Packet(PacketEvent { ts, direction: dir, orig_len: frame.len() as u32, data })
+        let event = |data: Vec<u8>| {
+            let orig_len = frame.len() as u32;
+            Event::Packet(PacketEvent { ts, direction: dir, orig_len, data: data.into() })
         };
         match &mut self.deferred {
             Some(held) if claimable && snap > 0 => {
@@ -901,7 +902,7 @@ impl Engine {
             (Some(at), Some(Event::Packet(p))) => {
                 let mut frame = self.dev.spent.swap_remove(at);
                 frame.truncate(claim.snap);
-                p.data = frame;
+                p.data = frame.into();
             }
             _ => {
                 // smoltcp always consumes the frame it is given (`poll_ingress_single`), so
@@ -2298,7 +2299,7 @@ mod tests {
         let out: Vec<Vec<u8>> = rx
             .try_iter()
             .filter_map(|e| match e {
-                Event::Packet(p) if p.direction == Direction::Out => Some(p.data),
+                Event::Packet(p) if p.direction == Direction::Out => Some(p.data.to_vec()),
                 _ => None,
             })
             .collect();
