@@ -302,7 +302,9 @@ impl Pool {
             let at = pool.iter().rposition(|b| b.capacity() >= capacity)?;
             Some(pool.swap_remove(at))
         });
-        let mut buf = spare.unwrap_or_else(|| Vec::with_capacity(capacity));
+        // New buffers come from the packet arena (huge pages; see `crate::arena`).
+        let mut buf =
+            spare.unwrap_or_else(|| crate::arena::with_arena(|| Vec::with_capacity(capacity)));
         buf.clear();
         buf
     }

@@ -4,6 +4,7 @@
 //! `main.rs` is thin: it parses [`cli::Args`], validates them into a [`cli::Config`] and hands
 //! that to [`run::run`], which starts a backend, the collector and the sinks.
 
+pub mod arena;
 pub mod backend;
 pub mod capture;
 pub mod cli;

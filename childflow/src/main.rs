@@ -3,6 +3,10 @@ use std::process::ExitCode;
 use childflow::{cli, exit, run, sandbox};
 use clap::Parser;
 
+/// Large packet buffers from a huge-page arena (see `childflow::arena` for why).
+#[global_allocator]
+static ALLOCATOR: childflow::arena::Allocator = childflow::arena::Allocator;
+
 fn main() -> ExitCode {
     // Before any thread exists, so every thread inherits the mask (see sandbox::signals).
     if let Err(e) = sandbox::signals::block() {
