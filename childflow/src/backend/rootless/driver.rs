@@ -619,41 +619,33 @@ async fn tcp_flow(ctx: Rc<Ctx>, id: FlowId, target: Target, begun: Option<Begun>
     let mut failure = ConnectFailure::Unreachable;
     let mut stream = None;
     let mut icmp = None;
-    let mut announced = false;
-    if let Some(begun) = begun {
-        announced = matches!(begun, Begun::Connected(_));
-        match tokio::time::timeout(ctx.cfg.connect_timeout, finish_connect(begun)).await {
-            Ok(Ok(s)) => stream = Some(s),
+    let announced = matches!(begun, Some(Begun::Connected(_)));
+    let candidates = match target {
+        Target::Direct(addr) => vec![addr],
+        Target::DnsRelay => ctx.cfg.upstream_dns.clone(),
+    };
+    let hops = ctx.tcp_hops.borrow_mut().remove(&id);
+    let mut begun = begun;
+    for addr in candidates {
+        // The main loop may have begun the first connect already (`run_action`).
+        let begun = begun.take();
+        let connect = async {
+            match (begun, hops) {
+                (Some(begun), _) => finish_connect(begun).await,
+                (None, Some(hops)) => connect_with_hop_limit(addr, hops, &mut icmp).await,
+                (None, None) => connect(addr).await,
+            }
+        };
+        match tokio::time::timeout(ctx.cfg.connect_timeout, connect).await {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
             Ok(Err(e)) => {
-                tracing::debug!("flow {id}: connect to {target:?} failed: {e}");
+                tracing::debug!("flow {id}: connect to {addr} failed: {e}");
                 failure = classify(&e);
             }
-            Err(_) => tracing::debug!("flow {id}: connect to {target:?} timed out"),
-        }
-    } else {
-        let candidates = match target {
-            Target::Direct(addr) => vec![addr],
-            Target::DnsRelay => ctx.cfg.upstream_dns.clone(),
-        };
-        let hops = ctx.tcp_hops.borrow_mut().remove(&id);
-        for addr in candidates {
-            let connect = async {
-                match hops {
-                    Some(hops) => connect_with_hop_limit(addr, hops, &mut icmp).await,
-                    None => connect(addr).await,
-                }
-            };
-            match tokio::time::timeout(ctx.cfg.connect_timeout, connect).await {
-                Ok(Ok(s)) => {
-                    stream = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!("flow {id}: connect to {addr} failed: {e}");
-                    failure = classify(&e);
-                }
-                Err(_) => tracing::debug!("flow {id}: connect to {addr} timed out"),
-            }
+            Err(_) => tracing::debug!("flow {id}: connect to {addr} timed out"),
         }
     }
     let Some(stream) = stream else {
