@@ -69,6 +69,25 @@ pub fn with_arena<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// A new private anonymous read-write mapping of `len` bytes, with `flags` besides
+/// `MAP_PRIVATE | MAP_ANONYMOUS`; `None` if the kernel refuses it. The memory reads as
+/// zeros and is only backed where it is touched.
+pub fn map_anonymous(len: usize, flags: libc::c_int) -> Option<ptr::NonNull<u8>> {
+    // SAFETY: a new mapping at an address of the kernel's choice; no existing memory is
+    // affected.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED { None } else { ptr::NonNull::new(p.cast()) }
+}
+
 /// The arena's base address, mapping it on first use; `None` if it cannot be mapped.
 fn base() -> Option<usize> {
     match BASE.load(Ordering::Acquire) {
@@ -76,45 +95,36 @@ fn base() -> Option<usize> {
         1 => return None,
         b => return Some(b),
     }
-    // SAFETY: an anonymous private mapping at an address of the kernel's choice.
-    let raw = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            SIZE + HUGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    let mapped = if raw == libc::MAP_FAILED {
-        1
-    } else {
-        let start = raw as usize;
-        let aligned = start.next_multiple_of(HUGE);
-        // Huge pages where available; without THP (or with it off) the arena still works,
-        // with small pages. The unaligned ends are not used but stay mapped: unmapping
-        // them saves nothing (never touched) and `aligned` is all that is kept.
-        // SAFETY: a range inside the mapping just made.
-        unsafe { libc::madvise(aligned as *mut libc::c_void, SIZE, libc::MADV_HUGEPAGE) };
-        // Not inherited by forked processes (the sandbox's init is a fork that lives as
-        // long as the run): huge pages shared copy-on-write with it are split into small
-        // pages at the engine's first write (`do_huge_pmd_wp_page` in mm/huge_memory.c
-        // copies one small page). With 16 MiB of the arena faulted in before the fork
-        // (tried, to spare the engine the zeroing), the capture cost a median 35% against
-        // 26% (6 interleaved rounds, load 1.7-2.3). No fork of childflow uses packet
-        // buffers (init and the command's process only wait or exec).
-        // SAFETY: as above.
-        unsafe { libc::madvise(aligned as *mut libc::c_void, SIZE, libc::MADV_DONTFORK) };
-        aligned
+    let raw = map_anonymous(SIZE + HUGE, libc::MAP_NORESERVE);
+    let mapped = match raw {
+        None => 1,
+        Some(raw) => {
+            let start = raw.as_ptr() as usize;
+            let aligned = start.next_multiple_of(HUGE);
+            // Huge pages where available; without THP (or with it off) the arena still works,
+            // with small pages. The unaligned ends are not used but stay mapped: unmapping
+            // them saves nothing (never touched) and `aligned` is all that is kept.
+            // SAFETY: a range inside the mapping just made.
+            unsafe { libc::madvise(aligned as *mut libc::c_void, SIZE, libc::MADV_HUGEPAGE) };
+            // Not inherited by forked processes (the sandbox's init is a fork that lives as
+            // long as the run): huge pages shared copy-on-write with it are split into small
+            // pages at the engine's first write (`do_huge_pmd_wp_page` in mm/huge_memory.c
+            // copies one small page). With 16 MiB of the arena faulted in before the fork
+            // (tried, to spare the engine the zeroing), the capture cost a median 35% against
+            // 26% (6 interleaved rounds, load 1.7-2.3). No fork of childflow uses packet
+            // buffers (init and the command's process only wait or exec).
+            // SAFETY: as above.
+            unsafe { libc::madvise(aligned as *mut libc::c_void, SIZE, libc::MADV_DONTFORK) };
+            aligned
+        }
     };
     match BASE.compare_exchange(0, mapped, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => (mapped != 1).then_some(mapped),
         Err(other) => {
-            if raw != libc::MAP_FAILED {
+            if let Some(raw) = raw {
                 // Another thread mapped it first.
                 // SAFETY: our own mapping, never handed out.
-                unsafe { libc::munmap(raw, SIZE + HUGE) };
+                unsafe { libc::munmap(raw.as_ptr().cast(), SIZE + HUGE) };
             }
             (other != 1).then_some(other)
         }

@@ -122,27 +122,15 @@ mod shared {
     /// Starts the lingerer; its pid, or `None` if it could not be started.
     pub fn spawn(null: RawFd, gone: RawFd, ranges: Vec<(u32, u32)>) -> Option<i32> {
         let plan = Box::leak(Box::new(Plan { null, gone, ranges: ranges.leak() }));
-        // SAFETY: a fresh private anonymous mapping, never unmapped.
-        let stack = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                STACK,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
-            )
-        };
-        if stack == libc::MAP_FAILED {
-            return None;
-        }
+        // Never unmapped.
+        let stack = crate::arena::map_anonymous(STACK, libc::MAP_STACK)?;
         // SAFETY: `lingerer` runs on its own stack (top of the mapping, 16-aligned) with a
         // plan that stays valid forever, and touches nothing else of this process's memory
         // (see its doc). SIGCHLD, as for a fork: whoever inherits it reaps it.
         let pid = unsafe {
             libc::clone(
                 lingerer,
-                stack.cast::<u8>().add(STACK).cast(),
+                stack.as_ptr().add(STACK).cast(),
                 libc::CLONE_VM | libc::SIGCHLD,
                 (plan as *mut Plan).cast(),
             )

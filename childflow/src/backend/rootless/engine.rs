@@ -461,22 +461,9 @@ struct SocketBuf {
 
 impl SocketBuf {
     fn new(len: usize) -> SocketBuf {
-        // SAFETY: a new private anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        match std::ptr::NonNull::new(ptr.cast::<u8>()) {
-            Some(ptr) if ptr.as_ptr() != libc::MAP_FAILED.cast() => {
-                SocketBuf { ptr, len, touched: 0 }
-            }
-            _ => std::alloc::handle_alloc_error(
+        match crate::arena::map_anonymous(len, libc::MAP_NORESERVE) {
+            Some(ptr) => SocketBuf { ptr, len, touched: 0 },
+            None => std::alloc::handle_alloc_error(
                 std::alloc::Layout::from_size_align(len, 4096)
                     .unwrap_or_else(|_| std::alloc::Layout::new::<u8>()),
             ),
