@@ -2154,7 +2154,7 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_keeps_only_a_few_buffers() {
+    fn the_pool_keeps_at_most_keep_buffers() {
         let mut pool = BufferPool::new(1024);
         let lent: Vec<Lent> = (0..BufferPool::KEEP).map(|_| pool.lend().0).collect();
         for l in lent {
@@ -2207,14 +2207,19 @@ mod tests {
             pool.give_back(unsafe { l.reclaim() }, size as u64);
         }
         assert_eq!(pool.free.len(), 2 * n, "every buffer is kept");
+        // What the memory holds, not the pool's own count: a buffer that kept its pages
+        // still reads 7, one that gave them back reads zeros.
+        // SAFETY: the pool's buffers are not lent, and nothing writes them meanwhile.
+        let bytes = |b: &SocketBuf| unsafe { std::slice::from_raw_parts(b.ptr.as_ptr(), b.len) };
+        let kept = pool.free.iter().filter(|b| bytes(b).iter().step_by(4096).all(|&x| x == 7));
+        let kept = kept.count();
+        let released = pool.free.iter().filter(|b| bytes(b).iter().all(|&x| x == 0)).count();
+        assert_eq!(kept + released, 2 * n, "each buffer is either whole or given back");
+        assert_eq!(kept, BufferPool::RESIDENT_BUDGET / size, "kept up to the budget");
         assert!(pool.resident <= BufferPool::RESIDENT_BUDGET, "{} bytes", pool.resident);
-        let zeroed = pool.free.iter().filter(|b| b.touched == 0).count();
-        assert!(zeroed >= 2 * n - BufferPool::RESIDENT_BUDGET / size, "{zeroed} released");
-        for _ in 0..n {
-            let (_l, [rx, tx]) = pool.lend();
-            assert!(rx[..4096].iter().chain(tx[..4096].iter()).all(|&b| b == 0 || b == 7));
-        }
+        let lent: Vec<Lent> = (0..n).map(|_| pool.lend().0).collect();
         assert_eq!(pool.resident, 0, "all lent out again");
+        drop(lent);
     }
 
     #[test]
