@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use childflow::ebpf::Accounting;
+use childflow::{backend::rootful::ring::PacketRing, ebpf::Accounting};
 use childflow_common::{
     event::{COUNT_CAPTURE_FILTERED, CaptureConfig, PACKET_CAPTURE, Record, decode},
     flow::{DIR_IN, DIR_OUT},
@@ -21,18 +21,16 @@ use childflow_common::{
 use childflow_tests::{TestNet, is_root, pattern, skip};
 
 /// (direction, orig_len, data) of every packet in the ring.
-fn packets(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<(u32, u32, Vec<u8>)> {
+fn packets(ring: &mut PacketRing) -> Vec<(u32, u32, Vec<u8>)> {
     flagged_packets(ring).into_iter().map(|(_, p)| p).collect()
 }
 
 /// (flags, (direction, orig_len, data)) of every packet in the ring.
 #[allow(clippy::type_complexity)]
-fn flagged_packets(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-) -> Vec<(u32, (u32, u32, Vec<u8>))> {
+fn flagged_packets(ring: &mut PacketRing) -> Vec<(u32, (u32, u32, Vec<u8>))> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
-        match decode(&item).expect("a well-formed record") {
+        match decode(item).expect("a well-formed record") {
             Record::Packet { header, data } => {
                 assert_eq!(header.cap_len as usize, data.len());
                 out.push((header.flags, (header.direction, header.orig_len, data.to_vec())));
@@ -40,6 +38,9 @@ fn flagged_packets(
             other => panic!("unexpected record {other:?}"),
         }
     }
+    // The reader the rootful backend uses: space goes back once records are read.
+    ring.release();
+    assert!(!ring.holding(), "every record read was given back");
     out
 }
 
@@ -73,7 +74,7 @@ fn capture_copies_every_packet_up_to_the_snap_length_with_its_direction() {
     let net = TestNet::new();
     let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
     let mut acc = Accounting::attach_with(&net.host_if, None, capture).expect("attach");
-    let mut ring = acc.take_packets().unwrap();
+    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[50, 500], true);
     let udp: Vec<_> = packets(&mut ring)
         .into_iter()
@@ -104,7 +105,7 @@ fn without_capture_only_dns_is_copied() {
     }
     let net = TestNet::new();
     let mut acc = Accounting::attach(&net.host_if).expect("attach");
-    let mut ring = acc.take_packets().unwrap();
+    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[40], true);
     // Not a valid query: the server ignores it, the packet is still DNS by its port.
     udp_exchange(&net, 53, &[12], false);
@@ -170,7 +171,7 @@ fn filtered(filter: &str) -> Filtered {
     let ifindex = nix::net::if_::if_nametoindex(net.host_if.as_str()).expect("the veth's index");
     childflow::ebpf::add_clsact(ifindex).expect("add a clsact qdisc");
     acc.attach_tc(ifindex).expect("attach");
-    let mut ring = acc.take_packets().unwrap();
+    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[40, 60], true);
     let mut tcp = TcpStream::connect((net.server_v4(), 80)).expect("connect to the HTTP server");
     tcp.write_all(b"GET / HTTP/1.0\r\nHost: example.test\r\n\r\n").unwrap();

@@ -399,13 +399,8 @@ impl Accounting {
         self.take_ring("FLOW_EVENTS")
     }
 
-    /// Takes the ring buffer of captured packets (`PacketHeader` + data).
-    pub fn take_packets(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
-        self.take_ring("PACKETS")
-    }
-
-    /// [`Accounting::take_packets`] as the map itself: the rootful backend reads the ring in
-    /// place (`backend/rootful/ring.rs`).
+    /// Takes the ring buffer of captured packets (`PacketHeader` + data) as the map
+    /// itself: it is read in place ([`crate::backend::rootful::ring::PacketRing`]).
     pub fn take_packet_map(&mut self) -> Result<MapData, EbpfError> {
         let name = "PACKETS";
         match self.ebpf.take_map(name) {

@@ -58,7 +58,7 @@ mod linger;
 pub mod net;
 pub mod nft;
 mod raw;
-mod ring;
+pub mod ring;
 pub(crate) mod startup;
 
 use std::{
