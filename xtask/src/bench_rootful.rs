@@ -150,6 +150,29 @@ fn parse_iperf(json: &str) -> Result<f64> {
     Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0))
 }
 
+/// Bytes the receiver got, from iperf3's JSON.
+fn received_bytes(json: &str) -> Result<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
+    Ok(v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0))
+}
+
+/// Milliseconds all CPUs have spent busy (everything but idle and iowait) and, of that,
+/// in softirq, from the `cpu` line of `/proc/stat` (in USER_HZ ticks of 10 ms).
+fn cpu_ms() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("failed to read /proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let (idle, iowait, softirq) = (ticks[3], ticks[4], ticks[6]);
+    Ok(((ticks.iter().sum::<u64>() - idle - iowait) * 10, softirq * 10))
+}
+
 /// The probe (this xtask binary) sending 64-byte datagrams to the sink at `pps` (0: as fast
 /// as it can) for the run's time.
 fn flood_args(probe: &str, pps: u64) -> Vec<String> {
@@ -538,7 +561,10 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
 /// `tcpdump -w` on the baseline veth against the bare baseline, interleaved, files in `dir`
 /// (deleted after each run). The cost is the median of the per-round throughput ratios of
 /// each pair (the two runs of a round are close in time, so drift mostly cancels); the
-/// files' packet counts (capinfos) and each capture's drops are shown next to it.
+/// files' packet counts (capinfos) and each capture's drops are shown next to it, and
+/// the CPU time the whole machine spent per GB moved (busy, and of that in softirq, where
+/// the programs' copy into the ring runs), the median per row: the capture's CPU, less
+/// disturbed by other load than throughput is.
 fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
     let file = |name: &str| {
         dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
@@ -562,18 +588,23 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         dir.display()
     );
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
-    // Per row and round: (Gbit/s, packets written, capture drops).
+    // Per row and round: (Gbit/s, packets written, capture drops, (busy, softirq) ms/GB).
     let mut results = vec![Vec::new(); rows.len()];
     for i in 0..ROUNDS {
         for r in order(rows.len(), i) {
             let (contender, path) = (&rows[r].1, rows[r].2);
+            let before = cpu_ms()?;
             let (out, drops) = contender.run(bin, &iperf)?;
+            let after = cpu_ms()?;
             let gbit = parse_iperf(&out)? / 1e9;
+            let gbytes = (received_bytes(&out)? / 1e9).max(1e-9);
+            let per_gb =
+                ((after.0 - before.0) as f64 / gbytes, (after.1 - before.1) as f64 / gbytes);
             let written = path.map(|p| count_packets(Path::new(p))).transpose()?;
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
             }
-            results[r].push((gbit, written, drops));
+            results[r].push((gbit, written, drops, per_gb));
         }
     }
     for (r, (name, _, path)) in rows.iter().enumerate() {
@@ -592,7 +623,13 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         } else {
             String::new()
         };
-        println!("{name:<24} {:>6.2} Gbit/s  {cost:<13} {capture}", median(gbits));
+        let busy = median(results[r].iter().map(|x| x.3.0).collect());
+        let softirq = median(results[r].iter().map(|x| x.3.1).collect());
+        println!(
+            "{name:<24} {:>6.2} Gbit/s  {cost:<13} CPU {busy:>5.0} ms/GB (softirq {softirq:>4.0})  \
+             {capture}",
+            median(gbits)
+        );
     }
     Ok(())
 }
