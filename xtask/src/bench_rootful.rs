@@ -22,7 +22,8 @@
 //!   `tcpdump -w` on the baseline veth, files on /dev/shm: packets written (capinfos) and
 //!   each capture's own drop count; the sender is `xtask bench-probe rawflood` (a packet
 //!   socket: `flood` through the kernel's UDP path could not offer more than 130-160k/s
-//!   here); `--capture-rate` runs only these rows;
+//!   here, and one `rawflood` thread at 230-240k, so two share the rate); `--capture-rate
+//!   [PPS]` runs only these rows (at PPS to find a ceiling);
 //! - capture of bulk TCP: `childflow --root -c` against `childflow --root`, and `tcpdump -w`
 //!   on the baseline veth against the baseline, files on /dev/shm and then on the disk
 //!   (the temp dir): the cost is the median of the per-round throughput ratios of each pair;
@@ -55,7 +56,7 @@ use crate::bench_capture::{count_packets, stop_tcpdump};
 const ROUNDS: usize = 6;
 const SECONDS: &str = "3";
 /// The capture rows' packet rate (issue 6: at least 250,000 packets/s with no drops).
-const CAPTURE_PPS: u64 = 250_000;
+pub const CAPTURE_PPS: u64 = 250_000;
 const UP_NS: &str = "cfbenchup";
 const BASE_NS: &str = "cfbenchb";
 const SERVER: &str = "198.18.250.2";
@@ -186,11 +187,12 @@ fn flood_args(probe: &str, pps: u64) -> Vec<String> {
 /// CPUs the sender and the capture need); [`VethCount`] counts them there.
 const DISCARD: &str = "198.18.250.3";
 
-/// [`flood_args`] to [`DISCARD`], through a packet socket (`bench-probe rawflood`): the
-/// sender's own UDP/IP output path, not the capture, capped `flood` at 130-160k packets/s
-/// here.
+/// [`flood_args`] to [`DISCARD`], through packet sockets (`bench-probe rawflood`) from two
+/// threads: the sender's own UDP/IP output path, not the capture, capped `flood` at
+/// 130-160k packets/s here, and one `rawflood` sender (the receive path and the programs
+/// run inline on its CPU) at 230-240k.
 fn rawflood_args(probe: &str, pps: u64) -> Vec<String> {
-    [probe, "bench-probe", "rawflood", DISCARD, SECONDS, "64", &pps.to_string()]
+    [probe, "bench-probe", "rawflood", DISCARD, SECONDS, "64", &pps.to_string(), "2"]
         .map(String::from)
         .to_vec()
 }
@@ -520,10 +522,11 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
         ),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone())),
     ];
-    println!(
-        "\ncapture of 64-byte UDP paced at {} kpps, files on /dev/shm (median of {ROUNDS}):",
-        pps / 1000
-    );
+    let rate = match pps {
+        0 => "unpaced (as fast as two senders go)".to_string(),
+        _ => format!("paced at {} kpps", pps / 1000),
+    };
+    println!("\ncapture of 64-byte UDP {rate}, files on /dev/shm (median of {ROUNDS}):");
     let flood = rawflood_args(probe, pps);
     let secs: f64 = SECONDS.parse()?;
     let mut results = vec![Vec::new(); rows.len()];
@@ -932,8 +935,8 @@ pub enum Only {
     Costs,
     /// `--costs-ab OBJECT...`: see [`programs_ab`].
     CostsAb(Vec<String>),
-    /// `--capture-rate`: the paced 64-byte capture rows.
-    CaptureRate,
+    /// `--capture-rate [PPS]`: the paced 64-byte capture rows, at this rate.
+    CaptureRate(u64),
 }
 
 pub fn run(bin: &str, only: Only) -> Result<()> {
@@ -954,8 +957,8 @@ pub fn run(bin: &str, only: Only) -> Result<()> {
     if let Only::CostsAb(objects) = &only {
         return programs_ab(probe, objects);
     }
-    if only == Only::CaptureRate {
-        return capture_rate(bin, probe, CAPTURE_PPS);
+    if let Only::CaptureRate(pps) = only {
+        return capture_rate(bin, probe, pps);
     }
     rates(bin, probe)?;
     println!("\nthe same, with and without the programs on childflow's own plumbing:");

@@ -180,7 +180,7 @@ fn bench(rest: &[String]) -> Result<()> {
                          `rootful --startup`: only the start-up row; `rootful --costs`: only the bpf_stats rows; \
                          `rootful --costs-ab OBJECT...`: bpf_stats of eBPF objects A/B on the baseline veth; \
                          `rootful --capture [--bin PATH]`: only the bulk TCP capture rows; \
-                         `rootful --capture-rate`: only the paced 64-byte capture rows; \
+                         `rootful --capture-rate [PPS]`: only the paced 64-byte capture rows (at PPS, default 250000); \
                          `rootful --tcx-floor [--expedited]`: the kernel's TCX attach cost; \
                          `rootful --prog-run [--pair] [OBJECT...]`: BPF_PROG_TEST_RUN per packet type), \
                          capture (childflow -c against tcpdump -w on the same traffic), \
@@ -231,7 +231,10 @@ fn bench(rest: &[String]) -> Result<()> {
             let only = match rest.get(1).map(String::as_str) {
                 Some("--startup") => bench_rootful::Only::Startup,
                 Some("--costs") => bench_rootful::Only::Costs,
-                Some("--capture-rate") => bench_rootful::Only::CaptureRate,
+                Some("--capture-rate") => bench_rootful::Only::CaptureRate(match rest.get(2) {
+                    Some(pps) => pps.parse().context("--capture-rate PPS: a packet rate")?,
+                    None => bench_rootful::CAPTURE_PPS,
+                }),
                 _ => bench_rootful::Only::All,
             };
             bench_rootful::run(bin.to_str().context("binary path is not UTF-8")?, only)

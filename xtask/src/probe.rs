@@ -15,11 +15,13 @@
 //!
 //! - `flood ADDR SECONDS LEN PPS`: UDP datagrams of LEN bytes to [`FLOOD_PORT`] at PPS
 //!   packets/s (0: as fast as it can), in `sendmmsg` batches; prints `sent N`.
-//! - `rawflood ADDR SECONDS LEN PPS`: the same datagrams (IPv4), built here and sent through
-//!   a packet socket on the route's interface to its next hop, past the qdisc
+//! - `rawflood ADDR SECONDS LEN PPS [THREADS]`: the same datagrams (IPv4), built here and
+//!   sent through a packet socket on the route's interface to its next hop, past the qdisc
 //!   (`PACKET_QDISC_BYPASS`): the sender's own UDP/IP output path, which alone capped
-//!   `flood` at 130-160k packets/s on the 2-vCPU VM, drops out, so a capture is offered
-//!   more than 250k/s. Needs `CAP_NET_RAW` in its network namespace.
+//!   `flood` at 130-160k packets/s on the 2-vCPU VM, drops out. THREADS (default 1)
+//!   senders share PPS, each with a socket of its own: the receive path of every packet
+//!   (and with `--root` the programs' capture) runs inline on its sender's CPU, so one
+//!   sender tops out below 250k/s. Needs `CAP_NET_RAW` in its network namespace.
 //! - `sink ADDR SECONDS`: counts the datagrams arriving on [`FLOOD_PORT`] (`recvmmsg`) until
 //!   SECONDS have passed and the port has been quiet for half a second; prints `received N`.
 //!
@@ -126,7 +128,14 @@ pub fn run(args: &[String]) -> Result<()> {
             let sent = match (kind, ip) {
                 ("flood", _) => flood(SocketAddr::new(ip, FLOOD_PORT), time, len, pps)?,
                 (_, std::net::IpAddr::V4(ip)) => {
-                    raw_flood(std::net::SocketAddrV4::new(ip, FLOOD_PORT), time, len, pps)?
+                    let threads = args.get(5).map_or(Ok(1), |t| t.parse()).context("THREADS")?;
+                    raw_flood_parallel(
+                        std::net::SocketAddrV4::new(ip, FLOOD_PORT),
+                        time,
+                        len,
+                        pps,
+                        threads,
+                    )?
                 }
                 _ => bail!("rawflood sends IPv4 only"),
             };
@@ -397,6 +406,28 @@ fn neighbour_mac(hop: std::net::Ipv4Addr, to: std::net::SocketAddrV4) -> Result<
         std::thread::sleep(Duration::from_millis(10));
     }
     bail!("{hop} did not resolve (no neighbour entry)")
+}
+
+/// `rawflood` from `threads` threads at once, each sending its share of `pps` (0: each as
+/// fast as it can) through a packet socket of its own; returns how many the kernel accepted
+/// in all. One thread, whose every packet goes through the veth, the host's routing and
+/// the rootful programs inline (one softirq on the sender's CPU), offered 230-240k/s here.
+fn raw_flood_parallel(
+    to: std::net::SocketAddrV4,
+    time: Duration,
+    len: usize,
+    pps: u64,
+    threads: u64,
+) -> Result<u64> {
+    if threads == 0 {
+        bail!("rawflood needs at least one thread");
+    }
+    let share = pps.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let senders: Vec<_> =
+            (0..threads).map(|_| scope.spawn(move || raw_flood(to, time, len, share))).collect();
+        senders.into_iter().map(|t| t.join().unwrap_or_else(|_| bail!("sender panicked"))).sum()
+    })
 }
 
 /// `rawflood` (see the module documentation): `len`-byte UDP payloads to `to`, in IPv4
