@@ -36,6 +36,7 @@ fn main() {
         max_size: None,
         files: None,
         tls_keylog: false,
+        buffer: None,
     };
     let setup = CaptureSetup {
         interfaces: vec![Interface { name: "bench0".into(), description: "bench".into() }],

@@ -134,6 +134,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", requires = "capture_max_size", help_heading = "Capture")]
     pub capture_files: Option<u32>,
 
+    /// With --root: memory the kernel keeps captured packets in while the capture's writer
+    /// catches up (rounded up to a power of two; 4M to 2G). More keeps a bulk capture from
+    /// losing packets while the disk lags, at the cost of that memory and of start-up time
+    /// (the kernel clears it).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "capture", help_heading = "Capture")]
+    pub capture_buffer: Option<u64>,
+
     /// Give the command SSLKEYLOGFILE and embed its TLS secrets in the capture, so Wireshark
     /// decrypts its TLS without configuration.
     #[arg(long, requires = "capture", help_heading = "Capture")]
@@ -239,7 +246,18 @@ pub struct CaptureConfig {
     pub max_size: Option<u64>,
     pub files: Option<u32>,
     pub tls_keylog: bool,
+    /// Bytes of the rootful backend's kernel packet ring (`--capture-buffer`, a power of
+    /// two); `None`: [`DEFAULT_CAPTURE_BUFFER`].
+    pub buffer: Option<u32>,
 }
+
+/// The rootful backend's kernel packet ring when capturing, without `--capture-buffer`.
+pub const DEFAULT_CAPTURE_BUFFER: u32 = 64 << 20;
+
+/// `--capture-buffer` bounds: enough for a few of the largest records and the kernel's
+/// batched wake-ups (one per MiB), and the largest ring a `u32` size allows.
+const CAPTURE_BUFFER_MIN: u64 = 4 << 20;
+const CAPTURE_BUFFER_MAX: u64 = 2 << 30;
 
 /// Invalid arguments, said in terms of the flag to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -260,8 +278,16 @@ pub enum ConfigError {
     #[error("--capture-files {0} is too small: a ring needs at least 2 files")]
     CaptureFiles(u32),
     /// `--capture-max-size` too small to hold a packet.
-    #[error("--capture-max-size {0} is too small: use at least 64K")]
+    #[error("--capture-max-size {} is too small: use at least 64K", Size(*.0))]
     CaptureMaxSize(u64),
+    /// `--capture-buffer` outside what the kernel's ring takes.
+    #[error("--capture-buffer {} is out of range: use 4M to 2G", Size(*.0))]
+    CaptureBuffer(u64),
+    /// `--capture-buffer` only sizes the rootful backend's kernel ring.
+    #[error(
+        "--capture-buffer applies to --root only: the rootless backend holds the command's traffic back while the capture catches up, and loses no packet"
+    )]
+    CaptureBufferRootless,
     /// Two outputs would both write to stdout.
     #[error("{0} and {1} both write to stdout (`-`); send one of them to a file")]
     StdoutTwice(&'static str, &'static str),
@@ -306,6 +332,14 @@ impl RunArgs {
         {
             return Err(ConfigError::CaptureMaxSize(size));
         }
+        if let Some(size) = self.capture_buffer {
+            if !self.root {
+                return Err(ConfigError::CaptureBufferRootless);
+            }
+            if !(CAPTURE_BUFFER_MIN..=CAPTURE_BUFFER_MAX).contains(&size) {
+                return Err(ConfigError::CaptureBuffer(size));
+            }
+        }
         if self.root && self.allow_host_loopback {
             return Err(ConfigError::LoopbackWithRoot);
         }
@@ -332,6 +366,8 @@ impl RunArgs {
             max_size: self.capture_max_size,
             files: self.capture_files,
             tls_keylog: self.tls_keylog,
+            // In range (checked above), so the power of two is at most 2^31.
+            buffer: self.capture_buffer.map(|b| b.next_power_of_two() as u32),
         });
         Ok(Config {
             backend: if self.root { Backend::Rootful } else { Backend::Rootless },
@@ -374,6 +410,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses `4096`, `64K`, `100M`, `1G` (binary multiples; `KiB`/`MB` spellings accepted).
+/// A size as [`parse_size`] reads it: in the largest unit it is a whole number of (`3M`),
+/// else in bytes.
+struct Size(u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')]
+            .into_iter()
+            .find(|(shift, _)| self.0 != 0 && self.0.trailing_zeros() >= *shift);
+        match unit {
+            Some((shift, unit)) => write!(f, "{}{unit}", self.0 >> shift),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Reads a size: a number with an optional unit K, M, G or T (powers of 1024; a trailing
+/// `B` or `iB` is allowed), e.g. `64K`, `100MiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -438,6 +492,27 @@ mod tests {
         assert!(err.contains("at column 9") && err.contains("          ^"), "{err}");
         let err = parse(&["--capture-filter", "tcp", "--", "true"]).unwrap_err();
         assert!(err.to_string().contains("--capture"), "{err}");
+        let err = parse(&["--capture-buffer", "8M", "--", "true"]).unwrap_err();
+        assert!(err.to_string().contains("--capture"), "{err}");
+    }
+
+    #[test]
+    fn the_capture_buffer_sizes_the_rootful_ring_only() {
+        let buffer = |args: &[&str]| {
+            let mut all = vec!["--root", "-c", "x.pcapng"];
+            all.extend_from_slice(args);
+            all.extend_from_slice(&["--", "true"]);
+            config(&all).map(|c| c.capture.unwrap().buffer)
+        };
+        assert_eq!(buffer(&[]), Ok(None));
+        assert_eq!(buffer(&["--capture-buffer", "256M"]), Ok(Some(256 << 20)));
+        // Rounded up to the power of two the kernel's ring needs.
+        assert_eq!(buffer(&["--capture-buffer", "100M"]), Ok(Some(128 << 20)));
+        assert_eq!(buffer(&["--capture-buffer", "2G"]), Ok(Some(2 << 30)));
+        assert_eq!(buffer(&["--capture-buffer", "1M"]), Err(ConfigError::CaptureBuffer(1 << 20)));
+        assert_eq!(buffer(&["--capture-buffer", "3G"]), Err(ConfigError::CaptureBuffer(3 << 30)));
+        let rootless = config(&["-c", "x.pcapng", "--capture-buffer", "8M", "--", "true"]);
+        assert_eq!(rootless.unwrap_err(), ConfigError::CaptureBufferRootless);
     }
 
     #[test]
@@ -461,5 +536,9 @@ mod tests {
         assert_eq!(parse_size("100MiB").unwrap(), 100 << 20);
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert!(parse_size("1X").is_err());
+        for size in ["64K", "3M", "2G", "1T", "1000", "0"] {
+            assert_eq!(Size(parse_size(size).unwrap()).to_string(), size);
+        }
+        assert_eq!(Size(1536 << 10).to_string(), "1536K");
     }
 }

@@ -111,7 +111,7 @@ pub fn run(config: &Config) -> Result<i32> {
     });
     live.finish(result.as_ref().ok().copied())?;
     if let Some(stats) = capture_stats.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.as_ref() {
-        report_capture(stats);
+        report_capture(stats, &config);
     }
     match config.summary {
         Some(SummaryFormat::Text) => eprint!("{}", outcome.summary.to_text()),
@@ -251,8 +251,9 @@ impl Consumer for CaptureConsumer {
     }
 }
 
-/// Tells the user about a capture that lost packets or stopped early.
-fn report_capture(stats: &CaptureStats) {
+/// Tells the user about a capture that lost packets or stopped early, and for a rootful
+/// one that lost packets to the kernel's ring, how to give it more room.
+fn report_capture(stats: &CaptureStats, config: &Config) {
     let files: Vec<String> = stats.files.iter().map(|p| p.display().to_string()).collect();
     tracing::info!(
         "capture: {} packets written to {} ({} filtered out)",
@@ -264,6 +265,18 @@ fn report_capture(stats: &CaptureStats) {
         eprintln!(
             "childflow: capture lost packets: {} dropped before the writer, {} after it stopped",
             stats.dropped, stats.lost_after_error
+        );
+    }
+    if stats.dropped > 0
+        && config.backend == Backend::Rootful
+        && let Some(capture) = &config.capture
+    {
+        let ring = capture.buffer.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER);
+        eprintln!(
+            "childflow: the writer fell behind the traffic; a larger --capture-buffer (this run \
+             had {} MiB) lets it catch up without losing packets, or capture less \
+             (--capture-filter, --snaplen)",
+            ring >> 20
         );
     }
 }
@@ -306,6 +319,7 @@ mod tests {
             max_size: None,
             files: None,
             tls_keylog: false,
+            buffer: None,
         };
         let capture = Capture::open(&config, CaptureSetup::default()).expect("open capture");
         let stats = Arc::new(Mutex::new(None));

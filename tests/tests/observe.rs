@@ -465,6 +465,54 @@ fn a_rootless_capture_that_falls_behind_loses_no_packet() {
     assert!((BODY..BODY + 1000).contains(&payload), "captured payload {payload}");
 }
 
+/// A rootful capture cannot hold the command's traffic back: while its writer stalls, the
+/// packets wait in the kernel's ring. With `--capture-buffer` large enough for a bulk
+/// download it is still captured whole; with the smallest ring packets are lost, and
+/// childflow says so, and what to do about it.
+#[test]
+fn a_rootful_capture_keeps_what_its_buffer_holds_while_the_writer_stalls() {
+    if !can_run(Backend::Rootful) {
+        return;
+    }
+    let net = TestNet::new();
+    const BODY: u64 = 30_000_000;
+    let url = format!("http://{}/bytes/{BODY}", net.server_v4());
+    for (buffer, whole) in [("128M", true), ("4M", false)] {
+        let dir = tempfile::Builder::new().prefix("childflow-ringcap").tempdir().unwrap();
+        let capture = dir.path().join("bulk.pcapng");
+        let mut cf = childflow()
+            .args(["--root", "-c", "-", "--capture-buffer", buffer, "--"])
+            .args(["curl", "-sS", "--fail", "-o", "/dev/null", &url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = cf.stdout.take().unwrap();
+        let mut file = std::fs::File::create(&capture).unwrap();
+        let reader = std::thread::spawn(move || {
+            // A reader that stalls: the capture's writer blocks while the download goes on.
+            std::thread::sleep(Duration::from_secs(2));
+            std::io::copy(&mut pipe, &mut file).unwrap();
+        });
+        let out = cf.wait_with_output().unwrap();
+        reader.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{buffer}: {stderr}");
+        let info = tool("capinfos").arg(&capture).output().unwrap();
+        assert!(info.status.success() && info.stderr.is_empty(), "{buffer}: {info:?}");
+        if whole {
+            assert!(!stderr.contains("lost"), "{buffer}: the capture lost packets: {stderr}");
+            let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
+            let lens = tshark_fields(&capture, filter, &["tcp.len"]);
+            let payload: u64 = lens.iter().map(|l| l[0].parse::<u64>().unwrap()).sum();
+            assert!((BODY..BODY + 1000).contains(&payload), "{buffer}: captured payload {payload}");
+        } else {
+            assert!(stderr.contains("capture lost packets"), "{buffer}: {stderr}");
+            assert!(stderr.contains("--capture-buffer (this run had 4 MiB)"), "{stderr}");
+        }
+    }
+}
+
 /// A tmpfs of `size` mounted on a fresh directory of the host's mount namespace, unmounted
 /// (lazily, in case a file is still open) and removed on drop.
 struct SmallDisk {

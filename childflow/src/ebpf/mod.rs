@@ -167,7 +167,7 @@ impl Accounting {
         cgroup: Option<&std::fs::File>,
         capture: CaptureConfig,
     ) -> Result<Self, EbpfError> {
-        let accounting = Self::load_with(capture, None, cgroup)?;
+        let accounting = Self::load_with(capture, None, cgroup, None)?;
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| EbpfError::Tc {
             what: "find",
             ifindex: 0,
@@ -194,18 +194,22 @@ impl Accounting {
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
     ) -> Result<Self, EbpfError> {
-        Self::load_with(capture, filter, None)
+        Self::load_with(capture, filter, None, None)
     }
 
     /// Like [`Accounting::load`], and if `cgroup` is given (an open cgroup v2 directory),
     /// attaches each attribution program to it as soon as that program is verified, while
     /// the TC programs are still being verified: a cgroup attachment takes milliseconds
     /// (the first one of a kind flips a static key, kernel/bpf/cgroup.c), which then stay
-    /// off the start-up's critical path.
+    /// off the start-up's critical path. `packet_ring`: the packet ring's size in bytes
+    /// when capturing (a power of two; `None`: [`DEFAULT_CAPTURE_BUFFER`]).
+    ///
+    /// [`DEFAULT_CAPTURE_BUFFER`]: crate::cli::DEFAULT_CAPTURE_BUFFER
     pub fn load_with(
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
         cgroup: Option<&std::fs::File>,
+        packet_ring: Option<u32>,
     ) -> Result<Self, EbpfError> {
         preflight()?;
         // aya probes the kernel's features once per process (a dozen tiny program loads
@@ -219,7 +223,7 @@ impl Accounting {
         });
         let mut loader = loader_without_kernel_btf()?;
         // The packet ring carries whole packets only when capturing; otherwise DNS alone.
-        loader.map_max_entries("PACKETS", packet_ring_bytes(&capture));
+        loader.map_max_entries("PACKETS", packet_ring_bytes(&capture, packet_ring));
         phase!("eBPF loader ready");
         let loaded = loader.btf(None).load(OBJECT.ok_or(EbpfError::NotBuilt)?);
         let _ = probe.join();
@@ -435,15 +439,25 @@ impl Accounting {
     }
 }
 
-/// Size of the `PACKETS` ring for a run with `capture`.
+/// Size of the `PACKETS` ring for a run with `capture`: `asked` (`--capture-buffer`) or
+/// [`DEFAULT_CAPTURE_BUFFER`] when capturing.
 ///
 /// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
-/// the collector's scheduling delays on a busy machine: 8 MiB (7 ms of such traffic) lost
-/// thousands of records per bulk run in `cargo xtask bench rootful`'s capture row. Without
-/// capture only DNS packets go through it, for which 1 MiB is plenty; a smaller ring is
-/// also quicker to create (the kernel zeroes every page of it at map creation).
-fn packet_ring_bytes(capture: &CaptureConfig) -> u32 {
-    if capture.capture_all != 0 { 64 << 20 } else { 1 << 20 }
+/// the collector's scheduling delays and the disk's on a busy machine: 8 MiB (7 ms of such
+/// traffic) lost thousands of records per bulk run in `cargo xtask bench rootful`'s
+/// capture row; 64 MiB still lost some in four of nine 4-second runs (to the disk and to
+/// /dev/shm), 256 MiB none in nine (but the kernel clears every page of it at map
+/// creation: 64 MiB takes ~20 ms, 256 MiB 60-150 ms, hence the option rather than a
+/// larger default). Without capture only
+/// DNS packets go through it, for which 1 MiB is plenty.
+///
+/// [`DEFAULT_CAPTURE_BUFFER`]: crate::cli::DEFAULT_CAPTURE_BUFFER
+fn packet_ring_bytes(capture: &CaptureConfig, asked: Option<u32>) -> u32 {
+    if capture.capture_all != 0 {
+        asked.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER)
+    } else {
+        1 << 20
+    }
 }
 
 /// An `EbpfLoader` that never parsed the kernel's BTF. Call it on a thread of childflow's

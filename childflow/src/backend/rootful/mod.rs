@@ -456,9 +456,12 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The verifier and map creation take a while: run them while netlink sets up the veth.
     // The attribution programs go on the cgroup (which exists) as soon as each is verified.
     let cgroup_dir = cg.open()?;
+    let ring = config.capture.as_ref().and_then(|c| c.buffer);
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
-        .spawn(move || Accounting::load_with(capture, kernel_filter.as_ref(), Some(&cgroup_dir)))
+        .spawn(move || {
+            Accounting::load_with(capture, kernel_filter.as_ref(), Some(&cgroup_dir), ring)
+        })
         .context("failed to start the eBPF loader thread")?;
     // The NAT table matches the veth by name, which is known now, before the veth exists.
     // Its creation often waits for locks other netlink users hold (RTNL, taken when the
