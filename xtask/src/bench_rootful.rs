@@ -24,9 +24,10 @@
 //!   socket: `flood` through the kernel's UDP path could not offer more than 130-160k/s
 //!   here, and one `rawflood` thread at 230-240k, so two share the rate); `--capture-rate
 //!   [PPS]` runs only these rows (at PPS to find a ceiling);
-//! - capture of bulk TCP: `childflow --root -c` against `childflow --root`, and `tcpdump -w`
-//!   on the baseline veth against the baseline, files on /dev/shm and then on the disk
-//!   (the temp dir): the cost is the median of the per-round throughput ratios of each pair;
+//! - capture of bulk TCP: `childflow --root -c` (with the default ring and with
+//!   `--capture-buffer 256M`) against `childflow --root`, and `tcpdump -w` on the baseline
+//!   veth against the baseline, files on /dev/shm and then on the disk (the temp dir): the
+//!   cost is the median of the per-round throughput ratios of each pair;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
 //!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
 //!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
@@ -573,17 +574,23 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
     };
     let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
+    let capture = |extra: &[&str]| {
+        let mut args = vec!["-c", &cf_file, "--summary-format", "json"];
+        args.extend_from_slice(extra);
+        Contender::Childflow(args.into_iter().map(String::from).collect())
+    };
+    // Name, what runs, its capture file, and the row it is the capture of (for its cost).
     let rows = [
-        ("childflow --root", Contender::Childflow(Vec::new()), None),
+        ("childflow --root", Contender::Childflow(Vec::new()), None, None),
+        ("childflow --root -c", capture(&[]), Some(&cf_file), Some(0)),
         (
-            "childflow --root -c",
-            Contender::Childflow(
-                ["-c", &cf_file, "--summary-format", "json"].map(String::from).to_vec(),
-            ),
+            "  --capture-buffer 256M",
+            capture(&["--capture-buffer", "256M"]),
             Some(&cf_file),
+            Some(0),
         ),
-        ("veth+NAT (no eBPF)", Contender::Baseline, None),
-        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file)),
+        ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(3)),
     ];
     println!(
         "
@@ -610,14 +617,15 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             results[r].push((gbit, written, drops, per_gb));
         }
     }
-    for (r, (name, _, path)) in rows.iter().enumerate() {
+    for (r, (name, _, path, of)) in rows.iter().enumerate() {
         let gbits: Vec<f64> = results[r].iter().map(|x| x.0).collect();
-        // Rows 1 and 3 are the captures of rows 0 and 2.
-        let cost = if r % 2 == 1 {
-            let ratios = gbits.iter().zip(&results[r - 1]).map(|(x, b)| x / b.0 - 1.0).collect();
-            format!("cost {:+6.1}%", median(ratios) * 100.0)
-        } else {
-            String::new()
+        let cost = match of {
+            Some(base) => {
+                let ratios =
+                    gbits.iter().zip(&results[*base]).map(|(x, b)| x / b.0 - 1.0).collect();
+                format!("cost {:+6.1}%", median(ratios) * 100.0)
+            }
+            None => String::new(),
         };
         let capture = if path.is_some() {
             let written: Vec<u64> = results[r].iter().filter_map(|x| x.1).collect();
