@@ -252,7 +252,7 @@ impl Consumer for CaptureConsumer {
 }
 
 /// Tells the user about a capture that lost packets or stopped early, and for a rootful
-/// one that lost packets to the kernel's ring, how to give it more room.
+/// one whose writer fell behind, how to give it more room.
 fn report_capture(stats: &CaptureStats, config: &Config) {
     let files: Vec<String> = stats.files.iter().map(|p| p.display().to_string()).collect();
     tracing::info!(

@@ -448,8 +448,8 @@ impl Accounting {
 /// capture row; 64 MiB still lost some in four of nine 4-second runs (to the disk and to
 /// /dev/shm), 256 MiB none in nine (but the kernel clears every page of it at map
 /// creation: 64 MiB takes ~20 ms, 256 MiB 60-150 ms, hence the option rather than a
-/// larger default). Without capture only
-/// DNS packets go through it, for which 1 MiB is plenty.
+/// larger default). Without capture only DNS packets go through it, for which 1 MiB is
+/// plenty.
 ///
 /// [`DEFAULT_CAPTURE_BUFFER`]: crate::cli::DEFAULT_CAPTURE_BUFFER
 fn packet_ring_bytes(capture: &CaptureConfig, asked: Option<u32>) -> u32 {
