@@ -224,6 +224,74 @@ fn non_root_is_refused_with_a_hint() {
     assert!(err.contains("sudo") && err.contains("root"), "{err}");
 }
 
+/// A memory cgroup of the test's own with a limit, removed on drop: cgroup v1's memory
+/// hierarchy, or the v2 root where the memory controller is enabled for its children.
+struct MemoryLimit(PathBuf);
+
+impl MemoryLimit {
+    fn new(max: &str) -> Option<MemoryLimit> {
+        let name = format!("childflow-test-mem-{}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let (dir, file) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(&name), "memory.limit_in_bytes")
+        } else if std::fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        {
+            (v2.join(&name), "memory.max")
+        } else {
+            return None;
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let limit = MemoryLimit(dir);
+        std::fs::write(limit.0.join(file), max).ok()?;
+        Some(limit)
+    }
+}
+
+impl Drop for MemoryLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A `--capture-buffer` the kernel cannot allocate within the run's memory is refused with
+/// a message that names the option, before the command runs.
+#[test]
+fn a_capture_buffer_beyond_the_memory_limit_is_refused_naming_the_option() {
+    if unsupported() {
+        return;
+    }
+    let Some(cgroup) = MemoryLimit::new("200M") else {
+        skip(true, "no memory cgroup controller to limit the run with");
+        return;
+    };
+    let dir = tempfile::Builder::new().prefix("childflow-ringmem").tempdir().unwrap();
+    let (capture, ran) = (dir.path().join("c.pcapng"), dir.path().join("ran"));
+    // childflow starts inside the limited cgroup, so the ring is charged to it.
+    let procs = cgroup.0.join("cgroup.procs");
+    let out = Command::new("sh")
+        .args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+        .arg(&procs)
+        .arg(childflow_tests::bin::binary())
+        .args(["--root", "-c"])
+        .arg(&capture)
+        .args(["--capture-buffer", "1G", "--", "touch"])
+        .arg(&ran)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if skip(out.status.success(), "the kernel does not charge eBPF maps to memory cgroups") {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("1024 MiB packet ring") && err.contains("smaller --capture-buffer"),
+        "{err}"
+    );
+    assert!(!ran.exists(), "the command ran");
+}
+
 /// The run's host state, for run `id` (childflow's pid in hex), that still exists.
 fn run_leftovers(id: &str) -> Vec<String> {
     let mut left = Vec::new();

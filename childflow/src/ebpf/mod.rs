@@ -58,6 +58,17 @@ pub enum EbpfError {
     /// The object could not be parsed or its maps created.
     #[error("failed to load childflow's eBPF object")]
     Object(#[source] aya::EbpfError),
+    /// The kernel could not allocate the capture's packet ring (all of it is allocated when
+    /// the run starts, charged to the memory cgroup childflow runs in).
+    #[error(
+        "the kernel could not allocate the capture's {} MiB packet ring: give the run more memory, or a smaller --capture-buffer (4M at least)",
+        .bytes >> 20
+    )]
+    PacketRing {
+        bytes: u32,
+        #[source]
+        source: std::io::Error,
+    },
     /// The verifier (or the kernel) rejected a program.
     #[error("the kernel rejected eBPF program {program}{}", verifier_log(.source))]
     Load {
@@ -223,11 +234,19 @@ impl Accounting {
         });
         let mut loader = loader_without_kernel_btf()?;
         // The packet ring carries whole packets only when capturing; otherwise DNS alone.
-        loader.map_max_entries("PACKETS", packet_ring_bytes(&capture, packet_ring));
+        let ring_bytes = packet_ring_bytes(&capture, packet_ring);
+        loader.map_max_entries("PACKETS", ring_bytes);
         phase!("eBPF loader ready");
         let loaded = loader.btf(None).load(OBJECT.ok_or(EbpfError::NotBuilt)?);
         let _ = probe.join();
-        let mut ebpf = loaded.map_err(EbpfError::Object)?;
+        let mut ebpf = loaded.map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, io_error })
+                if name == "PACKETS" && io_error.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                EbpfError::PacketRing { bytes: ring_bytes, source: io_error }
+            }
+            e => EbpfError::Object(e),
+        })?;
         phase!("eBPF object parsed, maps created");
         write_and_freeze(&mut ebpf, "CONFIG", capture)?;
         write_and_freeze(&mut ebpf, "FILTER", filter.copied().unwrap_or_default())?;
