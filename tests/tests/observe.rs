@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -426,9 +426,38 @@ fn the_csv_log_loads_in_python_and_matches_the_transfer() {
     }
 }
 
+/// Runs `childflow ARGS -c - -- curl URL` with the capture going to a pipe that nobody
+/// reads for the first two seconds (the capture's writer blocks meanwhile, while the
+/// download goes on), then into `capture`; returns childflow's output.
+fn capture_with_a_stalled_reader(args: &[&str], url: &str, capture: &Path) -> Output {
+    let mut cf = childflow()
+        .args(args)
+        .args(["-c", "-", "--", "curl", "-sS", "--fail", "-o", "/dev/null", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = cf.stdout.take().unwrap();
+    let mut file = std::fs::File::create(capture).unwrap();
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        std::io::copy(&mut pipe, &mut file).unwrap();
+    });
+    let out = cf.wait_with_output().unwrap();
+    reader.join().unwrap();
+    out
+}
+
+/// TCP payload bytes from the HTTP server in `capture`, each once: tshark knows resent
+/// segments for retransmissions.
+fn http_payload(capture: &Path) -> u64 {
+    let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
+    tshark_fields(capture, filter, &["tcp.len"]).iter().map(|l| l[0].parse::<u64>().unwrap()).sum()
+}
+
 /// A rootless capture that cannot keep up holds the command's traffic back instead of
-/// losing packets: with the capture going to a pipe that nobody reads for the first two
-/// seconds, a bulk download is still captured whole, and nothing is reported lost.
+/// losing packets: with the capture's reader stalled, a bulk download is still captured
+/// whole, and nothing is reported lost.
 #[test]
 fn a_rootless_capture_that_falls_behind_loses_no_packet() {
     if !can_run(Backend::Rootless) {
@@ -439,29 +468,13 @@ fn a_rootless_capture_that_falls_behind_loses_no_packet() {
     let capture = dir.path().join("bulk.pcapng");
     const BODY: u64 = 200_000_000;
     let url = format!("http://{}/bytes/{BODY}", net.server_v4());
-    let mut cf = childflow()
-        .args(["-c", "-", "--", "curl", "-sS", "--fail", "-o", "/dev/null", &url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = cf.stdout.take().unwrap();
-    let mut file = std::fs::File::create(&capture).unwrap();
-    let reader = std::thread::spawn(move || {
-        // A reader that stalls: the capture's writer blocks while the download goes on.
-        std::thread::sleep(Duration::from_secs(2));
-        std::io::copy(&mut pipe, &mut file).unwrap();
-    });
-    let out = cf.wait_with_output().unwrap();
-    reader.join().unwrap();
+    let out = capture_with_a_stalled_reader(&[], &url, &capture);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("lost"), "the capture lost packets: {stderr}");
-    // Every byte of the body and its HTTP head, once: the engine resends what the held
-    // command did not acknowledge in time, and tshark knows those for retransmissions.
-    let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
-    let lens = tshark_fields(&capture, filter, &["tcp.len"]);
-    let payload: u64 = lens.iter().map(|l| l[0].parse::<u64>().unwrap()).sum();
+    // Every byte of the body and its HTTP head, once (the engine resends what the held
+    // command did not acknowledge in time).
+    let payload = http_payload(&capture);
     assert!((BODY..BODY + 1000).contains(&payload), "captured payload {payload}");
 }
 
@@ -480,33 +493,18 @@ fn a_rootful_capture_keeps_what_its_buffer_holds_while_the_writer_stalls() {
     for (buffer, whole) in [("128M", true), ("4M", false)] {
         let dir = tempfile::Builder::new().prefix("childflow-ringcap").tempdir().unwrap();
         let capture = dir.path().join("bulk.pcapng");
-        let mut cf = childflow()
-            .args(["--root", "-c", "-", "--capture-buffer", buffer, "--"])
-            .args(["curl", "-sS", "--fail", "-o", "/dev/null", &url])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut pipe = cf.stdout.take().unwrap();
-        let mut file = std::fs::File::create(&capture).unwrap();
-        let reader = std::thread::spawn(move || {
-            // A reader that stalls: the capture's writer blocks while the download goes on.
-            std::thread::sleep(Duration::from_secs(2));
-            std::io::copy(&mut pipe, &mut file).unwrap();
-        });
-        let out = cf.wait_with_output().unwrap();
-        reader.join().unwrap();
+        let args = ["--root", "--capture-buffer", buffer];
+        let out = capture_with_a_stalled_reader(&args, &url, &capture);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{buffer}: {stderr}");
         let info = tool("capinfos").arg(&capture).output().unwrap();
         assert!(info.status.success() && info.stderr.is_empty(), "{buffer}: {info:?}");
+        let payload = http_payload(&capture);
         if whole {
             assert!(!stderr.contains("lost"), "{buffer}: the capture lost packets: {stderr}");
-            let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
-            let lens = tshark_fields(&capture, filter, &["tcp.len"]);
-            let payload: u64 = lens.iter().map(|l| l[0].parse::<u64>().unwrap()).sum();
             assert!((BODY..BODY + 1000).contains(&payload), "{buffer}: captured payload {payload}");
         } else {
+            assert!(payload < BODY, "{buffer}: {payload} bytes captured of a {BODY}-byte body");
             assert!(stderr.contains("capture lost packets"), "{buffer}: {stderr}");
             assert!(stderr.contains("--capture-buffer (this run had 4 MiB)"), "{stderr}");
         }
