@@ -170,15 +170,6 @@ fn arena_alloc(layout: Layout) -> Option<*mut u8> {
     base().and_then(take_slot).map(|addr| addr as *mut u8)
 }
 
-/// The arena as a region of memory (base address and length), once it is in use: e.g.
-/// to register it once for I/O. `None` before the first arena allocation or without one.
-pub fn region() -> Option<(usize, usize)> {
-    match BASE.load(Ordering::Acquire) {
-        0 | 1 => None,
-        b => Some((b, SIZE)),
-    }
-}
-
 /// The global allocator: the system allocator, with allocations made inside
 /// [`with_arena`] served from the arena (see the module documentation).
 pub struct Allocator;
@@ -257,9 +248,9 @@ mod tests {
             a.dealloc(outside, layout);
             let p = with_arena(|| a.alloc(layout));
             let slot = slot_of(p as usize).expect("asked: an arena slot");
-            let (base, len) = region().expect("the arena is mapped");
+            let base = base().expect("the arena is mapped");
             assert_eq!(base % HUGE, 0, "the arena is huge-page aligned");
-            assert!((p as usize) >= base && (p as usize) < base + len);
+            assert!((p as usize) >= base && (p as usize) < base + SIZE);
             assert_eq!(p as usize % SLOT, 0, "slots are slot-aligned");
             p.write_bytes(0xab, layout.size());
             let big = Layout::from_size_align(2 * SLOT, 1).expect("layout");
