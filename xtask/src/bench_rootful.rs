@@ -148,14 +148,17 @@ fn iperf_args() -> Vec<&'static str> {
 
 /// Bits/s the receiver got, from iperf3's JSON.
 fn parse_iperf(json: &str) -> Result<f64> {
-    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
-    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0))
+    Ok(iperf_received(json)?.0)
 }
 
-/// Bytes the receiver got, from iperf3's JSON.
-fn received_bytes(json: &str) -> Result<f64> {
+/// Bits/s and bytes the receiver got, from iperf3's JSON.
+fn iperf_received(json: &str) -> Result<(f64, f64)> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J output")?;
-    Ok(v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0))
+    let received = &v["end"]["sum_received"];
+    Ok((
+        received["bits_per_second"].as_f64().unwrap_or(0.0),
+        received["bytes"].as_f64().unwrap_or(0.0),
+    ))
 }
 
 /// Milliseconds all CPUs have spent busy (everything but idle and iowait) and, of that,
@@ -606,8 +609,8 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             let before = cpu_ms()?;
             let (out, drops) = contender.run(bin, &iperf)?;
             let after = cpu_ms()?;
-            let gbit = parse_iperf(&out)? / 1e9;
-            let gbytes = (received_bytes(&out)? / 1e9).max(1e-9);
+            let (bits, bytes) = iperf_received(&out)?;
+            let (gbit, gbytes) = (bits / 1e9, (bytes / 1e9).max(1e-9));
             let per_gb =
                 ((after.0 - before.0) as f64 / gbytes, (after.1 - before.1) as f64 / gbytes);
             let written = path.map(|p| count_packets(Path::new(p))).transpose()?;
