@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use childflow::{backend::rootful::ring::PacketRing, ebpf::Accounting};
+use childflow::{backend::rootful::ring::PacketRing, ebpf::Accounting, event::PacketData};
 use childflow_common::{
     event::{COUNT_CAPTURE_FILTERED, CaptureConfig, PACKET_CAPTURE, Record, decode},
     flow::{DIR_IN, DIR_OUT},
@@ -21,13 +21,13 @@ use childflow_common::{
 use childflow_tests::{TestNet, is_root, pattern, skip};
 
 /// (direction, orig_len, data) of every packet in the ring.
-fn packets(ring: &mut PacketRing) -> Vec<(u32, u32, Vec<u8>)> {
+fn packets(ring: &PacketRing) -> Vec<(u32, u32, Vec<u8>)> {
     flagged_packets(ring).into_iter().map(|(_, p)| p).collect()
 }
 
 /// (flags, (direction, orig_len, data)) of every packet in the ring.
 #[allow(clippy::type_complexity)]
-fn flagged_packets(ring: &mut PacketRing) -> Vec<(u32, (u32, u32, Vec<u8>))> {
+fn flagged_packets(ring: &PacketRing) -> Vec<(u32, (u32, u32, Vec<u8>))> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
         match decode(item).expect("a well-formed record") {
@@ -66,6 +66,35 @@ fn unsupported() -> bool {
     false
 }
 
+/// A record lent to the collector keeps its ring space, and its bytes, while records read
+/// after it are released; its space goes back once the bytes are dropped.
+#[test]
+fn a_lent_record_holds_its_space_until_it_is_dropped() {
+    if unsupported() {
+        return;
+    }
+    let net = TestNet::new();
+    let capture = CaptureConfig { capture_all: 1, snaplen: 65_535 };
+    let mut acc = Accounting::attach_with(&net.host_if, None, capture).expect("attach");
+    let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
+    udp_exchange(&net, 7, &[1000, 1000], true);
+    let record = ring.next().expect("a record");
+    let copy = record.to_vec();
+    let lent = PacketData::Lent(ring.lend(&record[8..]).expect("the record read last"));
+    assert!(ring.lend(&copy).is_none(), "bytes outside the record read last are not lent");
+    let mut later = 0;
+    while ring.next().is_some() {
+        later += 1;
+    }
+    assert!(later >= 3, "the other datagrams were read after it: {later}");
+    ring.release();
+    assert!(ring.holding(), "the lent record still holds its space");
+    assert_eq!(lent, copy[8..].to_vec(), "its bytes are intact");
+    lent.recycle();
+    ring.release();
+    assert!(!ring.holding(), "its space went back, and with it every record after it");
+}
+
 #[test]
 fn capture_copies_every_packet_up_to_the_snap_length_with_its_direction() {
     if unsupported() {
@@ -74,9 +103,9 @@ fn capture_copies_every_packet_up_to_the_snap_length_with_its_direction() {
     let net = TestNet::new();
     let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
     let mut acc = Accounting::attach_with(&net.host_if, None, capture).expect("attach");
-    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
+    let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[50, 500], true);
-    let udp: Vec<_> = packets(&mut ring)
+    let udp: Vec<_> = packets(&ring)
         .into_iter()
         .filter(|(_, _, d)| d.len() > 23 && d[12..14] == [8, 0] && d[23] == 17)
         .collect();
@@ -105,12 +134,12 @@ fn without_capture_only_dns_is_copied() {
     }
     let net = TestNet::new();
     let mut acc = Accounting::attach(&net.host_if).expect("attach");
-    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
+    let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[40], true);
     // Not a valid query: the server ignores it, the packet is still DNS by its port.
     udp_exchange(&net, 53, &[12], false);
     std::thread::sleep(Duration::from_millis(200));
-    let udp: Vec<_> = packets(&mut ring)
+    let udp: Vec<_> = packets(&ring)
         .into_iter()
         .filter(|(_, _, d)| d.len() > 23 && d[12..14] == [8, 0] && d[23] == 17)
         .collect();
@@ -171,7 +200,7 @@ fn filtered(filter: &str) -> Filtered {
     let ifindex = nix::net::if_::if_nametoindex(net.host_if.as_str()).expect("the veth's index");
     childflow::ebpf::add_clsact(ifindex).expect("add a clsact qdisc");
     acc.attach_tc(ifindex).expect("attach");
-    let mut ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
+    let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[40, 60], true);
     let mut tcp = TcpStream::connect((net.server_v4(), 80)).expect("connect to the HTTP server");
     tcp.write_all(b"GET / HTTP/1.0\r\nHost: example.test\r\n\r\n").unwrap();
@@ -182,7 +211,7 @@ fn filtered(filter: &str) -> Filtered {
     udp_exchange(&net, 53, &[12], false);
     std::thread::sleep(Duration::from_millis(200));
     childflow::ebpf::remove_clsact(ifindex).expect("detach");
-    let all = flagged_packets(&mut ring);
+    let all = flagged_packets(&ring);
     let marked = all.iter().filter(|(flags, _)| flags & PACKET_CAPTURE != 0).count() as u64;
     let packets = all
         .into_iter()
