@@ -60,8 +60,15 @@ pub struct PacketHeader {
     pub cpu: u32,
     /// Where in the packet this record's bytes start; 0 for a packet's first record.
     pub offset: u32,
+    /// With [`PACKET_CLONED`]: the tag of the packet's clone on the capture tap, its VLAN
+    /// TCI there: the CPU (below [`CLONE_CPUS`]) above the low [`CLONE_SEQ_BITS`] bits of
+    /// that CPU's count of clones. A CPU's clones reach the tap in the order of its
+    /// records, so the tag is unique among the clones waiting there as long as fewer than
+    /// `1 << CLONE_SEQ_BITS` do (the tap's queue is shorter). Otherwise 0.
+    pub clone_tag: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PacketHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<PacketHeader>() == 48);
 
 /// [`PacketHeader::flags`]: the packet belongs in the capture (capture is on and the capture
 /// filter, if any, matched it). Without it the packet was copied only because it is DNS,
@@ -72,6 +79,13 @@ pub const PACKET_CAPTURE: u32 = 1;
 /// still joins such records (a program copying through a per-CPU buffer, capped at 32 KiB
 /// a value, had to split GSO packets).
 pub const PACKET_MORE: u32 = 2;
+/// [`PacketHeader::flags`]: the record carries no bytes (`cap_len` is 0; `orig_len` bytes are
+/// the whole packet): the
+/// program handed a clone of the packet to the capture tap ([`CaptureConfig::clone_ifindex`])
+/// before it wrote the record, tagged with [`PacketHeader::clone_tag`] as a VLAN tag, which
+/// the tap's reader strips. The clone shares the packet's memory, so the packet is copied
+/// once, by the reader's `read`, on the reader's CPU, not in the sender's softirq.
+pub const PACKET_CLONED: u32 = 4;
 
 /// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).
 /// Sent at once (forced wake-up) so userspace can read `/proc/PID` while the process lives.
@@ -116,8 +130,26 @@ pub struct CaptureConfig {
     pub capture_all: u32,
     /// Copy at most this many bytes of a packet (also capped by [`CAPTURE_MAX`]).
     pub snaplen: u32,
+    /// Nonzero: the capture tap, where large captured packets go as clones instead of being
+    /// copied into the ring ([`PACKET_CLONED`]).
+    pub clone_ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 12);
+
+/// Captured packets longer than this go to the capture tap as clones when there is one
+/// ([`CaptureConfig::clone_ifindex`]): GSO super-packets, where the copy is what costs.
+/// Shorter ones (ACKs, MTU-sized frames) are copied into the ring, which is cheaper per
+/// packet than a clone, a queue and a `read` each.
+pub const CLONE_MIN: u32 = 2048;
+/// Longer packets are copied into the ring rather than cloned: the tap's reader reads
+/// clones into 64 KiB buffers (childflow's packet arena slots). TCP's GSO packets stay
+/// below it (its size goal leaves room for headers under the 64 KiB GSO limit).
+pub const CLONE_MAX: u32 = 64 << 10;
+/// Bits of a CPU's clone count in [`PacketHeader::clone_tag`].
+pub const CLONE_SEQ_BITS: u32 = 10;
+/// Only CPUs below this clone packets (their number fits the tag's other 6 bits); the rest
+/// copy into the ring.
+pub const CLONE_CPUS: u32 = 1 << (16 - CLONE_SEQ_BITS);
 
 /// The most bytes of one packet the kernel copies, whatever the snap length: more than a
 /// 64 KiB GSO super-packet and its Ethernet header. Longer packets (BIG TCP) are truncated

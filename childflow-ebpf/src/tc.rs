@@ -29,16 +29,20 @@ use aya_ebpf::{
         __sk_buff, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
         BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC,
     },
-    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns},
+    helpers::{
+        bpf_clone_redirect, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
+        bpf_skb_vlan_pop, bpf_skb_vlan_push,
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, sk_buff::SkBuff},
 };
 use childflow_common::{
     event::{
-        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL,
-        DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START,
-        FlowRecord, KIND_FLOW, KIND_PACKET, PACKET_CAPTURE, PacketHeader,
+        CAPTURE_MAX, CLONE_CPUS, CLONE_MAX, CLONE_MIN, CLONE_SEQ_BITS, COUNT_CAPTURE_FILTERED,
+        CaptureConfig, DROP_COUNTERS, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF,
+        DROP_PARSE, FLOW_END_FIN, FLOW_END_RST, FLOW_START, FlowRecord, KIND_FLOW, KIND_PACKET,
+        PACKET_CAPTURE, PACKET_CLONED, PacketHeader,
     },
     filter::{self, Insn, MAX_INSNS, SIDE_DST, SIDE_SRC, field, op},
     flow::{
@@ -117,6 +121,8 @@ struct Scratch {
     /// The packet's direction (`DIR_*`), read back from here where it is needed (see
     /// `account`).
     dir: u32,
+    /// This CPU's count of clones handed to the capture tap (see `clone_packet`).
+    clone_seq: u32,
 }
 
 /// A per-CPU clock of tick resolution for "last seen": the time of this CPU's first packet
@@ -175,6 +181,12 @@ static FILTER_STACK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0)
 /// childflow's `ebpf` module): large when capturing, small for DNS alone.
 #[map]
 static PACKETS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// A CPU's clones per forced wake-up of the ring's reader (see `clone_packet`).
+const CLONE_WAKEUP: u32 = 16;
+
+/// `ETH_P_8021Q` (include/uapi/linux/if_ether.h), the clone tag's VLAN protocol.
+const ETH_P_8021Q: u16 = 0x8100;
 
 /// Bytes of a `PacketHeader`, at the start of every packet record.
 const HEADER: usize = core::mem::size_of::<PacketHeader>();
@@ -409,8 +421,29 @@ fn capture(ctx: &TcContext, dir: usize, dns: bool, parsed: Option<&Parsed>) {
         ts_ns,
         cpu,
         offset: 0,
+        clone_tag: 0,
+        _pad: 0,
     };
     let threshold = if config.capture_all != 0 { CAPTURE_WAKEUP_BYTES } else { WAKEUP_BYTES };
+    // A large packet captured whole goes to the capture tap as a clone when there is one;
+    // if that fails (the tap's queue is full, the packet already has a VLAN tag, or it is
+    // a GSO packet the tap would have to segment) it is copied into the ring as usual.
+    if wanted
+        && !dns
+        && config.clone_ifindex != 0
+        && len == orig_len
+        && len > CLONE_MIN
+        && len <= CLONE_MAX
+    {
+        match clone_packet(ctx, &header, config.clone_ifindex, parsed, threshold) {
+            Copied::Yes => return,
+            Copied::RingFull => {
+                count_drop(DROP_PACKET_RINGBUF);
+                return;
+            }
+            Copied::Failed => {}
+        }
+    }
     // The smallest record that holds the packet: ACKs and small datagrams, MTU-sized
     // frames, then GSO super-packets up to 64 KiB (and the most a veth carries with BIG TCP
     // off), each a constant for `bpf_ringbuf_reserve`. A record's unused tail is never
@@ -454,8 +487,10 @@ fn copy_packet<const CAP: usize>(ctx: &TcContext, header: &PacketHeader, thresho
     // Through memory: LLVM knows the caller's bound and would drop the check below, which
     // the verifier needs to see before the helper's size argument.
     // SAFETY: reading a field of a reference.
-    let n = unsafe { core::ptr::read_volatile(&header.cap_len) };
-    if n == 0 || n as usize > CAP {
+    // In 64 bits: LLVM folds the two tests into one range test on `n - 1`, and a 32-bit
+    // one zero-extends that difference, which loses the verifier the link to `n`.
+    let n = u64::from(unsafe { core::ptr::read_volatile(&header.cap_len) });
+    if n == 0 || n > CAP as u64 {
         return Copied::Failed;
     }
     let wakeup = wakeup_crossing(&PACKETS, (HEADER + CAP + RINGBUF_HDR) as u64, threshold);
@@ -470,7 +505,7 @@ fn copy_packet<const CAP: usize>(ctx: &TcContext, header: &PacketHeader, thresho
             ctx.skb.skb as *const _,
             0,
             base.add(HEADER).cast(),
-            n,
+            n as u32,
         )
     };
     if ret != 0 {
@@ -480,6 +515,77 @@ fn copy_packet<const CAP: usize>(ctx: &TcContext, header: &PacketHeader, thresho
     // SAFETY: the record starts with HEADER bytes for the header; ring records are 8-byte
     // aligned.
     unsafe { base.cast::<PacketHeader>().write(*header) };
+    record.submit(wakeup);
+    Copied::Yes
+}
+
+/// Hands a clone of the packet to the capture tap `ifindex`, tagged with the next clone
+/// tag as its VLAN TCI, and writes a record of `header` without bytes ([`PACKET_CLONED`])
+/// after it: by the time userspace reads the record, the clone is in the tap's queue
+/// (the tap has no qdisc, so `bpf_clone_redirect` puts it there or fails, synchronously).
+///
+/// The tag is pushed on the packet itself just for the clone and popped again, so the
+/// packet goes on unchanged; the clone shares the packet's data, so nothing is copied
+/// here. Only plain packets and TCP (whose GSO the tap takes as it is, see childflow's
+/// `backend::rootful::tap`) are cloned: anything else GSO would be segmented for the tap,
+/// each segment with the same tag.
+#[inline(always)]
+fn clone_packet(
+    ctx: &TcContext,
+    header: &PacketHeader,
+    ifindex: u32,
+    parsed: Option<&Parsed>,
+    threshold: u64,
+) -> Copied {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the program's own context.
+    let (vlan, gso_size) = unsafe { ((*skb).vlan_present, (*skb).gso_size) };
+    let tcp = parsed.is_some_and(|p| p.key.proto == PROTO_TCP);
+    if vlan != 0 || (gso_size != 0 && !tcp) {
+        return Copied::Failed;
+    }
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu >= CLONE_CPUS {
+        return Copied::Failed;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Copied::Failed;
+    };
+    let Some(mut record) = PACKETS.reserve::<PacketHeader>(0) else {
+        return Copied::RingFull;
+    };
+    // SAFETY: this CPU's scratch slot, this program run's own.
+    let seq = unsafe { &mut (*scratch).clone_seq };
+    let tag = cpu << CLONE_SEQ_BITS | (*seq & ((1 << CLONE_SEQ_BITS) - 1));
+    // The clones' bytes wait in the tap, not in the ring: the ring's batching by bytes
+    // would let the reader sleep while the tap fills. Every CLONE_WAKEUP-th clone of a
+    // CPU wakes it instead (about a MiB of GSO packets).
+    let wakeup = if *seq % CLONE_WAKEUP == CLONE_WAKEUP - 1 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        wakeup_crossing(&PACKETS, (HEADER + RINGBUF_HDR) as u64, threshold)
+    };
+    *seq = seq.wrapping_add(1);
+    // SAFETY (all three): helpers of a TC program on its own skb; the tag goes on as
+    // hardware-accelerated metadata (no bytes move) and comes off the same way.
+    let cloned = unsafe {
+        if bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tag as u16) != 0 {
+            record.discard(0);
+            return Copied::Failed;
+        }
+        let ret = bpf_clone_redirect(skb, ifindex, 0);
+        bpf_skb_vlan_pop(skb);
+        ret == 0
+    };
+    if !cloned {
+        record.discard(0);
+        return Copied::Failed;
+    }
+    let rec =
+        PacketHeader { cap_len: 0, flags: header.flags | PACKET_CLONED, clone_tag: tag, ..*header };
+    // SAFETY: the record is a reserved PacketHeader.
+    unsafe { record.as_mut_ptr().write(rec) };
     record.submit(wakeup);
     Copied::Yes
 }

@@ -74,7 +74,7 @@ fn a_lent_record_holds_its_space_until_it_is_dropped() {
         return;
     }
     let net = TestNet::new();
-    let capture = CaptureConfig { capture_all: 1, snaplen: 65_535 };
+    let capture = CaptureConfig { capture_all: 1, snaplen: 65_535, clone_ifindex: 0 };
     let mut acc = Accounting::attach_with(&net.host_if, None, capture).expect("attach");
     let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[1000, 1000], true);
@@ -101,7 +101,7 @@ fn capture_copies_every_packet_up_to_the_snap_length_with_its_direction() {
         return;
     }
     let net = TestNet::new();
-    let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
+    let capture = CaptureConfig { capture_all: 1, snaplen: 100, clone_ifindex: 0 };
     let mut acc = Accounting::attach_with(&net.host_if, None, capture).expect("attach");
     let ring = PacketRing::new(acc.take_packet_map().unwrap()).unwrap();
     udp_exchange(&net, 7, &[50, 500], true);
@@ -195,7 +195,7 @@ fn filtered(filter: &str) -> Filtered {
         .program
         .to_kernel()
         .expect("fits the kernel table");
-    let capture = CaptureConfig { capture_all: 1, snaplen: 100 };
+    let capture = CaptureConfig { capture_all: 1, snaplen: 100, clone_ifindex: 0 };
     let mut acc = Accounting::load(capture, Some(&program)).expect("load");
     let ifindex = nix::net::if_::if_nametoindex(net.host_if.as_str()).expect("the veth's index");
     childflow::ebpf::add_clsact(ifindex).expect("add a clsact qdisc");

@@ -218,7 +218,7 @@ fn load_maps(path: &str, mut loader: EbpfLoader) -> Result<Ebpf> {
     freeze(
         &mut ebpf,
         "CONFIG",
-        CaptureConfig { capture_all: capture as u32, snaplen: CAPTURE_MAX },
+        CaptureConfig { capture_all: capture as u32, snaplen: CAPTURE_MAX, clone_ifindex: 0 },
     )?;
     let mut program = filter::Program::default();
     if capture {

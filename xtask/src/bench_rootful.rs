@@ -24,8 +24,10 @@
 //!   socket: `flood` through the kernel's UDP path could not offer more than 130-160k/s
 //!   here, and one `rawflood` thread at 230-240k, so two share the rate); `--capture-rate
 //!   [PPS]` runs only these rows (at PPS to find a ceiling);
-//! - capture of bulk TCP: `childflow --root -c` (with the default ring and with
-//!   `--capture-buffer 256M`) against `childflow --root`, and `tcpdump -w` on the baseline
+//! - capture of bulk TCP: `childflow --root -c` (with the default ring, with
+//!   `--capture-buffer 256M`, and with `CHILDFLOW_CAPTURE_TAP=0`: large packets copied into
+//!   the ring instead of cloned to the capture tap) against `childflow --root`, and
+//!   `tcpdump -w` on the baseline
 //!   veth against the baseline, files on /dev/shm and then on the disk (the temp dir): the
 //!   cost is the median of the per-round throughput ratios of each pair;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
@@ -269,8 +271,16 @@ impl Contender {
                 ["ip", "netns", "exec", BASE_NS].map(String::from).to_vec()
             }
             Contender::Childflow(extra) => {
-                let mut a = vec![bin.to_owned(), "--root".into()];
-                a.extend(extra.iter().cloned());
+                // `CHILDFLOW_*=…` among the arguments go to its environment (through env(1)).
+                let (env, args): (Vec<&String>, Vec<&String>) =
+                    extra.iter().partition(|a| a.starts_with("CHILDFLOW_") && a.contains('='));
+                let mut a = Vec::new();
+                if !env.is_empty() {
+                    a.push("env".to_owned());
+                    a.extend(env.into_iter().cloned());
+                }
+                a.extend([bin.to_owned(), "--root".into()]);
+                a.extend(args.into_iter().cloned());
                 a.push("--".into());
                 a
             }
@@ -592,8 +602,10 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
             Some(&cf_file),
             Some(0),
         ),
+        // The large packets copied into the ring, as before the capture tap.
+        ("  no tap (ring copy)", capture(&["CHILDFLOW_CAPTURE_TAP=0"]), Some(&cf_file), Some(0)),
         ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
-        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(3)),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(4)),
     ];
     println!(
         "

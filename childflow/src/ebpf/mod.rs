@@ -29,7 +29,8 @@ use netlink_packet_route::{
     tc::{TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
 };
 use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
 };
 
 /// The object built from `childflow-ebpf/` by `build.rs`; `None` in a rootless-only build.
@@ -645,6 +646,17 @@ pub fn add_clsact(ifindex: u32) -> Result<(), EbpfError> {
     msg.attributes.push(TcAttribute::Kind("clsact".into()));
     route_request(RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_EXCL)
         .map_err(|source| EbpfError::Tc { what: "add a clsact qdisc", ifindex, source })
+}
+
+/// Gives interface `ifindex` the `noqueue` root qdisc: a packet sent to it goes straight to
+/// its driver, and a driver that drops it says so to the sender (for the capture tap: the
+/// program learns at once whether its clone is queued, see `backend::rootful::tap`).
+pub fn set_noqueue(ifindex: u32) -> Result<(), EbpfError> {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.parent = TcHandle::ROOT;
+    msg.attributes.push(TcAttribute::Kind("noqueue".into()));
+    route_request(RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_REPLACE)
+        .map_err(|source| EbpfError::Tc { what: "give the capture tap no queue", ifindex, source })
 }
 
 /// Removes the `clsact` qdisc of interface `ifindex`, and with it the TC filters.

@@ -60,6 +60,7 @@ pub mod nft;
 mod raw;
 pub mod ring;
 pub(crate) mod startup;
+pub mod tap;
 
 use std::{
     ffi::{CStr, CString},
@@ -75,9 +76,9 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use childflow_common::{
     event::{
-        CAPTURE_MAX, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_FLOW_MAP_FULL, DROP_FLOW_RINGBUF,
-        DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE, PacketHeader,
-        Reassembly, Record, decode,
+        CAPTURE_MAX, CLONE_MIN, COUNT_CAPTURE_FILTERED, CaptureConfig, DROP_FLOW_MAP_FULL,
+        DROP_FLOW_RINGBUF, DROP_PACKET_RINGBUF, DROP_PARSE, DROP_SOCK_RINGBUF, PACKET_CAPTURE,
+        PACKET_CLONED, PacketHeader, Reassembly, Record, decode,
     },
     flow::DIR_OUT,
 };
@@ -250,6 +251,8 @@ struct Drain {
     answers: dns::Answers,
     /// Packets copied in several ring records, being joined.
     reassembly: Reassembly,
+    /// Where the large packets of a capture are, as clones (`PACKET_CLONED` records).
+    tap: Option<tap::CaptureTap>,
     out: Vec<Event>,
 }
 
@@ -276,26 +279,46 @@ impl Drain {
         // DNS is copied for naming whatever the capture filter says; only the marked
         // copies belong in the capture.
         if header.flags & PACKET_CAPTURE != 0 {
-            self.out.push(Event::Packet(PacketEvent {
-                ts,
-                direction: if header.direction == DIR_OUT as u32 {
-                    Direction::Out
-                } else {
-                    Direction::In
-                },
-                orig_len: header.orig_len,
-                data: match ring.filter(|_| data.len() >= LEND_MIN).and_then(|r| r.lend(data)) {
-                    Some(lent) => PacketData::Lent(lent),
-                    None => crate::event::packet_bytes(data).into(),
-                },
-            }));
+            let data = match ring.filter(|_| data.len() >= LEND_MIN).and_then(|r| r.lend(data)) {
+                Some(lent) => PacketData::Lent(lent),
+                None => crate::event::packet_bytes(data).into(),
+            };
+            self.captured(&header, ts, data);
         }
+    }
+
+    /// A captured packet whose bytes went to the capture tap ([`PACKET_CLONED`]): taken
+    /// from there, or counted lost.
+    fn cloned(&mut self, header: &PacketHeader) {
+        match self.tap.as_mut().and_then(|tap| tap.take(header.clone_tag as u16)) {
+            Some(frame) => {
+                let ts = self.clock.to_unix(header.ts_ns);
+                self.captured(header, ts, PacketData::Owned(frame));
+            }
+            None => self.emitter.count_lost(),
+        }
+    }
+
+    fn captured(&mut self, header: &PacketHeader, ts: crate::event::UnixNanos, data: PacketData) {
+        self.out.push(Event::Packet(PacketEvent {
+            ts,
+            direction: if header.direction == DIR_OUT as u32 {
+                Direction::Out
+            } else {
+                Direction::In
+            },
+            orig_len: header.orig_len,
+            data,
+        }));
     }
 
     /// Packets still waiting for records that will not come (the programs are detached).
     fn finish_packets(&mut self) {
         let mut reassembly = std::mem::take(&mut self.reassembly);
         reassembly.finish(&mut |h, d| self.packet(h, d, None));
+        if let Some(tap) = &mut self.tap {
+            tap.finish();
+        }
         self.flush();
     }
 
@@ -323,14 +346,26 @@ impl Drain {
         // Space of records the collector is done with goes back first.
         packets.release();
         while let Some(item) = packets.next() {
-            if !self.emitter.has_packet_room(held + item.len()) {
+            let record = decode(item);
+            // A clone's bytes are not in its record, but go to the collector all the same.
+            let bytes = match &record {
+                Ok(Record::Packet { header, .. }) if header.flags & PACKET_CLONED != 0 => {
+                    item.len() + header.orig_len as usize
+                }
+                _ => item.len(),
+            };
+            if !self.emitter.has_packet_room(held + bytes) {
                 // Not consumed: the next `next` returns this record again.
                 packets.put_back();
                 left = true;
                 break;
             }
-            held += item.len();
-            let Ok(Record::Packet { header, data }) = decode(item) else { continue };
+            held += bytes;
+            let Ok(Record::Packet { header, data }) = record else { continue };
+            if header.flags & PACKET_CLONED != 0 {
+                self.cloned(&header);
+                continue;
+            }
             reassembly.push(header, data, &mut |h, d| self.packet(h, d, Some(packets)));
         }
         packets.release();
@@ -418,10 +453,29 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     };
 
     phase!("preflight done");
-    let capture = config.capture.as_ref().map_or(
-        CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX },
-        |c| CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX) },
-    );
+    let mut capture = config
+        .capture
+        .as_ref()
+        .map_or(CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX, clone_ifindex: 0 }, |c| {
+            CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX), clone_ifindex: 0 }
+        });
+    // A capture that may want packets longer than CLONE_MIN whole takes them from a tap
+    // (see `tap`). CHILDFLOW_CAPTURE_TAP=0 copies them into the ring instead (for A/B
+    // measurements, `cargo xtask bench rootful --capture`).
+    let tap = if capture.capture_all != 0
+        && capture.snaplen > CLONE_MIN
+        && std::env::var_os("CHILDFLOW_CAPTURE_TAP").is_none_or(|v| v != "0")
+    {
+        let name = CString::new(format!("cf{run_id}t")).context("capture tap name")?;
+        let ring = config.capture.as_ref().and_then(|c| c.buffer);
+        let queue = tap::queue_len(ring.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER));
+        let tap = tap::CaptureTap::create(&name, queue)?;
+        capture.clone_ifindex = tap.ifindex();
+        phase!("capture tap created");
+        Some(tap)
+    } else {
+        None
+    };
     // The capture filter runs in the TC programs, so what it rejects never takes ring space.
     // The capture writer filters again: it is the authority (for both backends) and sees
     // only what the kernel let through, so the second pass is cheap.
@@ -519,6 +573,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         filtered_seen: 0,
         answers: dns::Answers::default(),
         reassembly: Reassembly::default(),
+        tap,
         out: Vec::new(),
     };
     let mut rings = runtime.block_on(async {
@@ -613,6 +668,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // childflow exits.
     let mut keep = accounting.link_fds();
     keep.push(nat.as_raw_fd());
+    // Unregistering the tap waits for grace periods too.
+    keep.extend(drain.tap.as_ref().map(|t| t.as_raw_fd()));
     linger::hand_over(&keep);
     drop((rings, accounting, nat, host, runtime));
     cg.leave_to_reaper();

@@ -23,7 +23,7 @@ pub const TAP_NAME: &CStr = c"tap0";
 /// costs smoltcp's 1 s minimum retransmission timeout).
 const TX_QUEUE_LEN: i32 = 10_000;
 
-fn ifreq(name: &CStr) -> libc::ifreq {
+pub(crate) fn ifreq(name: &CStr) -> libc::ifreq {
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.to_bytes()) {
@@ -32,10 +32,10 @@ fn ifreq(name: &CStr) -> libc::ifreq {
     req
 }
 
-struct Sock(OwnedFd);
+pub(crate) struct Sock(OwnedFd);
 
 impl Sock {
-    fn new(family: libc::c_int) -> Result<Sock, String> {
+    pub(crate) fn new(family: libc::c_int) -> Result<Sock, String> {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -45,7 +45,7 @@ impl Sock {
         Ok(Sock(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn ioctl<T>(&self, req: libc::Ioctl, arg: &mut T, what: &str) -> Result<(), String> {
+    pub(crate) fn ioctl<T>(&self, req: libc::Ioctl, arg: &mut T, what: &str) -> Result<(), String> {
         // SAFETY: each caller passes the argument type the request expects.
         if unsafe { libc::ioctl(self.0.as_raw_fd(), req, arg as *mut T) } < 0 {
             return Err(format!("{what}: {}", Errno::last()));
@@ -54,7 +54,7 @@ impl Sock {
     }
 }
 
-fn set_flags(sock: &Sock, name: &CStr, flags: libc::c_int) -> Result<(), String> {
+pub(crate) fn set_flags(sock: &Sock, name: &CStr, flags: libc::c_int) -> Result<(), String> {
     let mut req = ifreq(name);
     sock.ioctl(libc::SIOCGIFFLAGS, &mut req, "cannot read interface flags")?;
     // SAFETY: ifru_flags is the member SIOCGIFFLAGS filled in.
