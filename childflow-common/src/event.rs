@@ -63,8 +63,8 @@ pub struct PacketHeader {
     /// With [`PACKET_CLONED`]: the tag of the packet's clone on the capture tap, its VLAN
     /// TCI there: the CPU (below [`CLONE_CPUS`]) above the low [`CLONE_SEQ_BITS`] bits of
     /// that CPU's count of clones. A CPU's clones reach the tap in the order of its
-    /// records, so the tag is unique among the clones waiting there as long as fewer than
-    /// `1 << CLONE_SEQ_BITS` do (the tap's queue is shorter). Otherwise 0.
+    /// records, so the n-th record with a tag belongs to the n-th clone with it. Otherwise
+    /// 0.
     pub clone_tag: u32,
     pub _pad: u32,
 }

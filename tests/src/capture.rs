@@ -54,3 +54,49 @@ impl Dumpcap {
         self.0.wait().unwrap();
     }
 }
+
+/// `tshark -r file -n -Y filter -T fields -e ...`, one Vec per packet.
+pub fn tshark_fields(file: &Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = crate::tool("tshark");
+    cmd.arg("-r").arg(file).args(["-n", "-Y", filter, "-T", "fields"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+/// The bytes of the HTTP stream from port 80 a capture holds, each counted once: the union
+/// of the segments' sequence ranges (per TCP stream). A retransmission adds nothing, also
+/// one tshark calls out of order (on two CPUs, the veth can reorder a bulk transfer, and
+/// the receiver's duplicate ACKs then make the sender resend).
+pub fn http_payload(capture: &Path) -> u64 {
+    let fields = ["tcp.stream", "tcp.seq", "tcp.len"];
+    let mut ranges: Vec<(u64, u64, u64)> = tshark_fields(capture, "tcp.srcport == 80", &fields)
+        .iter()
+        .map(|l| {
+            let n = |i: usize| l[i].parse::<u64>().unwrap();
+            (n(0), n(1), n(1) + n(2))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let (mut covered, mut at) = (0, None::<(u64, u64)>);
+    for (stream, start, end) in ranges {
+        let from = match at {
+            Some((s, reached)) if s == stream => start.max(reached),
+            _ => start,
+        };
+        covered += end.saturating_sub(from);
+        let reached = match at {
+            Some((s, reached)) if s == stream => reached.max(end),
+            _ => end,
+        };
+        at = Some((stream, reached));
+    }
+    covered
+}

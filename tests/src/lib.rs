@@ -21,7 +21,7 @@ mod http;
 pub mod net;
 
 pub use bin::{childflow, childflow_as_test_user, tool};
-pub use capture::Dumpcap;
+pub use capture::{Dumpcap, http_payload, tshark_fields};
 pub use net::{TestNet, leftovers};
 
 /// The zone the test DNS server is authoritative for.

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use childflow_tests::{Dumpcap, TestNet, childflow, is_root, skip, tool};
+use childflow_tests::{
+    Dumpcap, TestNet, childflow, http_payload, is_root, skip, tool, tshark_fields,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Backend {
@@ -69,22 +71,6 @@ fn pid_of(marker: &str) -> u32 {
         .filter_map(|l| l.trim().parse::<u32>().ok())
         .find(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|ns| ns != ours))
         .expect("the command's pid")
-}
-
-/// `tshark -r file -Y filter -T fields -e ...`, one Vec per packet.
-fn tshark_fields(file: &Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
-    let mut cmd = tool("tshark");
-    cmd.arg("-r").arg(file).args(["-n", "-Y", filter, "-T", "fields"]);
-    for f in fields {
-        cmd.args(["-e", f]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| l.split('\t').map(str::to_owned).collect())
-        .collect()
 }
 
 /// Per flow (proto, remote ip, remote port, local port; ports empty for ICMP), (packets, ip
@@ -446,13 +432,6 @@ fn capture_with_a_stalled_reader(args: &[&str], url: &str, capture: &Path) -> Ou
     let out = cf.wait_with_output().unwrap();
     reader.join().unwrap();
     out
-}
-
-/// TCP payload bytes from the HTTP server in `capture`, each once: tshark knows resent
-/// segments for retransmissions.
-fn http_payload(capture: &Path) -> u64 {
-    let filter = "tcp.srcport == 80 && !tcp.analysis.retransmission";
-    tshark_fields(capture, filter, &["tcp.len"]).iter().map(|l| l[0].parse::<u64>().unwrap()).sum()
 }
 
 /// A rootless capture that cannot keep up holds the command's traffic back instead of

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use childflow_tests::{Dumpcap, TestNet, childflow, childflow_as_test_user, is_root, skip, tool};
+use childflow_tests::{
+    Dumpcap, TestNet, childflow, childflow_as_test_user, http_payload, is_root, skip, tool,
+};
 use serde_json::Value;
 
 /// Skips (with the reason) when this machine cannot run `--root` tests.
@@ -250,8 +252,13 @@ impl MemoryLimit {
 }
 
 impl Drop for MemoryLimit {
+    /// Removes the cgroup once its last process is gone: childflow's reaper (forked into
+    /// it) outlives childflow by a moment.
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let started = Instant::now();
+        while std::fs::remove_dir(&self.0).is_err() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -295,9 +302,11 @@ fn a_capture_buffer_beyond_the_memory_limit_is_refused_naming_the_option() {
 /// The run's host state, for run `id` (childflow's pid in hex), that still exists.
 fn run_leftovers(id: &str) -> Vec<String> {
     let mut left = Vec::new();
-    let link = format!("cf{id}h");
-    if Path::new("/sys/class/net").join(&link).exists() {
-        left.push(format!("link {link}"));
+    // The veth's host end, and the capture tap of a run with a capture.
+    for link in [format!("cf{id}h"), format!("cf{id}t")] {
+        if Path::new("/sys/class/net").join(&link).exists() {
+            left.push(format!("link {link}"));
+        }
     }
     let tables = tool("nft").args(["list", "tables"]).output().unwrap();
     if String::from_utf8_lossy(&tables.stdout).contains(&format!("childflow_{id}")) {
@@ -330,14 +339,28 @@ fn sigkill_of_childflow_leaves_nothing_within_two_seconds() {
         return;
     }
     let net = TestNet::new();
-    let (mut c, _) = rootful(&net, "sigkill", &["sh", "-c", "echo started; exec sleep 60"]);
+    // With a capture, so the capture tap is on the host too, and a download through it
+    // (its large packets go to the file through the tap) before the kill.
+    let capture = net.dir.path().join("killed.pcapng");
+    let script = format!(
+        "curl -sS --fail -o /dev/null http://{}/bytes/3000000 && echo started; exec sleep 60",
+        net.server_v4()
+    );
+    let (mut c, _) =
+        rootful_with(&net, "sigkill", &["-c".as_ref(), capture.as_ref()], &["sh", "-c", &script]);
     let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line, "started\n");
     let id = format!("{:x}", child.id());
     let state = run_leftovers(&id);
-    assert_eq!(state.len(), 3, "link, nft table and cgroup exist while it runs: {state:?}");
+    assert_eq!(
+        state.len(),
+        4,
+        "veth, capture tap, nft table and cgroup exist while it runs: {state:?}"
+    );
+    // The capture is flushed within 150 ms of a quiet link.
+    std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
     let killed = Instant::now();
@@ -345,6 +368,10 @@ fn sigkill_of_childflow_leaves_nothing_within_two_seconds() {
         run_leftovers(&id).is_empty()
     });
     eprintln!("host state gone {:?} after SIGKILL", killed.elapsed());
+    let info = tool("capinfos").arg(&capture).output().unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let payload = http_payload(&capture);
+    assert!(payload >= 3_000_000, "the download was captured whole: {payload} bytes");
 }
 
 #[test]

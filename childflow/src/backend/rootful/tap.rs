@@ -26,29 +26,32 @@
 //! (`TUNSETOFFLOAD`), so nothing is segmented or checksummed for it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     ffi::CStr,
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
 use anyhow::{Context, Result, bail};
-use childflow_common::event::{CLONE_MAX, CLONE_SEQ_BITS};
+use childflow_common::event::CLONE_MAX;
 use nix::errno::Errno;
 
 use crate::backend::rootless::tap::{Sock, ifreq, set_flags};
 
-/// Frames the tap holds for the reader at most: `1 << CLONE_SEQ_BITS`, so a tag is unique
-/// among the clones waiting (see `PacketHeader::clone_tag`).
-const QUEUE_MAX: u32 = 1 << CLONE_SEQ_BITS;
-/// And at least: a few wake-ups' worth (see `CLONE_WAKEUP` in childflow-ebpf).
-const QUEUE_MIN: u32 = 64;
+/// Frames the tap holds for the reader at least: a few wake-ups' worth (see
+/// `CLONE_WAKEUP` in childflow-ebpf).
+const QUEUE_MIN: u32 = 128;
+/// Bytes per frame of the queue: the clones of a bulk transfer averaged 28 KiB here (GSO
+/// packets of up to [`CLONE_MAX`], and the shorter ones TCP sends when the window is
+/// small).
+const QUEUE_BYTES_PER_FRAME: u32 = 32 << 10;
 
-/// The tap's queue for a packet ring of `ring_bytes`: the clones it holds are packets of up
-/// to [`CLONE_MAX`] bytes, so it holds about as much as the ring (`--capture-buffer` sizes
-/// both): 1024 clones for the default 64 MiB ring.
+/// The tap's queue for a packet ring of `ring_bytes`: about as much again as the ring
+/// (`--capture-buffer` sizes both), 2048 clones for the default 64 MiB ring. The memory is
+/// the packets' own (a clone holds its packet's pages until read), never allocated ahead,
+/// and at most `CLONE_MAX` per frame.
 pub fn queue_len(ring_bytes: u32) -> u32 {
-    (ring_bytes / CLONE_MAX).clamp(QUEUE_MIN, QUEUE_MAX)
+    (ring_bytes / QUEUE_BYTES_PER_FRAME).max(QUEUE_MIN)
 }
 
 /// `struct virtio_net_hdr` (include/uapi/linux/virtio_net.h), ahead of every frame.
@@ -63,8 +66,11 @@ const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
 pub struct CaptureTap {
     file: File,
     ifindex: u32,
-    /// Clones read before their records (another CPU's record came first), by tag.
-    ahead: HashMap<u16, Vec<u8>>,
+    /// Clones read before their records (another CPU's record came first), by tag, oldest
+    /// first: a tag repeats once a CPU has cloned `1 << CLONE_SEQ_BITS` (childflow-common) more packets, and
+    /// a CPU's clones and records come in the same order, so the oldest clone with a tag is
+    /// the one of the oldest record with it.
+    ahead: HashMap<u16, VecDeque<Vec<u8>>>,
 }
 
 impl CaptureTap {
@@ -99,7 +105,7 @@ impl CaptureTap {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name_str}/disable_ipv6"), "1");
         let sock = Sock::new(libc::AF_INET).map_err(anyhow::Error::msg)?;
         let mut req = ifreq(name);
-        req.ifr_ifru.ifru_metric = queue_len.min(QUEUE_MAX) as i32;
+        req.ifr_ifru.ifru_metric = queue_len.min(i32::MAX as u32) as i32;
         sock.ioctl(libc::SIOCSIFTXQLEN, &mut req, "cannot set the capture tap's queue length")
             .map_err(anyhow::Error::msg)?;
         set_flags(&sock, name, libc::IFF_UP).map_err(anyhow::Error::msg)?;
@@ -120,7 +126,7 @@ impl CaptureTap {
     /// other tags met on the way for their records). `None` if the tap has no such clone
     /// (which the order of clone and record rules out; the caller counts it lost).
     pub fn take(&mut self, tag: u16) -> Option<Vec<u8>> {
-        if let Some(frame) = self.ahead.remove(&tag) {
+        if let Some(frame) = self.ahead.get_mut(&tag).and_then(VecDeque::pop_front) {
             return Some(frame);
         }
         loop {
@@ -128,9 +134,7 @@ impl CaptureTap {
             if got == tag {
                 return Some(frame);
             }
-            if let Some(stale) = self.ahead.insert(got, frame) {
-                crate::event::recycle_packet_bytes(stale);
-            }
+            self.ahead.entry(got).or_default().push_back(frame);
         }
     }
 
@@ -183,12 +187,10 @@ impl CaptureTap {
     }
 
     /// Gives back the buffers of clones whose records never came (the run is over).
-    pub fn finish(&mut self) -> usize {
-        let left = self.ahead.len();
-        for (_, frame) in self.ahead.drain() {
+    pub fn finish(&mut self) {
+        for frame in self.ahead.drain().flat_map(|(_, frames)| frames) {
             crate::event::recycle_packet_bytes(frame);
         }
-        left
     }
 }
 
