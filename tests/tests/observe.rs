@@ -457,6 +457,74 @@ fn a_rootless_capture_that_falls_behind_loses_no_packet() {
     assert!((BODY..BODY + 1000).contains(&payload), "captured payload {payload}");
 }
 
+/// A rootful capture holds a bulk transfer byte for byte, both ways: the download's body
+/// and the upload's, taken out of the capture by tshark, are what the server sent and
+/// received. Their large packets go to the file through the capture tap (the default,
+/// which strips the tag it carried them with) or through the packet ring
+/// (`CHILDFLOW_CAPTURE_TAP=0`); both are checked.
+#[test]
+fn a_rootful_capture_holds_a_bulk_transfer_byte_for_byte() {
+    if !can_run(Backend::Rootful) {
+        return;
+    }
+    let net = TestNet::new();
+    const BODY: usize = 3_000_000;
+    let server = net.server_v4();
+    let script = format!(
+        "curl -sS --fail -o /dev/null http://{server}/bytes/{BODY} && \
+         head -c {BODY} /dev/zero | tr '\\0' u > up && \
+         curl -sS --fail -o /dev/null -T up http://{server}/upload"
+    );
+    for tap in ["1", "0"] {
+        let dir = tempfile::Builder::new().prefix("childflow-bytes").tempdir().unwrap();
+        let capture = dir.path().join("bulk.pcapng");
+        let out = childflow()
+            .env("CHILDFLOW_CAPTURE_TAP", tap)
+            .current_dir(dir.path())
+            .args(["--root", "-c"])
+            .arg(&capture)
+            .args(["--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "tap {tap}: {stderr}");
+        assert!(!stderr.contains("lost"), "tap {tap}: {stderr}");
+        let down = tcp_stream_payload(&capture, "tcp.srcport == 80 && tcp.len > 0");
+        let body = &down[down.len() - BODY..];
+        assert!(body == childflow_tests::pattern(BODY), "tap {tap}: the download's body differs");
+        let up = tcp_stream_payload(&capture, "tcp.dstport == 80 && tcp.len > 0");
+        assert!(
+            up.len() >= BODY && up[up.len() - BODY..].iter().all(|&b| b == b'u'),
+            "tap {tap}: the upload's body differs"
+        );
+    }
+}
+
+/// The payload the filter selects of the TCP stream that carries the most, in sequence
+/// order, each byte once: as tshark decodes it from the capture (`tcp.payload`).
+fn tcp_stream_payload(capture: &Path, filter: &str) -> Vec<u8> {
+    let mut streams: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+    for l in tshark_fields(capture, filter, &["tcp.stream", "tcp.seq", "tcp.payload"]) {
+        let hex = l[2].replace(':', "");
+        let bytes = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16));
+        let segment = (l[1].parse().unwrap(), bytes.collect::<Result<_, _>>().unwrap());
+        streams.entry(l[0].clone()).or_default().push(segment);
+    }
+    let joined = streams.into_values().map(|mut segments| {
+        segments.sort_by_key(|s| s.0);
+        let mut out = Vec::new();
+        for (seq, data) in segments {
+            // Relative sequence numbers start at 1 after the SYN.
+            let at = seq as usize - 1;
+            if at + data.len() > out.len() {
+                out.extend_from_slice(&data[out.len().saturating_sub(at).min(data.len())..]);
+            }
+        }
+        out
+    });
+    joined.max_by_key(Vec::len).unwrap_or_default()
+}
+
 /// A rootful capture cannot hold the command's traffic back: while its writer stalls, the
 /// packets wait in the kernel's ring. With `--capture-buffer` large enough for a bulk
 /// download it is still captured whole; with the smallest ring packets are lost, and
