@@ -469,10 +469,18 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         let name = CString::new(format!("cf{run_id}t")).context("capture tap name")?;
         let ring = config.capture.as_ref().and_then(|c| c.buffer);
         let queue = tap::queue_len(ring.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER));
-        let tap = tap::CaptureTap::create(&name, queue)?;
-        capture.clone_ifindex = tap.ifindex();
-        phase!("capture tap created");
-        Some(tap)
+        // Without it (no tun driver, say) the capture is whole all the same, only costlier.
+        match tap::CaptureTap::create(&name, queue) {
+            Ok(tap) => {
+                capture.clone_ifindex = tap.ifindex();
+                phase!("capture tap created");
+                Some(tap)
+            }
+            Err(e) => {
+                tracing::debug!("{e:#}; large packets are copied into the packet ring");
+                None
+            }
+        }
     } else {
         None
     };
