@@ -241,7 +241,7 @@ async fn relay_frames(
                 tokio::task::yield_now().await;
             }
             let mut engine = ctx.engine.borrow_mut();
-            if !flush(&mut engine, fd) {
+            if !flush(&mut engine, fd, ctx.now()) {
                 return Ok(());
             }
             // After the writes: sending may wake the collector thread (see
@@ -340,11 +340,11 @@ fn drain_tap(ctx: &Rc<Ctx>, fd: i32) {
 }
 
 /// Writes the engine's frames to the tap. `false` when the tap is gone.
-fn flush(engine: &mut Engine, fd: i32) -> bool {
+fn flush(engine: &mut Engine, fd: i32, now: Instant) -> bool {
     while let Some(frame) = engine.pop_out() {
         // SAFETY: write(2) from an initialized buffer.
         let n = unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
-        engine.recycle(frame);
+        engine.sent(frame, now);
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -609,7 +609,7 @@ fn announce_connected(ctx: &Ctx, id: FlowId) {
     let waiting = engine.out_len();
     engine.tcp_connected(id, ctx.now());
     engine.send_newest_first(waiting);
-    let _ = flush(&mut engine, ctx.tap_fd.get());
+    let _ = flush(&mut engine, ctx.tap_fd.get(), ctx.now());
     engine.flush_events();
     drop(engine);
     ctx.poke();
