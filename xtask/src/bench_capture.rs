@@ -13,8 +13,10 @@
 //!   to packet sockets before the tap's queue). The one-second sleep lets it attach before
 //!   iperf3 starts.
 //!
-//! Two workloads: one bulk TCP flow (iperf3 default, MTU 65520 unless `--mtu`), and many
-//! small UDP datagrams (`iperf3 -u -l 64 -b 0`, the packets/s stress). Reported per run:
+//! Three workloads: one bulk TCP flow from the command (iperf3 default, MTU 65520 unless
+//! `--mtu`), the same to the command (`iperf3 -R`: the engine makes those frames, and hands
+//! the large ones to the capture after writing them to the tap), and many small UDP
+//! datagrams (`iperf3 -u -l 64 -b 0`, the packets/s stress). Reported per run:
 //! iperf3's throughput, its cost against the baseline, packets written (counted in the file
 //! by `capinfos`), packets/s written, and drops (childflow's `--summary-format json`
 //! drop counters; tcpdump's "dropped by kernel"), and the tap's own drops (frames the
@@ -96,7 +98,7 @@ fn parse(args: &[String]) -> Result<Options> {
                 println!(
                     "usage: cargo xtask bench capture [--time SECONDS (3)] [--mtu BYTES (65520)] \
                      [--udp-len BYTES (64)] [--bin PATH] [--user NAME (default childflow-test)] \
-                     [--keep (leave the capture files)] [--only tcp|udp] [--rounds N (3)] \
+                     [--keep (leave the capture files)] [--only tcp|tcp-down|udp] [--rounds N (3)] \
                      [--dir PATH (for the capture files)]"
                 );
                 std::process::exit(0);
@@ -126,8 +128,28 @@ impl Capture {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Workload {
+    /// Bulk TCP from the command (the engine takes the command's frames).
     Tcp,
+    /// Bulk TCP to the command (`iperf3 -R`: the engine makes the frames).
+    TcpDown,
     Udp,
+}
+
+impl Workload {
+    const ALL: [Workload; 3] = [Workload::Tcp, Workload::TcpDown, Workload::Udp];
+
+    /// Its name for `--only` and the capture files.
+    fn tag(self) -> &'static str {
+        match self {
+            Workload::Tcp => "tcp",
+            Workload::TcpDown => "tcp-down",
+            Workload::Udp => "udp",
+        }
+    }
+
+    fn is_tcp(self) -> bool {
+        self != Workload::Udp
+    }
 }
 
 /// What one run measured.
@@ -197,8 +219,10 @@ fn childflow(o: &Options, workload: Workload, capture: Option<&Path>) -> Command
         cmd.arg("-c").arg(file);
     }
     let mut iperf = format!("iperf3 -c {} -J -t {}", NET.server, o.seconds);
-    if workload == Workload::Udp {
-        iperf += &format!(" -u -b 0 -l {}", o.udp_len);
+    match workload {
+        Workload::Tcp => {}
+        Workload::TcpDown => iperf += " -R",
+        Workload::Udp => iperf += &format!(" -u -b 0 -l {}", o.udp_len),
     }
     // The sleeps let tcpdump attach before the traffic starts, and the bench read the tap's
     // counters and stop tcpdump after it ended (the command says when on stderr).
@@ -340,7 +364,7 @@ fn summary_of(err: &str) -> Result<serde_json::Value> {
 
 /// One run of `workload` with `capture`, files in `dir`.
 fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<Measured> {
-    let tag = if workload == Workload::Tcp { "tcp" } else { "udp" };
+    let tag = workload.tag();
     let file = match capture {
         Capture::None => None,
         Capture::Childflow => Some(dir.join(format!("{tag}-childflow.pcapng"))),
@@ -369,7 +393,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
     let mut m = Measured { tap_drops, cpu, ..Measured::default() };
     let end = &v["end"];
     match workload {
-        Workload::Tcp => {
+        Workload::Tcp | Workload::TcpDown => {
             m.gbit = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
             m.seconds = end["sum_received"]["seconds"].as_f64().unwrap_or(0.0);
         }
@@ -441,8 +465,8 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
     // On a shared machine one run says little: the rows alternate, round after round, and
     // each row shows its median run.
     let mut results = Vec::new();
-    for workload in [Workload::Tcp, Workload::Udp] {
-        let tag = if workload == Workload::Tcp { "tcp" } else { "udp" };
+    for workload in Workload::ALL {
+        let tag = workload.tag();
         if o.only.as_deref().is_some_and(|only| only != tag) {
             continue;
         }
@@ -450,7 +474,11 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
         let mut errors: [Option<anyhow::Error>; 3] = Default::default();
         for round in 1..=o.rounds {
             for (i, capture) in CAPTURES.into_iter().enumerate() {
-                let what = if workload == Workload::Tcp { "bulk TCP" } else { "small UDP" };
+                let what = match workload {
+                    Workload::Tcp => "bulk TCP",
+                    Workload::TcpDown => "bulk TCP down",
+                    Workload::Udp => "small UDP",
+                };
                 eprintln!("bench: {what}, {} (round {round}/{}) ...", capture.name(), o.rounds);
                 match run(o, dir, workload, capture) {
                     Ok(m) => runs[i].push(m),
@@ -463,7 +491,7 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
         }
         for ((capture, mut ms), err) in CAPTURES.into_iter().zip(runs).zip(errors) {
             let primary = |m: &Measured| match workload {
-                Workload::Tcp => m.gbit,
+                Workload::Tcp | Workload::TcpDown => m.gbit,
                 Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
             };
             ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
@@ -496,7 +524,7 @@ fn print_tables(results: &Results) {
         row.and_then(|(_, _, r)| r.as_ref().ok())
     };
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    for workload in [Workload::Tcp, Workload::Udp] {
+    for workload in Workload::ALL {
         if !results.iter().any(|(w, _, _)| *w == workload) {
             continue;
         }
@@ -505,6 +533,9 @@ fn print_tables(results: &Results) {
         // What capturing costs: TCP throughput, or datagrams through the engine for UDP.
         let (title, rate, value): (_, _, fn(&Measured) -> f64) = match workload {
             Workload::Tcp => ("bulk TCP (one flow, command → server)", "Gbit/s", |m| m.gbit),
+            Workload::TcpDown => {
+                ("bulk TCP (one flow, server → command, iperf3 -R)", "Gbit/s", |m| m.gbit)
+            }
             Workload::Udp => ("small UDP (iperf3 -u -b 0)", "sent pkt/s", |m| {
                 per_sec(m.engine_packets, m).unwrap_or(0.0)
             }),
@@ -530,7 +561,7 @@ fn print_tables(results: &Results) {
                 continue;
             };
             let shown = match workload {
-                Workload::Tcp => format!("{:.2}", m.gbit),
+                Workload::Tcp | Workload::TcpDown => format!("{:.2}", m.gbit),
                 Workload::Udp => kilo(Some(m.sent_pps)),
             };
             let cost = match (capture, base) {
@@ -540,7 +571,7 @@ fn print_tables(results: &Results) {
                 }
                 _ => "-".into(),
             };
-            let cpu_gb = |m: &Measured| m.cpu_per_gb().filter(|_| workload == Workload::Tcp);
+            let cpu_gb = |m: &Measured| m.cpu_per_gb().filter(|_| workload.is_tcp());
             let cpu_cost = match (capture, cpu_gb(m), base.and_then(cpu_gb)) {
                 (Capture::None, _, _) => "-".to_string(),
                 (_, Some(a), Some(b)) => format!("{:+.1}%", (a / b - 1.0) * 100.0),
