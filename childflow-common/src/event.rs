@@ -80,11 +80,11 @@ pub const PACKET_CAPTURE: u32 = 1;
 /// a value, had to split GSO packets).
 pub const PACKET_MORE: u32 = 2;
 /// [`PacketHeader::flags`]: the record carries no bytes (`cap_len` is 0; `orig_len` bytes are
-/// the whole packet): the
-/// program handed a clone of the packet to the capture tap ([`CaptureConfig::clone_ifindex`])
-/// before it wrote the record, tagged with [`PacketHeader::clone_tag`] as a VLAN tag, which
-/// the tap's reader strips. The clone shares the packet's memory, so the packet is copied
-/// once, by the reader's `read`, on the reader's CPU, not in the sender's softirq.
+/// the whole packet): the program handed a clone of the packet to the capture tap
+/// ([`CaptureConfig::clone_ifindex`]) before it wrote the record, tagged with
+/// [`PacketHeader::clone_tag`] as a VLAN tag, which the tap's reader strips. The clone
+/// shares the packet's memory, so the packet is copied once, by the reader's `read`, on the
+/// reader's CPU, not in the sender's softirq.
 pub const PACKET_CLONED: u32 = 4;
 
 /// [`SockRecord::hook`]: a process of the command tree created a socket (`key` is zero).

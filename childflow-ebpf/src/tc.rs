@@ -544,8 +544,7 @@ fn clone_packet(
     if vlan != 0 || (gso_size != 0 && !tcp) {
         return Copied::Failed;
     }
-    // SAFETY: no preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let cpu = header.cpu;
     if cpu >= CLONE_CPUS {
         return Copied::Failed;
     }

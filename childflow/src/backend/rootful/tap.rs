@@ -67,9 +67,9 @@ pub struct CaptureTap {
     file: File,
     ifindex: u32,
     /// Clones read before their records (another CPU's record came first), by tag, oldest
-    /// first: a tag repeats once a CPU has cloned `1 << CLONE_SEQ_BITS` (childflow-common) more packets, and
-    /// a CPU's clones and records come in the same order, so the oldest clone with a tag is
-    /// the one of the oldest record with it.
+    /// first: a tag repeats once a CPU has cloned `1 << CLONE_SEQ_BITS` (childflow-common)
+    /// more packets, and a CPU's clones and records come in the same order, so the oldest
+    /// clone with a tag is the one of the oldest record with it.
     ahead: HashMap<u16, VecDeque<Vec<u8>>>,
 }
 
