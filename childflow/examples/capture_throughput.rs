@@ -36,7 +36,7 @@ fn main() {
         max_size: None,
         files: None,
         tls_keylog: false,
-        buffer: None,
+        buffer: childflow::cli::DEFAULT_CAPTURE_BUFFER,
     };
     let setup = CaptureSetup {
         interfaces: vec![Interface { name: "bench0".into(), description: "bench".into() }],

@@ -246,9 +246,9 @@ pub struct CaptureConfig {
     pub max_size: Option<u64>,
     pub files: Option<u32>,
     pub tls_keylog: bool,
-    /// Bytes of the rootful backend's kernel packet ring (`--capture-buffer`, a power of
-    /// two); `None`: [`DEFAULT_CAPTURE_BUFFER`].
-    pub buffer: Option<u32>,
+    /// Bytes of the rootful backend's kernel packet ring (`--capture-buffer` rounded up to a
+    /// power of two, else [`DEFAULT_CAPTURE_BUFFER`]); its capture tap holds about as much.
+    pub buffer: u32,
 }
 
 /// The rootful backend's kernel packet ring when capturing, without `--capture-buffer`.
@@ -367,7 +367,9 @@ impl RunArgs {
             files: self.capture_files,
             tls_keylog: self.tls_keylog,
             // In range (checked above), so the power of two is at most 2^31.
-            buffer: self.capture_buffer.map(|b| b.next_power_of_two() as u32),
+            buffer: self
+                .capture_buffer
+                .map_or(DEFAULT_CAPTURE_BUFFER, |b| b.next_power_of_two() as u32),
         });
         Ok(Config {
             backend: if self.root { Backend::Rootful } else { Backend::Rootless },
@@ -504,11 +506,11 @@ mod tests {
             all.extend_from_slice(&["--", "true"]);
             config(&all).map(|c| c.capture.unwrap().buffer)
         };
-        assert_eq!(buffer(&[]), Ok(None));
-        assert_eq!(buffer(&["--capture-buffer", "256M"]), Ok(Some(256 << 20)));
+        assert_eq!(buffer(&[]), Ok(DEFAULT_CAPTURE_BUFFER));
+        assert_eq!(buffer(&["--capture-buffer", "256M"]), Ok(256 << 20));
         // Rounded up to the power of two the kernel's ring needs.
-        assert_eq!(buffer(&["--capture-buffer", "100M"]), Ok(Some(128 << 20)));
-        assert_eq!(buffer(&["--capture-buffer", "2G"]), Ok(Some(2 << 30)));
+        assert_eq!(buffer(&["--capture-buffer", "100M"]), Ok(128 << 20));
+        assert_eq!(buffer(&["--capture-buffer", "2G"]), Ok(2 << 30));
         assert_eq!(buffer(&["--capture-buffer", "1M"]), Err(ConfigError::CaptureBuffer(1 << 20)));
         assert_eq!(buffer(&["--capture-buffer", "3G"]), Err(ConfigError::CaptureBuffer(3 << 30)));
         let rootless = config(&["-c", "x.pcapng", "--capture-buffer", "8M", "--", "true"]);

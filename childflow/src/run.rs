@@ -271,12 +271,11 @@ fn report_capture(stats: &CaptureStats, config: &Config) {
         && config.backend == Backend::Rootful
         && let Some(capture) = &config.capture
     {
-        let ring = capture.buffer.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER);
         eprintln!(
             "childflow: the writer fell behind the traffic; a larger --capture-buffer (this run \
              had {} MiB) lets it catch up without losing packets, or capture less \
              (--capture-filter, --snaplen)",
-            ring >> 20
+            capture.buffer >> 20
         );
     }
 }
@@ -319,7 +318,7 @@ mod tests {
             max_size: None,
             files: None,
             tls_keylog: false,
-            buffer: None,
+            buffer: crate::cli::DEFAULT_CAPTURE_BUFFER,
         };
         let capture = Capture::open(&config, CaptureSetup::default()).expect("open capture");
         let stats = Arc::new(Mutex::new(None));

@@ -20,7 +20,7 @@ fn config(path: &Path) -> CaptureConfig {
         max_size: None,
         files: None,
         tls_keylog: false,
-        buffer: None,
+        buffer: crate::cli::DEFAULT_CAPTURE_BUFFER,
     }
 }
 

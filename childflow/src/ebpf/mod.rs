@@ -12,7 +12,7 @@ use std::{
     path::Path,
 };
 
-use crate::backend::rootful::startup::phase;
+use crate::{backend::rootful::startup::phase, cli::DEFAULT_CAPTURE_BUFFER};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
@@ -179,7 +179,7 @@ impl Accounting {
         cgroup: Option<&std::fs::File>,
         capture: CaptureConfig,
     ) -> Result<Self, EbpfError> {
-        let accounting = Self::load_with(capture, None, cgroup, None)?;
+        let accounting = Self::load_with(capture, None, cgroup, DEFAULT_CAPTURE_BUFFER)?;
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| EbpfError::Tc {
             what: "find",
             ifindex: 0,
@@ -206,7 +206,7 @@ impl Accounting {
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
     ) -> Result<Self, EbpfError> {
-        Self::load_with(capture, filter, None, None)
+        Self::load_with(capture, filter, None, DEFAULT_CAPTURE_BUFFER)
     }
 
     /// Like [`Accounting::load`], and if `cgroup` is given (an open cgroup v2 directory),
@@ -214,14 +214,12 @@ impl Accounting {
     /// the TC programs are still being verified: a cgroup attachment takes milliseconds
     /// (the first one of a kind flips a static key, kernel/bpf/cgroup.c), which then stay
     /// off the start-up's critical path. `packet_ring`: the packet ring's size in bytes
-    /// when capturing (a power of two; `None`: [`DEFAULT_CAPTURE_BUFFER`]).
-    ///
-    /// [`DEFAULT_CAPTURE_BUFFER`]: crate::cli::DEFAULT_CAPTURE_BUFFER
+    /// when capturing (a power of two, [`crate::cli::CaptureConfig::buffer`]).
     pub fn load_with(
         capture: CaptureConfig,
         filter: Option<&childflow_common::filter::Program>,
         cgroup: Option<&std::fs::File>,
-        packet_ring: Option<u32>,
+        packet_ring: u32,
     ) -> Result<Self, EbpfError> {
         preflight()?;
         // aya probes the kernel's features once per process (a dozen tiny program loads
@@ -459,8 +457,8 @@ impl Accounting {
     }
 }
 
-/// Size of the `PACKETS` ring for a run with `capture`: `asked` (`--capture-buffer`) or
-/// [`DEFAULT_CAPTURE_BUFFER`] when capturing.
+/// Size of the `PACKETS` ring for a run with `capture`: `asked` (`--capture-buffer`, or
+/// [`DEFAULT_CAPTURE_BUFFER`]) when capturing.
 ///
 /// A capture of bulk TCP fills it at about a gigabyte a second, so the ring must absorb
 /// the collector's scheduling delays and the disk's on a busy machine: 8 MiB (7 ms of such
@@ -471,13 +469,8 @@ impl Accounting {
 /// larger default). Without capture only DNS packets go through it, for which 1 MiB is
 /// plenty.
 ///
-/// [`DEFAULT_CAPTURE_BUFFER`]: crate::cli::DEFAULT_CAPTURE_BUFFER
-fn packet_ring_bytes(capture: &CaptureConfig, asked: Option<u32>) -> u32 {
-    if capture.capture_all != 0 {
-        asked.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER)
-    } else {
-        1 << 20
-    }
+fn packet_ring_bytes(capture: &CaptureConfig, asked: u32) -> u32 {
+    if capture.capture_all != 0 { asked } else { 1 << 20 }
 }
 
 /// An `EbpfLoader` that never parsed the kernel's BTF. Call it on a thread of childflow's

@@ -86,7 +86,7 @@ use tokio::io::unix::AsyncFd;
 
 use self::startup::phase;
 use crate::{
-    cli::Config,
+    cli::{Config, DEFAULT_CAPTURE_BUFFER},
     ebpf::Accounting,
     event::{Direction, DropReport, Emitter, Event, PacketData, PacketEvent},
     sandbox::{self, Credentials, ExitStatus, Namespaces, Spec},
@@ -459,6 +459,8 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         .map_or(CaptureConfig { capture_all: 0, snaplen: CAPTURE_MAX, clone_ifindex: 0 }, |c| {
             CaptureConfig { capture_all: 1, snaplen: c.snaplen.min(CAPTURE_MAX), clone_ifindex: 0 }
         });
+    // The packet ring's size (`--capture-buffer`), which also sizes the capture tap.
+    let ring = config.capture.as_ref().map_or(DEFAULT_CAPTURE_BUFFER, |c| c.buffer);
     // A capture that may want packets longer than CLONE_MIN whole takes them from a tap
     // (see `tap`). CHILDFLOW_CAPTURE_TAP=0 copies them into the ring instead (for A/B
     // measurements, `cargo xtask bench rootful --capture`).
@@ -467,8 +469,7 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
         && std::env::var_os("CHILDFLOW_CAPTURE_TAP").is_none_or(|v| v != "0")
     {
         let name = CString::new(format!("cf{run_id}t")).context("capture tap name")?;
-        let ring = config.capture.as_ref().and_then(|c| c.buffer);
-        let queue = tap::queue_len(ring.unwrap_or(crate::cli::DEFAULT_CAPTURE_BUFFER));
+        let queue = tap::queue_len(ring);
         // Without it (no tun driver, say) the capture is whole all the same, only costlier.
         match tap::CaptureTap::create(&name, queue) {
             Ok(tap) => {
@@ -518,7 +519,6 @@ pub fn run(config: &Config, events: Emitter) -> Result<ExitStatus> {
     // The verifier and map creation take a while: run them while netlink sets up the veth.
     // The attribution programs go on the cgroup (which exists) as soon as each is verified.
     let cgroup_dir = cg.open()?;
-    let ring = config.capture.as_ref().and_then(|c| c.buffer);
     let loader = std::thread::Builder::new()
         .name("ebpf-load".into())
         .spawn(move || {
