@@ -715,13 +715,23 @@ impl Engine {
     /// towards the command, and the copy for the capture cost the engine (the critical
     /// path) ~30–85 ms of CPU per GB (its thread's CPU time, interleaved runs with and
     /// without `-c`); after the write the buffer is free to hand over.
-    pub fn sent(&mut self, frame: Vec<u8>, now: Instant) {
-        if self.cfg.snaplen.is_some() && frame.len() >= crate::capture::direct::ZERO_COPY_MIN {
-            self.emit_packet_owned(frame, crate::event::Direction::In, now);
-        } else {
-            self.emit_packet(&frame, crate::event::Direction::In, now);
+    pub fn sent(&mut self, mut frame: Vec<u8>, now: Instant) {
+        let direction = crate::event::Direction::In;
+        let Some(snap) = self.capture_snap(&frame, direction) else {
             self.dev.recycle(frame);
-        }
+            return;
+        };
+        let orig_len = frame.len() as u32;
+        let data = if snap >= crate::capture::direct::ZERO_COPY_MIN {
+            frame.truncate(snap);
+            frame
+        } else {
+            let copy = crate::event::packet_bytes(&frame[..snap]);
+            self.dev.recycle(frame);
+            copy
+        };
+        let ts = self.unix(now);
+        self.emit(Event::Packet(PacketEvent { ts, direction, orig_len, data: data.into() }));
     }
 
     /// Frames waiting for the tap.
@@ -841,32 +851,17 @@ impl Engine {
         }
     }
 
-    fn emit_packet(&mut self, frame: &[u8], dir: crate::event::Direction, now: Instant) {
-        self.emit_packet_claimable(frame, dir, now, false);
-    }
-
-    /// [`Engine::emit_packet`]; with `claimable`, a frame the caller knows an open
-    /// connection's socket consumes before this call's events are sent gets no copy: its
-    /// event is held without bytes and takes the frame itself afterwards
-    /// ([`Engine::claim_frame`]).
+    /// Reports a frame of the command (outbound) as a packet event with a copy of its bytes; with
+    /// `claimable`, a frame the caller knows an open connection's socket consumes before
+    /// this call's events are sent gets no copy: its event is held without bytes and takes
+    /// the frame itself afterwards ([`Engine::claim_frame`]). (Frames towards the command
+    /// go through [`Engine::sent`].)
     ///
     /// Why: bulk TCP from the command is a stream of 64 KiB tap frames, and the copy for the
     /// capture (`packet_bytes`) was a tenth of the engine's samples in `perf record`.
-    fn emit_packet_claimable(
-        &mut self,
-        frame: &[u8],
-        dir: crate::event::Direction,
-        now: Instant,
-        claimable: bool,
-    ) {
-        let Some(snaplen) = self.cfg.snaplen else { return };
-        let mut snap = frame.len().min(snaplen);
-        if let Some(filter) = &self.cfg.capture_filter
-            && !filter.eval(&Fields::from_ethernet(frame, dir))
-        {
-            // Still reported, so the capture counts it as received and filtered out.
-            snap = 0;
-        }
+    fn emit_packet_claimable(&mut self, frame: &[u8], now: Instant, claimable: bool) {
+        let dir = crate::event::Direction::Out;
+        let Some(snap) = self.capture_snap(frame, dir) else { return };
         let ts = self.unix(now);
         let event = |data: Vec<u8>| {
             let orig_len = frame.len() as u32;
@@ -885,34 +880,17 @@ impl Engine {
         }
     }
 
-    /// [`Engine::emit_packet`] of a frame the event may keep: no copy (unless the capture
-    /// filter rejects it, then its buffer goes back to the pool).
-    fn emit_packet_owned(
-        &mut self,
-        mut frame: Vec<u8>,
-        dir: crate::event::Direction,
-        now: Instant,
-    ) {
-        let Some(snaplen) = self.cfg.snaplen else {
-            self.dev.recycle(frame);
-            return;
-        };
-        let orig_len = frame.len() as u32;
+    /// How many bytes of `frame` its packet event carries: `None` without a capture, 0 for
+    /// a frame the capture filter rejects (still reported, so the capture counts it as
+    /// received and filtered out), else up to the snap length.
+    fn capture_snap(&self, frame: &[u8], dir: crate::event::Direction) -> Option<usize> {
+        let snaplen = self.cfg.snaplen?;
         let rejected = self
             .cfg
             .capture_filter
             .as_ref()
-            .is_some_and(|filter| !filter.eval(&Fields::from_ethernet(&frame, dir)));
-        let data = if rejected {
-            // Still reported, so the capture counts it as received and filtered out.
-            self.dev.recycle(frame);
-            Vec::new()
-        } else {
-            frame.truncate(snaplen);
-            frame
-        };
-        let ts = self.unix(now);
-        self.emit(Event::Packet(PacketEvent { ts, direction: dir, orig_len, data: data.into() }));
+            .is_some_and(|filter| !filter.eval(&Fields::from_ethernet(frame, dir)));
+        Some(if rejected { 0 } else { frame.len().min(snaplen) })
     }
 
     /// Whether a frame of the command with headers `h` goes to an open connection's socket,
@@ -1051,7 +1029,7 @@ impl Engine {
     pub fn ingest(&mut self, frame: Vec<u8>, now: Instant) {
         let parsed = packet::parse(&frame);
         let claimable = parsed.as_ref().is_some_and(|h| self.reaches_open_conn(h));
-        self.emit_packet_claimable(&frame, crate::event::Direction::Out, now, claimable);
+        self.emit_packet_claimable(&frame, now, claimable);
         self.handle_frame(frame, parsed, now);
         // `reaches_open_conn` predicted where the frame went; had it not got there, its
         // event would be left without bytes: counted as lost instead.
