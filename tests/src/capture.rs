@@ -85,18 +85,15 @@ pub fn http_payload(capture: &Path) -> u64 {
         })
         .collect();
     ranges.sort_unstable();
-    let (mut covered, mut at) = (0, None::<(u64, u64)>);
+    // (stream, the sequence number its segments so far reach).
+    let (mut covered, mut reached) = (0, None::<(u64, u64)>);
     for (stream, start, end) in ranges {
-        let from = match at {
-            Some((s, reached)) if s == stream => start.max(reached),
+        let from = match reached {
+            Some((s, r)) if s == stream => start.max(r),
             _ => start,
         };
         covered += end.saturating_sub(from);
-        let reached = match at {
-            Some((s, reached)) if s == stream => reached.max(end),
-            _ => end,
-        };
-        at = Some((stream, reached));
+        reached = Some((stream, from.max(end)));
     }
     covered
 }

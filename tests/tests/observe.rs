@@ -460,8 +460,8 @@ fn a_rootless_capture_that_falls_behind_loses_no_packet() {
 /// A rootful capture holds a bulk transfer byte for byte, both ways: the download's body
 /// and the upload's, taken out of the capture by tshark, are what the server sent and
 /// received. Their large packets go to the file through the capture tap (the default,
-/// which strips the tag it carried them with) or through the packet ring
-/// (`CHILDFLOW_CAPTURE_TAP=0`); both are checked.
+/// which strips the tag it carried them with; its counters show it carried them) or
+/// through the packet ring (`CHILDFLOW_CAPTURE_TAP=0`, no tap); both are checked.
 #[test]
 fn a_rootful_capture_holds_a_bulk_transfer_byte_for_byte() {
     if !can_run(Backend::Rootful) {
@@ -473,23 +473,38 @@ fn a_rootful_capture_holds_a_bulk_transfer_byte_for_byte() {
     let script = format!(
         "curl -sS --fail -o /dev/null http://{server}/bytes/{BODY} && \
          head -c {BODY} /dev/zero | tr '\\0' u > up && \
-         curl -sS --fail -o /dev/null -T up http://{server}/upload"
+         curl -sS --fail -o /dev/null -T up http://{server}/upload && \
+         touch transferred && sleep 1"
     );
     for tap in ["1", "0"] {
         let dir = tempfile::Builder::new().prefix("childflow-bytes").tempdir().unwrap();
         let capture = dir.path().join("bulk.pcapng");
-        let out = childflow()
+        let cf = childflow()
             .env("CHILDFLOW_CAPTURE_TAP", tap)
             .current_dir(dir.path())
             .args(["--root", "-c"])
             .arg(&capture)
             .args(["--", "sh", "-c", &script])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        wait_for(&dir.path().join("transferred"), "the transfers");
+        // Clones the tap handed to childflow: the large packets of both transfers.
+        let stats = format!("/sys/class/net/cf{:x}t/statistics/tx_packets", cf.id());
+        let clones: Option<u64> =
+            std::fs::read_to_string(&stats).ok().map(|n| n.trim().parse().unwrap());
+        let out = cf.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "tap {tap}: {stderr}");
         assert!(!stderr.contains("lost"), "tap {tap}: {stderr}");
+        match tap {
+            // 6 MB in GSO packets of up to 64 KiB: at least ~90 of them.
+            "1" => assert!(clones.is_some_and(|n| n >= 90), "clones through the tap: {clones:?}"),
+            _ => assert_eq!(clones, None, "no capture tap without it"),
+        }
         let down = tcp_stream_payload(&capture, "tcp.srcport == 80 && tcp.len > 0");
+        assert!(down.len() >= BODY, "tap {tap}: {} bytes of the download", down.len());
         let body = &down[down.len() - BODY..];
         assert!(body == childflow_tests::pattern(BODY), "tap {tap}: the download's body differs");
         let up = tcp_stream_payload(&capture, "tcp.dstport == 80 && tcp.len > 0");
@@ -516,6 +531,7 @@ fn tcp_stream_payload(capture: &Path, filter: &str) -> Vec<u8> {
         for (seq, data) in segments {
             // Relative sequence numbers start at 1 after the SYN.
             let at = seq as usize - 1;
+            assert!(at <= out.len(), "the capture misses stream bytes {}..{at}", out.len());
             if at + data.len() > out.len() {
                 out.extend_from_slice(&data[out.len().saturating_sub(at).min(data.len())..]);
             }
