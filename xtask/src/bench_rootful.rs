@@ -27,9 +27,9 @@
 //! - capture of bulk TCP: `childflow --root -c` (with the default ring, with
 //!   `--capture-buffer 256M`, and with `CHILDFLOW_CAPTURE_TAP=0`: large packets copied into
 //!   the ring instead of cloned to the capture tap) against `childflow --root`, and
-//!   `tcpdump -w` on the baseline
-//!   veth against the baseline, files on /dev/shm and then on the disk (the temp dir): the
-//!   cost is the median of the per-round throughput ratios of each pair;
+//!   `tcpdump -w` on the baseline veth against the baseline, files on /dev/shm and then on
+//!   the disk (the temp dir): the cost is the median of the per-round throughput ratios of
+//!   each pair;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
 //!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
 //!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
@@ -252,11 +252,12 @@ impl Sink {
 }
 
 /// What one row runs: in the baseline namespace, or under `childflow --root` (with extra
-/// childflow arguments), and whether `tcpdump -w FILE` captures the baseline veth meanwhile.
+/// childflow arguments, and variables for its environment), and whether `tcpdump -w FILE`
+/// captures the baseline veth meanwhile.
 #[derive(Clone)]
 enum Contender {
     Baseline,
-    Childflow(Vec<String>),
+    Childflow(Vec<String>, Vec<(&'static str, &'static str)>),
     Tcpdump(String),
 }
 
@@ -270,17 +271,9 @@ impl Contender {
             Contender::Baseline | Contender::Tcpdump(_) => {
                 ["ip", "netns", "exec", BASE_NS].map(String::from).to_vec()
             }
-            Contender::Childflow(extra) => {
-                // `CHILDFLOW_*=…` among the arguments go to its environment (through env(1)).
-                let (env, args): (Vec<&String>, Vec<&String>) =
-                    extra.iter().partition(|a| a.starts_with("CHILDFLOW_") && a.contains('='));
-                let mut a = Vec::new();
-                if !env.is_empty() {
-                    a.push("env".to_owned());
-                    a.extend(env.into_iter().cloned());
-                }
-                a.extend([bin.to_owned(), "--root".into()]);
-                a.extend(args.into_iter().cloned());
+            Contender::Childflow(extra, _) => {
+                let mut a = vec![bin.to_owned(), "--root".into()];
+                a.extend(extra.iter().cloned());
                 a.push("--".into());
                 a
             }
@@ -297,7 +290,11 @@ impl Contender {
             std::thread::sleep(Duration::from_millis(500));
         }
         argv.extend(cmd.iter().cloned());
-        let out = Command::new(&argv[0]).args(&argv[1..]).output();
+        let env = match self {
+            Contender::Childflow(_, env) => env.as_slice(),
+            _ => &[],
+        };
+        let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().copied()).output();
         let dropped = dump.map(stop_tcpdump).transpose()?.map(|(_, dropped)| dropped);
         let out = out.with_context(|| format!("failed to run {}", argv.join(" ")))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -370,7 +367,7 @@ fn interleaved(
 fn rates(bin: &str, probe: &str) -> Result<()> {
     let rows = [
         ("veth+NAT (no eBPF)", Contender::Baseline),
-        ("childflow --root", Contender::Childflow(Vec::new())),
+        ("childflow --root", Contender::Childflow(Vec::new(), Vec::new())),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump("/dev/null".into())),
     ];
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
@@ -532,6 +529,7 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
             "childflow --root -c",
             Contender::Childflow(
                 ["-c", &cf_file, "--summary-format", "json"].map(String::from).to_vec(),
+                Vec::new(),
             ),
         ),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone())),
@@ -587,23 +585,28 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
     };
     let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
-    let capture = |extra: &[&str]| {
+    let capture = |extra: &[&str], env: &[(&'static str, &'static str)]| {
         let mut args = vec!["-c", &cf_file, "--summary-format", "json"];
         args.extend_from_slice(extra);
-        Contender::Childflow(args.into_iter().map(String::from).collect())
+        Contender::Childflow(args.into_iter().map(String::from).collect(), env.to_vec())
     };
     // Name, what runs, its capture file, and the row it is the capture of (for its cost).
     let rows = [
-        ("childflow --root", Contender::Childflow(Vec::new()), None, None),
-        ("childflow --root -c", capture(&[]), Some(&cf_file), Some(0)),
+        ("childflow --root", Contender::Childflow(Vec::new(), Vec::new()), None, None),
+        ("childflow --root -c", capture(&[], &[]), Some(&cf_file), Some(0)),
         (
             "  --capture-buffer 256M",
-            capture(&["--capture-buffer", "256M"]),
+            capture(&["--capture-buffer", "256M"], &[]),
             Some(&cf_file),
             Some(0),
         ),
         // The large packets copied into the ring, as before the capture tap.
-        ("  no tap (ring copy)", capture(&["CHILDFLOW_CAPTURE_TAP=0"]), Some(&cf_file), Some(0)),
+        (
+            "  no tap (ring copy)",
+            capture(&[], &[("CHILDFLOW_CAPTURE_TAP", "0")]),
+            Some(&cf_file),
+            Some(0),
+        ),
         ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(4)),
     ];
