@@ -11,7 +11,10 @@
 //!   (`nsenter --net`) on the same tap device, so it sees the frames `-c` sees, plus those
 //!   the kernel drops at the tap when the engine reads too slowly (the kernel hands frames
 //!   to packet sockets before the tap's queue). The one-second sleep lets it attach before
-//!   iperf3 starts.
+//!   iperf3 starts;
+//! - `floor: write` (TCP): no capture, and a thread of the bench writing as many bytes as
+//!   the transfer moved to a file beside it ([`crate::floor`]): the least a capture of it
+//!   writes, with the frames in memory already as the engine has them.
 //!
 //! Three workloads: one bulk TCP flow from the command (iperf3 default, MTU 65520 unless
 //! `--mtu`), the same to the command (`iperf3 -R`: the engine makes those frames, and hands
@@ -34,7 +37,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{BenchNet, Destination, children_of, comm, lookup_user, prepare};
+use crate::{
+    bench::{BenchNet, Destination, children_of, comm, lookup_user, prepare},
+    floor::Floor,
+};
 
 const NET: BenchNet = BenchNet {
     netns: "cfbenchcap",
@@ -114,6 +120,10 @@ enum Capture {
     None,
     Childflow,
     Tcpdump,
+    /// No capture, beside a [`Floor`] writing every byte the transfer moves to a file
+    /// (TCP only): the least a capture of it writes, for a backend that holds the frames
+    /// in its memory already.
+    Floor,
 }
 
 impl Capture {
@@ -122,6 +132,7 @@ impl Capture {
             Capture::None => "childflow",
             Capture::Childflow => "childflow -c",
             Capture::Tcpdump => "tcpdump -w",
+            Capture::Floor => "floor: write",
         }
     }
 }
@@ -369,6 +380,12 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
         Capture::None => None,
         Capture::Childflow => Some(dir.join(format!("{tag}-childflow.pcapng"))),
         Capture::Tcpdump => Some(dir.join(format!("{tag}-tcpdump.pcap"))),
+        Capture::Floor => None,
+    };
+    let floor_file = dir.join(format!("{tag}-floor"));
+    let floor = match capture {
+        Capture::Floor => Some(Floor::start(NET.host_if, false, floor_file.to_str())?),
+        _ => None,
     };
     let cf_file = if capture == Capture::Childflow { file.as_deref() } else { None };
     let mut child = childflow(o, workload, cf_file)
@@ -383,6 +400,11 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
         out.read_to_string(&mut json)?;
     }
     let (status, cpu) = wait_with_cpu(&mut child)?;
+    if let Some(floor) = floor {
+        let stopped = floor.stop();
+        let _ = std::fs::remove_file(&floor_file);
+        stopped?;
+    }
     let (tap_drops, tcpdump_counts, reader) = observed?;
     let err = reader.join().unwrap_or_default();
     if !status.success() {
@@ -410,7 +432,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
     m.engine_packets =
         totals["sent_pkts"].as_u64().unwrap_or(0) + totals["recv_pkts"].as_u64().unwrap_or(0);
     match capture {
-        Capture::None => {}
+        Capture::None | Capture::Floor => {}
         Capture::Childflow => {
             let drops = summary["drops"].as_object().map(|d| d.values().filter_map(|n| n.as_u64()));
             m.drops = Some(drops.map(Iterator::sum).unwrap_or(0));
@@ -470,10 +492,13 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
         if o.only.as_deref().is_some_and(|only| only != tag) {
             continue;
         }
-        let mut runs: [Vec<Measured>; 3] = Default::default();
-        let mut errors: [Option<anyhow::Error>; 3] = Default::default();
+        let mut runs: [Vec<Measured>; CAPTURES.len()] = Default::default();
+        let mut errors: [Option<anyhow::Error>; CAPTURES.len()] = Default::default();
         for round in 1..=o.rounds {
             for (i, capture) in CAPTURES.into_iter().enumerate() {
+                if capture == Capture::Floor && !workload.is_tcp() {
+                    continue;
+                }
                 let what = match workload {
                     Workload::Tcp => "bulk TCP",
                     Workload::TcpDown => "bulk TCP down",
@@ -490,6 +515,9 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
             }
         }
         for ((capture, mut ms), err) in CAPTURES.into_iter().zip(runs).zip(errors) {
+            if capture == Capture::Floor && !workload.is_tcp() {
+                continue;
+            }
             let primary = |m: &Measured| match workload {
                 Workload::Tcp | Workload::TcpDown => m.gbit,
                 Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
@@ -505,7 +533,8 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-const CAPTURES: [Capture; 3] = [Capture::None, Capture::Childflow, Capture::Tcpdump];
+const CAPTURES: [Capture; 4] =
+    [Capture::None, Capture::Childflow, Capture::Tcpdump, Capture::Floor];
 
 type Results = [(Workload, Capture, Result<Measured>)];
 
@@ -555,7 +584,10 @@ fn print_tables(results: &Results) {
             "drops",
             "vs tcpdump"
         );
-        for capture in [Capture::None, Capture::Childflow, Capture::Tcpdump] {
+        for capture in CAPTURES {
+            if capture == Capture::Floor && !workload.is_tcp() {
+                continue;
+            }
             let Some(m) = get(workload, capture) else {
                 println!("{:<13} failed", capture.name());
                 continue;
@@ -604,6 +636,8 @@ fn print_tables(results: &Results) {
          CPU s/GB (TCP): CPU seconds of childflow,\nthe command tree and tcpdump per GB iperf3 \
          moved; CPU +: that against the first row (less moved by other load than throughput).\n\
          tap drop: frames the kernel dropped because the engine read the tap too slowly (before \
-         any capture point).\ndrops: childflow's capture drops / tcpdump's \"dropped by kernel\"."
+         any capture point).\ndrops: childflow's capture drops / tcpdump's \"dropped by kernel\".\n\
+         floor: write: no capture, and a thread writing as many bytes as the transfer moved to \
+         a file beside it (O_DIRECT on a disk),\nnothing else: a floor under any capture's cost."
     );
 }

@@ -29,7 +29,9 @@
 //!   the ring instead of cloned to the capture tap) against `childflow --root`, and
 //!   `tcpdump -w` on the baseline veth against the baseline, files on /dev/shm and then on
 //!   the disk (the temp dir): the cost is the median of the per-round throughput ratios of
-//!   each pair;
+//!   each pair; and two floors against `childflow --root`: beside it, a thread that only
+//!   copies every byte moved once, and one that also writes them to a file
+//!   ([`crate::floor`]), the least any capture to userspace does;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
 //!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
 //!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
@@ -53,7 +55,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench_capture::{count_packets, stop_tcpdump};
+use crate::{
+    bench_capture::{count_packets, stop_tcpdump},
+    floor::Floor,
+};
 
 /// Rounds of every row (so at least this many A/B pairs).
 const ROUNDS: usize = 6;
@@ -259,6 +264,9 @@ enum Contender {
     Baseline,
     Childflow(Vec<String>, Vec<(&'static str, &'static str)>),
     Tcpdump(String),
+    /// `childflow --root` with no capture, beside a [`Floor`] that copies (and writes to this
+    /// file, if any).
+    CopyFloor(Option<String>),
 }
 
 impl Contender {
@@ -277,6 +285,11 @@ impl Contender {
                 a.push("--".into());
                 a
             }
+            Contender::CopyFloor(_) => vec![bin.to_owned(), "--root".into(), "--".into()],
+        };
+        let floor = match self {
+            Contender::CopyFloor(file) => Some(Floor::start("cfbh1", true, file.as_deref())?),
+            _ => None,
         };
         if let Contender::Tcpdump(file) = self {
             dump = Some(
@@ -295,6 +308,7 @@ impl Contender {
             _ => &[],
         };
         let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().copied()).output();
+        floor.map(Floor::stop).transpose()?;
         let dropped = dump.map(stop_tcpdump).transpose()?.map(|(_, dropped)| dropped);
         let out = out.with_context(|| format!("failed to run {}", argv.join(" ")))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -585,6 +599,7 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
     };
     let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
+    let floor_file = file("floor");
     let capture = |extra: &[&str], env: &[(&'static str, &'static str)]| {
         let mut args = vec!["-c", &cf_file, "--summary-format", "json"];
         args.extend_from_slice(extra);
@@ -607,8 +622,11 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
             Some(&cf_file),
             Some(0),
         ),
+        // One copy of every byte (and one write of it): floors of any capture to userspace.
+        ("  floor: copy", Contender::CopyFloor(None), None, Some(0)),
+        ("  floor: copy + write", Contender::CopyFloor(Some(floor_file.clone())), None, Some(0)),
         ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
-        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(4)),
+        ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(6)),
     ];
     println!(
         "
@@ -632,6 +650,7 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
             }
+            let _ = std::fs::remove_file(&floor_file);
             results[r].push((gbit, written, drops, per_gb));
         }
     }

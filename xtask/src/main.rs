@@ -9,6 +9,7 @@ mod bench_capture;
 mod bench_progrun;
 mod bench_rootful;
 mod bench_tcx;
+mod floor;
 mod leftovers;
 mod probe;
 mod setup;
