@@ -70,18 +70,18 @@ impl Floor {
                 }
                 Ok(sum)
             };
-            let (mut src, mut dst) = (vec![1u8; SPAN + PAGE], vec![0u8; SPAN + PAGE]);
-            let aligned = |v: &mut Vec<u8>| {
+            let (src, mut dst) = (vec![1u8; SPAN + PAGE], vec![0u8; SPAN + PAGE]);
+            let aligned = |v: &[u8]| {
                 let at = v.as_ptr().align_offset(PAGE);
                 (at, at + SPAN)
             };
-            let (s, d) = (aligned(&mut src), aligned(&mut dst));
+            let (s, d) = (aligned(&src), aligned(&dst));
             let (src, dst) = (&src[s.0..s.1], &mut dst[d.0..d.1]);
             let start = moved()?;
             let (mut done, mut written) = (0u64, 0u64);
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(1));
-                let due = moved()? - start;
+                let due = moved()?.saturating_sub(start);
                 while done + CHUNK as u64 <= due {
                     let at = (done % SPAN as u64) as usize;
                     if copy {
