@@ -640,8 +640,11 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         for r in order(rows.len(), i) {
             let (contender, path) = (&rows[r].1, rows[r].2);
             let before = cpu_ms()?;
-            let (out, drops) = contender.run(bin, &iperf)?;
-            let after = cpu_ms()?;
+            let ran = contender.run(bin, &iperf);
+            let after = cpu_ms();
+            // Also after a failed run.
+            let _ = std::fs::remove_file(&floor_file);
+            let ((out, drops), after) = (ran?, after?);
             let (bits, bytes) = iperf_received(&out)?;
             let (gbit, gbytes) = (bits / 1e9, (bytes / 1e9).max(1e-9));
             let per_gb =
@@ -650,7 +653,6 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
             }
-            let _ = std::fs::remove_file(&floor_file);
             results[r].push((gbit, written, drops, per_gb));
         }
     }
