@@ -499,8 +499,10 @@ fn a_rootful_capture_holds_a_bulk_transfer_byte_for_byte() {
         assert!(out.status.success(), "tap {tap}: {stderr}");
         assert!(!stderr.contains("lost"), "tap {tap}: {stderr}");
         match tap {
-            // 6 MB in GSO packets of up to 64 KiB: at least ~90 of them.
-            "1" => assert!(clones.is_some_and(|n| n >= 90), "clones through the tap: {clones:?}"),
+            // 6 MB in GSO packets of up to 64 KiB would be ~92 of them; some go through the
+            // ring instead (2 KiB or shorter, or refused by a full tap: CI saw 86). Half of
+            // them still says the tap carried the transfers, where a fallback gives 0.
+            "1" => assert!(clones.is_some_and(|n| n >= 46), "clones through the tap: {clones:?}"),
             _ => assert_eq!(clones, None, "no capture tap without it"),
         }
         let down = tcp_stream_payload(&capture, "tcp.srcport == 80 && tcp.len > 0");
