@@ -19,6 +19,8 @@ use anyhow::{Context, Result};
 /// - with `copy`, copies them once, in [`CHUNK`]s, between two buffers of [`SPAN`] (as cold
 ///   as a capture's buffers, which the disk reads long after they were filled): what a
 ///   capture in a kernel-to-user copy path does (the rootful backend, tcpdump);
+///   both buffers in transparent huge pages, as childflow's packet buffers are
+///   (`childflow/src/arena.rs`: `O_DIRECT` from small pages cost several times the CPU);
 /// - with a file, writes them to it in [`WRITE`]s, `O_DIRECT` as childflow writes captures
 ///   to a disk (buffered on tmpfs): the rootless backend's floor, whose engine holds every
 ///   frame in its memory already.
@@ -34,8 +36,8 @@ pub struct Floor {
 const SPAN: usize = 64 << 20;
 const CHUNK: usize = 64 << 10;
 const WRITE: usize = 4 << 20;
-/// `O_DIRECT` wants page-aligned memory.
-const PAGE: usize = 4096;
+/// The huge page size of transparent huge pages on x86-64.
+const HUGE: usize = 2 << 20;
 
 impl Floor {
     /// Starts the thread for the link `link` of this network namespace, writing to `file`
@@ -70,13 +72,9 @@ impl Floor {
                 }
                 Ok(sum)
             };
-            let (src, mut dst) = (vec![1u8; SPAN + PAGE], vec![0u8; SPAN + PAGE]);
-            let aligned = |v: &[u8]| {
-                let at = v.as_ptr().align_offset(PAGE);
-                (at, at + SPAN)
-            };
-            let (s, d) = (aligned(&src), aligned(&dst));
-            let (src, dst) = (&src[s.0..s.1], &mut dst[d.0..d.1]);
+            let (mut src, mut dst) = (Huge::new()?, Huge::new()?);
+            src.bytes().fill(1);
+            let (src, dst) = (&*src.bytes(), dst.bytes());
             let start = moved()?;
             let (mut done, mut written) = (0u64, 0u64);
             while !flag.load(Ordering::Relaxed) {
@@ -106,5 +104,53 @@ impl Floor {
     pub fn stop(self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
+    }
+}
+
+/// [`SPAN`] bytes of anonymous memory, 2 MiB-aligned and advised into transparent huge
+/// pages (this machine's THP mode is `madvise`), zeroed by the kernel.
+struct Huge {
+    map: *mut libc::c_void,
+    len: usize,
+    at: usize,
+}
+
+// SAFETY: `Huge` owns its mapping exclusively, like a `Box<[u8]>`.
+unsafe impl Send for Huge {}
+
+impl Huge {
+    fn new() -> Result<Huge> {
+        let len = SPAN + HUGE;
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the floor's buffer");
+        }
+        let at = map.cast::<u8>().align_offset(HUGE);
+        // SAFETY: `at + SPAN <= len`, inside the mapping just made; advice only.
+        unsafe { libc::madvise(map.cast::<u8>().add(at).cast(), SPAN, libc::MADV_HUGEPAGE) };
+        Ok(Huge { map, len, at })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `SPAN` bytes from `at` lie in the mapping, which lives as long as `self`
+        // and is initialized (anonymous memory reads as zeroes).
+        unsafe { std::slice::from_raw_parts_mut(self.map.cast::<u8>().add(self.at), SPAN) }
+    }
+}
+
+impl Drop for Huge {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.map, self.len) };
     }
 }
