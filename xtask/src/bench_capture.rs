@@ -25,7 +25,9 @@
 //! drop counters; tcpdump's "dropped by kernel"), and the tap's own drops (frames the
 //! kernel dropped because the engine read too slowly: lost before any capture point). Files
 //! are deleted after counting. The rows alternate for `--rounds` rounds and each shows its
-//! median run, since one run on a shared machine says little.
+//! median run, since one run on a shared machine says little; the cost column is the
+//! median of the per-round ratios to the first row (a round's runs are close in time, so
+//! a change of load hits both sides of each pair).
 //! Needs root (the namespace, veth and nsenter); everything is removed on exit.
 
 use std::{
@@ -485,7 +487,7 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
         NET.server, o.seconds, o.mtu, o.udp_len, o.rounds
     );
     // On a shared machine one run says little: the rows alternate, round after round, and
-    // each row shows its median run.
+    // each row shows its median run (its cost: the median of its per-round ratios).
     let mut results = Vec::new();
     for workload in Workload::ALL {
         let tag = workload.tag();
@@ -493,8 +495,15 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
             continue;
         }
         let mut runs: [Vec<Measured>; CAPTURES.len()] = Default::default();
+        // Per round, each row's primary value (for the per-round ratios).
+        let mut rounds: Vec<[Option<f64>; CAPTURES.len()]> = Vec::new();
         let mut errors: [Option<anyhow::Error>; CAPTURES.len()] = Default::default();
+        let primary = |m: &Measured| match workload {
+            Workload::Tcp | Workload::TcpDown => m.gbit,
+            Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
+        };
         for round in 1..=o.rounds {
+            rounds.push([None; CAPTURES.len()]);
             for (i, capture) in CAPTURES.into_iter().enumerate() {
                 if capture == Capture::Floor && !workload.is_tcp() {
                     continue;
@@ -506,7 +515,10 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
                 };
                 eprintln!("bench: {what}, {} (round {round}/{}) ...", capture.name(), o.rounds);
                 match run(o, dir, workload, capture) {
-                    Ok(m) => runs[i].push(m),
+                    Ok(m) => {
+                        rounds[round - 1][i] = Some(primary(&m));
+                        runs[i].push(m);
+                    }
                     Err(e) => {
                         eprintln!("{what}, {}: {e:#}", capture.name());
                         errors[i] = Some(e);
@@ -518,15 +530,20 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
             if capture == Capture::Floor && !workload.is_tcp() {
                 continue;
             }
-            let primary = |m: &Measured| match workload {
-                Workload::Tcp | Workload::TcpDown => m.gbit,
-                Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
-            };
             ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
             let n = ms.len();
             let median = (n > 0).then(|| ms.swap_remove(n / 2));
             let r = median.ok_or_else(|| err.unwrap_or_else(|| anyhow::anyhow!("no run")));
-            results.push((workload, capture, r));
+            // The median of the per-round ratios to the first row: the runs of a round are
+            // close in time, so a change of load hits both sides of each pair.
+            let at = CAPTURES.iter().position(|c| *c == capture).unwrap_or(0);
+            let mut ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| Some(r[at]? / r[0].filter(|b| *b > 0.0)? - 1.0))
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let cost = (at > 0 && !ratios.is_empty()).then(|| ratios[ratios.len() / 2]);
+            results.push((workload, capture, r.map(|m| (m, cost))));
         }
     }
     print_tables(&results);
@@ -536,7 +553,9 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
 const CAPTURES: [Capture; 4] =
     [Capture::None, Capture::Childflow, Capture::Tcpdump, Capture::Floor];
 
-type Results = [(Workload, Capture, Result<Measured>)];
+/// Per workload and row: its median run, and its cost against the first row (the median of
+/// the per-round ratios).
+type Results = [(Workload, Capture, Result<(Measured, Option<f64>)>)];
 
 /// Per second of iperf3's run.
 fn per_sec(n: u64, m: &Measured) -> Option<f64> {
@@ -552,22 +571,18 @@ fn print_tables(results: &Results) {
         let row = results.iter().find(|(rw, rc, _)| *rw == w && *rc == c);
         row.and_then(|(_, _, r)| r.as_ref().ok())
     };
+    let median_run = |w: Workload, c: Capture| get(w, c).map(|(m, _)| m);
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for workload in Workload::ALL {
         if !results.iter().any(|(w, _, _)| *w == workload) {
             continue;
         }
-        let base = get(workload, Capture::None);
-        let tcpdump = get(workload, Capture::Tcpdump);
-        // What capturing costs: TCP throughput, or datagrams through the engine for UDP.
-        let (title, rate, value): (_, _, fn(&Measured) -> f64) = match workload {
-            Workload::Tcp => ("bulk TCP (one flow, command → server)", "Gbit/s", |m| m.gbit),
-            Workload::TcpDown => {
-                ("bulk TCP (one flow, server → command, iperf3 -R)", "Gbit/s", |m| m.gbit)
-            }
-            Workload::Udp => ("small UDP (iperf3 -u -b 0)", "sent pkt/s", |m| {
-                per_sec(m.engine_packets, m).unwrap_or(0.0)
-            }),
+        let base = median_run(workload, Capture::None);
+        let tcpdump = median_run(workload, Capture::Tcpdump);
+        let (title, rate) = match workload {
+            Workload::Tcp => ("bulk TCP (one flow, command → server)", "Gbit/s"),
+            Workload::TcpDown => ("bulk TCP (one flow, server → command, iperf3 -R)", "Gbit/s"),
+            Workload::Udp => ("small UDP (iperf3 -u -b 0)", "sent pkt/s"),
         };
         println!("\n{title}");
         println!(
@@ -588,7 +603,7 @@ fn print_tables(results: &Results) {
             if capture == Capture::Floor && !workload.is_tcp() {
                 continue;
             }
-            let Some(m) = get(workload, capture) else {
+            let Some((m, cost)) = get(workload, capture) else {
                 println!("{:<13} failed", capture.name());
                 continue;
             };
@@ -596,13 +611,7 @@ fn print_tables(results: &Results) {
                 Workload::Tcp | Workload::TcpDown => format!("{:.2}", m.gbit),
                 Workload::Udp => kilo(Some(m.sent_pps)),
             };
-            let cost = match (capture, base) {
-                (Capture::None, _) => "-".to_string(),
-                (_, Some(b)) if value(b) > 0.0 => {
-                    format!("{:+.1}%", (value(m) / value(b) - 1.0) * 100.0)
-                }
-                _ => "-".into(),
-            };
+            let cost = cost.map_or("-".to_string(), |c| format!("{:+.1}%", c * 100.0));
             let cpu_gb = |m: &Measured| m.cpu_per_gb().filter(|_| workload.is_tcp());
             let cpu_cost = match (capture, cpu_gb(m), base.and_then(cpu_gb)) {
                 (Capture::None, _, _) => "-".to_string(),
@@ -632,8 +641,9 @@ fn print_tables(results: &Results) {
         }
     }
     println!(
-        "\ncost: against the first row (TCP: throughput; UDP: packets through the engine). \
-         CPU s/GB (TCP): CPU seconds of childflow,\nthe command tree and tcpdump per GB iperf3 \
+        "\ncost: against the first row, the median of the per-round ratios (TCP: throughput; \
+         UDP: packets through the engine);\nthe other columns are each row's median run. \
+         CPU s/GB (TCP): CPU seconds of childflow, the command tree and tcpdump\nper GB iperf3 \
          moved; CPU +: that against the first row (less moved by other load than throughput).\n\
          tap drop: frames the kernel dropped because the engine read the tap too slowly (before \
          any capture point).\ndrops: childflow's capture drops / tcpdump's \"dropped by kernel\".\n\
