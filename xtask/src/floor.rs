@@ -19,11 +19,12 @@ use anyhow::{Context, Result};
 /// - with `copy`, copies them once, in [`CHUNK`]s, between two buffers of [`SPAN`] (as cold
 ///   as a capture's buffers, which the disk reads long after they were filled): what a
 ///   capture in a kernel-to-user copy path does (the rootful backend, tcpdump);
-///   both buffers in transparent huge pages, as childflow's packet buffers are
-///   (`childflow/src/arena.rs`: `O_DIRECT` from small pages cost several times the CPU);
 /// - with a file, writes them to it in [`WRITE`]s, `O_DIRECT` as childflow writes captures
 ///   to a disk (buffered on tmpfs): the rootless backend's floor, whose engine holds every
 ///   frame in its memory already.
+///
+/// Both buffers are transparent huge pages, as childflow's packet buffers are
+/// (`childflow/src/arena.rs`): `O_DIRECT` from small pages costs several times the CPU.
 ///
 /// No packets, no metadata, no kernel path of the capture's own. What a row with a floor
 /// costs a transfer is a floor under the cost of every capture of that transfer on that
