@@ -137,6 +137,11 @@ impl Capture {
             Capture::Floor => "floor: write",
         }
     }
+
+    /// Whether this row runs for `workload`: the floor only for TCP (a bulk transfer).
+    fn runs_for(self, workload: Workload) -> bool {
+        self != Capture::Floor || workload.is_tcp()
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -384,9 +389,10 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
         Capture::Tcpdump => Some(dir.join(format!("{tag}-tcpdump.pcap"))),
         Capture::Floor => None,
     };
-    let floor_file = dir.join(format!("{tag}-floor"));
     let floor = match capture {
-        Capture::Floor => Some(Floor::start(NET.host_if, false, floor_file.to_str())?),
+        Capture::Floor => {
+            Some(Floor::start(NET.host_if, false, Some(&dir.join(format!("{tag}-floor"))))?)
+        }
         _ => None,
     };
     let cf_file = if capture == Capture::Childflow { file.as_deref() } else { None };
@@ -402,11 +408,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
         out.read_to_string(&mut json)?;
     }
     let (status, cpu) = wait_with_cpu(&mut child)?;
-    if let Some(floor) = floor {
-        let stopped = floor.stop();
-        let _ = std::fs::remove_file(&floor_file);
-        stopped?;
-    }
+    floor.map(Floor::stop).transpose()?;
     let (tap_drops, tcpdump_counts, reader) = observed?;
     let err = reader.join().unwrap_or_default();
     if !status.success() {
@@ -494,18 +496,17 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
         if o.only.as_deref().is_some_and(|only| only != tag) {
             continue;
         }
-        let mut runs: [Vec<Measured>; CAPTURES.len()] = Default::default();
-        // Per round, each row's primary value (for the per-round ratios).
-        let mut rounds: Vec<[Option<f64>; CAPTURES.len()]> = Vec::new();
+        // Per round, each row's run (none for a row that failed, or does not run here).
+        let mut rounds: Vec<[Option<Measured>; CAPTURES.len()]> = Vec::new();
         let mut errors: [Option<anyhow::Error>; CAPTURES.len()] = Default::default();
         let primary = |m: &Measured| match workload {
             Workload::Tcp | Workload::TcpDown => m.gbit,
             Workload::Udp => per_sec(m.engine_packets, m).unwrap_or(0.0),
         };
         for round in 1..=o.rounds {
-            rounds.push([None; CAPTURES.len()]);
+            let mut runs: [Option<Measured>; CAPTURES.len()] = Default::default();
             for (i, capture) in CAPTURES.into_iter().enumerate() {
-                if capture == Capture::Floor && !workload.is_tcp() {
+                if !capture.runs_for(workload) {
                     continue;
                 }
                 let what = match workload {
@@ -515,35 +516,39 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
                 };
                 eprintln!("bench: {what}, {} (round {round}/{}) ...", capture.name(), o.rounds);
                 match run(o, dir, workload, capture) {
-                    Ok(m) => {
-                        rounds[round - 1][i] = Some(primary(&m));
-                        runs[i].push(m);
-                    }
+                    Ok(m) => runs[i] = Some(m),
                     Err(e) => {
                         eprintln!("{what}, {}: {e:#}", capture.name());
                         errors[i] = Some(e);
                     }
                 }
             }
+            rounds.push(runs);
         }
-        for ((capture, mut ms), err) in CAPTURES.into_iter().zip(runs).zip(errors) {
-            if capture == Capture::Floor && !workload.is_tcp() {
+        // A row's cost: the median of its per-round ratios to the first row (the runs of a
+        // round are close in time, so a change of load hits both sides of each pair).
+        let costs: [Option<f64>; CAPTURES.len()] = std::array::from_fn(|i| {
+            let mut ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| {
+                    let base = primary(r[0].as_ref()?);
+                    let row = primary(r[i].as_ref()?);
+                    (base > 0.0).then(|| row / base - 1.0)
+                })
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            (i > 0 && !ratios.is_empty()).then(|| ratios[ratios.len() / 2])
+        });
+        for (i, (capture, err)) in CAPTURES.into_iter().zip(errors).enumerate() {
+            if !capture.runs_for(workload) {
                 continue;
             }
+            let mut ms: Vec<Measured> = rounds.iter_mut().filter_map(|r| r[i].take()).collect();
             ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
             let n = ms.len();
             let median = (n > 0).then(|| ms.swap_remove(n / 2));
             let r = median.ok_or_else(|| err.unwrap_or_else(|| anyhow::anyhow!("no run")));
-            // The median of the per-round ratios to the first row: the runs of a round are
-            // close in time, so a change of load hits both sides of each pair.
-            let at = CAPTURES.iter().position(|c| *c == capture).unwrap_or(0);
-            let mut ratios: Vec<f64> = rounds
-                .iter()
-                .filter_map(|r| Some(r[at]? / r[0].filter(|b| *b > 0.0)? - 1.0))
-                .collect();
-            ratios.sort_by(f64::total_cmp);
-            let cost = (at > 0 && !ratios.is_empty()).then(|| ratios[ratios.len() / 2]);
-            results.push((workload, capture, r.map(|m| (m, cost))));
+            results.push((workload, capture, r.map(|m| (m, costs[i]))));
         }
     }
     print_tables(&results);
@@ -600,7 +605,7 @@ fn print_tables(results: &Results) {
             "vs tcpdump"
         );
         for capture in CAPTURES {
-            if capture == Capture::Floor && !workload.is_tcp() {
+            if !capture.runs_for(workload) {
                 continue;
             }
             let Some((m, cost)) = get(workload, capture) else {

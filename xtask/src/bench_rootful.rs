@@ -288,7 +288,9 @@ impl Contender {
             Contender::CopyFloor(_) => vec![bin.to_owned(), "--root".into(), "--".into()],
         };
         let floor = match self {
-            Contender::CopyFloor(file) => Some(Floor::start("cfbh1", true, file.as_deref())?),
+            Contender::CopyFloor(file) => {
+                Some(Floor::start("cfbh1", true, file.as_deref().map(Path::new))?)
+            }
             _ => None,
         };
         if let Contender::Tcpdump(file) = self {
@@ -599,7 +601,6 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         dir.join(format!("cfbench-{}-{name}", std::process::id())).to_string_lossy().into_owned()
     };
     let (cf_file, dump_file) = (file("childflow.pcapng"), file("tcpdump.pcap"));
-    let floor_file = file("floor");
     let capture = |extra: &[&str], env: &[(&'static str, &'static str)]| {
         let mut args = vec!["-c", &cf_file, "--summary-format", "json"];
         args.extend_from_slice(extra);
@@ -624,7 +625,7 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         ),
         // One copy of every byte (and one write of it): floors of any capture to userspace.
         ("  floor: copy", Contender::CopyFloor(None), None, Some(0)),
-        ("  floor: copy + write", Contender::CopyFloor(Some(floor_file.clone())), None, Some(0)),
+        ("  floor: copy + write", Contender::CopyFloor(Some(file("floor"))), None, Some(0)),
         ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(6)),
     ];
@@ -640,11 +641,8 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         for r in order(rows.len(), i) {
             let (contender, path) = (&rows[r].1, rows[r].2);
             let before = cpu_ms()?;
-            let ran = contender.run(bin, &iperf);
-            let after = cpu_ms();
-            // Also after a failed run.
-            let _ = std::fs::remove_file(&floor_file);
-            let ((out, drops), after) = (ran?, after?);
+            let (out, drops) = contender.run(bin, &iperf)?;
+            let after = cpu_ms()?;
             let (bits, bytes) = iperf_received(&out)?;
             let (gbit, gbytes) = (bits / 1e9, (bytes / 1e9).max(1e-9));
             let per_gb =

@@ -4,6 +4,7 @@
 
 use std::{
     os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -29,9 +30,13 @@ use anyhow::{Context, Result};
 /// No packets, no metadata, no kernel path of the capture's own. What a row with a floor
 /// costs a transfer is a floor under the cost of every capture of that transfer on that
 /// machine, childflow's and tcpdump's alike.
+///
+/// It stops, and its file is deleted, when it is dropped (also on an early return of the
+/// run it measures); [`Floor::stop`] stops it and reports the thread's error.
 pub struct Floor {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+    file: Option<PathBuf>,
 }
 
 const SPAN: usize = 64 << 20;
@@ -42,8 +47,8 @@ const HUGE: usize = 2 << 20;
 
 impl Floor {
     /// Starts the thread for the link `link` of this network namespace, writing to `file`
-    /// if given (created; the caller deletes it).
-    pub fn start(link: &str, copy: bool, file: Option<&str>) -> Result<Floor> {
+    /// if given (created, and deleted when the floor is dropped).
+    pub fn start(link: &str, copy: bool, file: Option<&Path>) -> Result<Floor> {
         let counter = |c: &str| {
             let path = format!("/sys/class/net/{link}/statistics/{c}");
             std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))
@@ -58,7 +63,7 @@ impl Floor {
                     .truncate(true)
                     .custom_flags(if tmpfs { 0 } else { libc::O_DIRECT })
                     .open(path)
-                    .with_context(|| format!("cannot create {path}"))
+                    .with_context(|| format!("cannot create {}", path.display()))
             })
             .transpose()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -98,13 +103,27 @@ impl Floor {
             }
             Ok(())
         });
-        Ok(Floor { stop, thread })
+        Ok(Floor { stop, thread: Some(thread), file: file.map(Path::to_path_buf) })
     }
 
     /// Stops the thread; its error, if it failed.
-    pub fn stop(self) -> Result<()> {
+    pub fn stop(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        thread.join().map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.join();
+        if let Some(file) = &self.file {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
