@@ -14,7 +14,12 @@
 //!   iperf3 starts;
 //! - `floor: write` (TCP): no capture, and a thread of the bench writing as many bytes as
 //!   the transfer moved to a file beside it ([`crate::floor`]): the least a capture of it
-//!   writes, with the frames in memory already as the engine has them.
+//!   writes, with the frames in memory already as the engine has them (while its writes
+//!   keep up: how far they fell behind is printed when they did not).
+//!
+//! Before and after the rounds it measures what the capture directory takes
+//! ([`floor::write_rate`]) and prints, per TCP workload, the cost that rate forces on any
+//! capture that keeps every byte, when it is slower than the uncaptured transfer.
 //!
 //! Three workloads: one bulk TCP flow from the command (iperf3 default, MTU 65520 unless
 //! `--mtu`), the same to the command (`iperf3 -R`: the engine makes those frames, and hands
@@ -41,7 +46,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     bench::{BenchNet, Destination, children_of, comm, lookup_user, prepare},
-    floor::Floor,
+    floor::{self, Floor},
 };
 
 const NET: BenchNet = BenchNet {
@@ -190,6 +195,9 @@ struct Measured {
     /// CPU seconds (user + system) of childflow and the command tree, plus tcpdump's in
     /// its row: what the run cost the machine, whatever else ran on it.
     cpu: f64,
+    /// The floor's row: the share of the transfer's bytes its writes had not caught up
+    /// with at the end ([`Floor::stop`]).
+    floor_behind: Option<f64>,
 }
 
 impl Measured {
@@ -408,7 +416,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
         out.read_to_string(&mut json)?;
     }
     let (status, cpu) = wait_with_cpu(&mut child)?;
-    floor.map(Floor::stop).transpose()?;
+    let floor_behind = floor.map(Floor::stop).transpose()?.flatten();
     let (tap_drops, tcpdump_counts, reader) = observed?;
     let err = reader.join().unwrap_or_default();
     if !status.success() {
@@ -416,7 +424,7 @@ fn run(o: &Options, dir: &Path, workload: Workload, capture: Capture) -> Result<
     }
     let v: serde_json::Value =
         serde_json::from_str(&json).with_context(|| format!("iperf3 printed no JSON: {json}"))?;
-    let mut m = Measured { tap_drops, cpu, ..Measured::default() };
+    let mut m = Measured { tap_drops, cpu, floor_behind, ..Measured::default() };
     let end = &v["end"];
     match workload {
         Workload::Tcp | Workload::TcpDown => {
@@ -488,6 +496,9 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
          median of {} rounds",
         NET.server, o.seconds, o.mtu, o.udp_len, o.rounds
     );
+    // What the capture directory takes, before and after the rounds (a shared disk's rate
+    // moves): the bound under a whole capture's cost of a transfer faster than that.
+    let disk_before = floor::write_rate(dir, 2.0)?;
     // On a shared machine one run says little: the rows alternate, round after round, and
     // each row shows its median run (its cost: the median of its per-round ratios).
     let mut results = Vec::new();
@@ -551,7 +562,8 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
             results.push((workload, capture, r.map(|m| (m, costs[i]))));
         }
     }
-    print_tables(&results);
+    let disk = [disk_before, floor::write_rate(dir, 2.0)?];
+    print_tables(&results, dir, disk);
     Ok(())
 }
 
@@ -571,7 +583,13 @@ fn kilo(v: Option<f64>) -> String {
     v.map_or("-".to_string(), |v| format!("{:.0}k", v / 1e3))
 }
 
-fn print_tables(results: &Results) {
+/// `bytes` per second in Gbit/s.
+fn gbit(bytes: f64) -> f64 {
+    bytes * 8.0 / 1e9
+}
+
+/// `disk`: what the capture directory took, in bytes/s, before and after the rounds.
+fn print_tables(results: &Results, dir: &Path, disk: [f64; 2]) {
     let get = |w: Workload, c: Capture| {
         let row = results.iter().find(|(rw, rc, _)| *rw == w && *rc == c);
         row.and_then(|(_, _, r)| r.as_ref().ok())
@@ -644,7 +662,42 @@ fn print_tables(results: &Results) {
                 ratio
             );
         }
+        if let (true, Some(base)) = (workload.is_tcp(), base) {
+            // The faster of the two, so the bound is the most a capture could hope for.
+            let most = gbit(disk[0].max(disk[1]));
+            if most < base.gbit {
+                println!(
+                    "the disk bounds any capture that keeps every byte: it takes {most:.2} \
+                     Gbit/s, the uncaptured transfer moved {:.2}: a cost of {:+.1}% or more",
+                    base.gbit,
+                    (most / base.gbit - 1.0) * 100.0
+                );
+            } else {
+                println!(
+                    "the disk takes {most:.2} Gbit/s, more than the uncaptured {:.2}: it does \
+                     not bound the cost",
+                    base.gbit
+                );
+            }
+        }
+        let behind = median_run(workload, Capture::Floor).and_then(|m| m.floor_behind);
+        if let Some(behind) = behind.filter(|b| *b > 0.01) {
+            println!(
+                "floor: write fell {:.0}% of the bytes behind the transfer (median run): the \
+                 disk took them slower than\nthe transfer moved them, so that row is no floor \
+                 (a capture that keeps every packet slows the transfer instead)",
+                behind * 100.0
+            );
+        }
     }
+    println!(
+        "\n{}: sequential {} MiB writes (O_DIRECT on a disk) at {:.2} Gbit/s before the \
+         rounds and {:.2} after",
+        dir.display(),
+        floor::WRITE >> 20,
+        gbit(disk[0]),
+        gbit(disk[1])
+    );
     println!(
         "\ncost: against the first row, the median of the per-round ratios (TCP: throughput; \
          UDP: packets through the engine);\nthe other columns are each row's median run. \

@@ -31,7 +31,10 @@
 //!   the disk (the temp dir): the cost is the median of the per-round throughput ratios of
 //!   each pair; and two floors against `childflow --root`: beside it, a thread that only
 //!   copies every byte moved once, and one that also writes them to a file
-//!   ([`crate::floor`]), the least any capture to userspace does;
+//!   ([`crate::floor`]), the least any capture to userspace does (while its writes keep
+//!   up: each run says how far they fell behind); and what the directory takes
+//!   ([`crate::floor::write_rate`], before and after the rows), with the cost that forces
+//!   on any capture keeping every byte when it is slower than the transfer;
 //! - per-run cost of each program (`kernel.bpf_stats_enabled`, run_time_ns / run_cnt, read
 //!   from `bpftool prog show` while childflow's programs are loaded), for bulk TCP and for
 //!   64-byte packets, next to an empty classic-BPF classifier on the baseline veth under the
@@ -272,8 +275,9 @@ enum Contender {
 impl Contender {
     /// Runs `cmd` as this contender; returns its stdout and its capture's losses: for
     /// tcpdump "dropped by kernel", for childflow the sum of the drop counters of its JSON
-    /// summary (if it printed one).
-    fn run(&self, bin: &str, cmd: &[String]) -> Result<(String, Option<u64>)> {
+    /// summary (if it printed one), for a writing floor the share of the bytes its writes
+    /// fell behind ([`Floor::stop`]).
+    fn run(&self, bin: &str, cmd: &[String]) -> Result<(String, Option<u64>, Option<f64>)> {
         let mut dump = None;
         let mut argv: Vec<String> = match self {
             Contender::Baseline | Contender::Tcpdump(_) => {
@@ -310,7 +314,7 @@ impl Contender {
             _ => &[],
         };
         let out = Command::new(&argv[0]).args(&argv[1..]).envs(env.iter().copied()).output();
-        floor.map(Floor::stop).transpose()?;
+        let behind = floor.map(Floor::stop).transpose()?.flatten();
         let dropped = dump.map(stop_tcpdump).transpose()?.map(|(_, dropped)| dropped);
         let out = out.with_context(|| format!("failed to run {}", argv.join(" ")))?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -327,7 +331,8 @@ impl Contender {
                 let v = values.next()?.ok()?;
                 Some(v.get("drops")?.as_object()?.values().filter_map(|n| n.as_u64()).sum())
             });
-        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), dropped.or(summary_drops)))
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok((stdout, dropped.or(summary_drops), behind))
     }
 }
 
@@ -561,7 +566,7 @@ fn capture_rate(bin: &str, probe: &str, pps: u64) -> Result<()> {
     for i in 0..ROUNDS {
         for r in order(rows.len(), i) {
             let sink = VethCount::start()?;
-            let (out, dump) = rows[r].1.run(bin, &flood)?;
+            let (out, dump, _) = rows[r].1.run(bin, &flood)?;
             let received = sink.received()?;
             let sent: u64 = out
                 .lines()
@@ -629,19 +634,22 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         ("veth+NAT (no eBPF)", Contender::Baseline, None, None),
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(6)),
     ];
+    // What the directory takes, before and after the rounds (a shared disk's rate moves).
+    let disk_before = crate::floor::write_rate(dir, 2.0)?;
     println!(
         "
 capture of bulk TCP, files in {} (median of {ROUNDS}):",
         dir.display()
     );
     let iperf: Vec<String> = iperf_args().into_iter().map(String::from).collect();
-    // Per row and round: (Gbit/s, packets written, capture drops, (busy, softirq) ms/GB).
+    // Per row and round: (Gbit/s, packets written, capture drops, (busy, softirq) ms/GB,
+    // the share a writing floor fell behind).
     let mut results = vec![Vec::new(); rows.len()];
     for i in 0..ROUNDS {
         for r in order(rows.len(), i) {
             let (contender, path) = (&rows[r].1, rows[r].2);
             let before = cpu_ms()?;
-            let (out, drops) = contender.run(bin, &iperf)?;
+            let (out, drops, behind) = contender.run(bin, &iperf)?;
             let after = cpu_ms()?;
             let (bits, bytes) = iperf_received(&out)?;
             let (gbit, gbytes) = (bits / 1e9, (bytes / 1e9).max(1e-9));
@@ -651,7 +659,7 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             if let Some(p) = path {
                 let _ = std::fs::remove_file(p);
             }
-            results[r].push((gbit, written, drops, per_gb));
+            results[r].push((gbit, written, drops, per_gb, behind));
         }
     }
     for (r, (name, _, path, of)) in rows.iter().enumerate() {
@@ -664,10 +672,14 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             }
             None => String::new(),
         };
+        let behind: Vec<String> =
+            results[r].iter().filter_map(|x| x.4).map(|b| format!("{:.0}%", b * 100.0)).collect();
         let capture = if path.is_some() {
             let written: Vec<u64> = results[r].iter().filter_map(|x| x.1).collect();
             let drops: Vec<u64> = results[r].iter().filter_map(|x| x.2).collect();
             format!("written {written:?}, capture drops {drops:?}")
+        } else if !behind.is_empty() {
+            format!("writes behind the transfer at its end: [{}]", behind.join(", "))
         } else {
             String::new()
         };
@@ -679,6 +691,26 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             median(gbits)
         );
     }
+    let disk = [disk_before, crate::floor::write_rate(dir, 2.0)?];
+    // The faster of the two, so the bound is the most a capture could hope for.
+    let most = disk[0].max(disk[1]) * 8.0 / 1e9;
+    let base = median(results[0].iter().map(|x| x.0).collect());
+    println!(
+        "{}: sequential {} MiB writes at {:.2} Gbit/s before the rounds and {:.2} after{}",
+        dir.display(),
+        crate::floor::WRITE >> 20,
+        disk[0] * 8.0 / 1e9,
+        disk[1] * 8.0 / 1e9,
+        if most < base {
+            format!(
+                ": it bounds any capture that keeps every byte of the {base:.2} Gbit/s to a \
+                 cost of {:+.1}% or more",
+                (most / base - 1.0) * 100.0
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 

@@ -31,17 +31,23 @@ use anyhow::{Context, Result};
 /// costs a transfer is a floor under the cost of every capture of that transfer on that
 /// machine, childflow's and tcpdump's alike.
 ///
+/// A floor is only a floor while its writes keep up with the link: it never slows the
+/// transfer, so on a disk slower than the transfer it falls behind instead (a capture that
+/// keeps every packet cannot: its backend waits for it, or drops). [`Floor::stop`] says by
+/// how much, and [`write_rate`] measures what the disk takes.
+///
 /// It stops, and its file is deleted, when it is dropped (also on an early return of the
 /// run it measures); [`Floor::stop`] stops it and reports the thread's error.
 pub struct Floor {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
+    thread: Option<JoinHandle<Result<Option<f64>>>>,
     file: Option<PathBuf>,
 }
 
 const SPAN: usize = 64 << 20;
 const CHUNK: usize = 64 << 10;
-const WRITE: usize = 4 << 20;
+/// Bytes of one write of the floor's (and of [`write_rate`]'s).
+pub const WRITE: usize = 4 << 20;
 /// The huge page size of transparent huge pages on x86-64.
 const HUGE: usize = 2 << 20;
 
@@ -54,18 +60,7 @@ impl Floor {
             std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))
         };
         let (tx, rx) = (counter("tx_bytes")?, counter("rx_bytes")?);
-        let out = file
-            .map(|path| {
-                let tmpfs = path.starts_with("/dev/shm");
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .custom_flags(if tmpfs { 0 } else { libc::O_DIRECT })
-                    .open(path)
-                    .with_context(|| format!("cannot create {}", path.display()))
-            })
-            .transpose()?;
+        let out = file.map(create).transpose()?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -101,19 +96,22 @@ impl Floor {
                     written += WRITE as u64;
                 }
             }
-            Ok(())
+            // What the writes had left to do when the transfer ended, of all it moved.
+            let due = moved()?.saturating_sub(start);
+            Ok(out.map(|_| due.saturating_sub(written) as f64 / due.max(1) as f64))
         });
         Ok(Floor { stop, thread: Some(thread), file: file.map(Path::to_path_buf) })
     }
 
-    /// Stops the thread; its error, if it failed.
-    pub fn stop(mut self) -> Result<()> {
+    /// Stops the thread. With a file: the share of the bytes the link moved that the writes
+    /// had not caught up with (0 when they kept up). The thread's error, if it failed.
+    pub fn stop(mut self) -> Result<Option<f64>> {
         self.join()
     }
 
-    fn join(&mut self) -> Result<()> {
+    fn join(&mut self) -> Result<Option<f64>> {
         self.stop.store(true, Ordering::Relaxed);
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let Some(thread) = self.thread.take() else { return Ok(None) };
         thread.join().map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
     }
 }
@@ -125,6 +123,48 @@ impl Drop for Floor {
             let _ = std::fs::remove_file(file);
         }
     }
+}
+
+/// Creates (truncates) `path` for the floor's writes: `O_DIRECT`, as childflow writes
+/// captures to a disk, buffered on tmpfs (which refuses nothing but gains nothing).
+fn create(path: &Path) -> Result<std::fs::File> {
+    let tmpfs = path.starts_with("/dev/shm");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(if tmpfs { 0 } else { libc::O_DIRECT })
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Bytes per second that `dir` takes in the floor's writes ([`WRITE`]s, `O_DIRECT` as
+/// childflow's capture writes on a disk), writing for `seconds` to a file that is deleted
+/// after. Queue depth does not change it on this machine's disk (fio, 4 MiB `O_DIRECT`
+/// writes appended or into preallocated space, depth 1 to 8: 1.2–1.9 GB/s every way), so
+/// one writer measures it.
+///
+/// A capture that keeps every packet of a transfer writes as many bytes as the transfer
+/// moves (and a little more), so on a disk slower than the transfer it must slow the
+/// transfer down to the disk's rate: that share of its cost no capture can avoid.
+pub fn write_rate(dir: &Path, seconds: f64) -> Result<f64> {
+    let path = dir.join(format!(".cfbench-disk-{}", std::process::id()));
+    let out = create(&path);
+    let rate = out.and_then(|out| {
+        let mut buf = Huge::new()?;
+        buf.bytes().fill(1);
+        let start = std::time::Instant::now();
+        let mut written = 0u64;
+        while start.elapsed().as_secs_f64() < seconds {
+            let at = (written % SPAN as u64) as usize;
+            out.write_all_at(&buf.bytes()[at..at + WRITE], written)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written += WRITE as u64;
+        }
+        Ok(written as f64 / start.elapsed().as_secs_f64())
+    });
+    let _ = std::fs::remove_file(&path);
+    rate
 }
 
 /// [`SPAN`] bytes of anonymous memory, 2 MiB-aligned and advised into transparent huge
