@@ -89,7 +89,9 @@ impl Floor {
                     done += CHUNK as u64;
                 }
                 let Some(out) = &out else { continue };
-                while written + WRITE as u64 <= done {
+                // Not past the stop: a floor that fell behind would catch up after the
+                // transfer, and hide how far behind it was.
+                while written + WRITE as u64 <= done && !flag.load(Ordering::Relaxed) {
                     let at = (written % SPAN as u64) as usize;
                     let from = if copy { &dst[at..at + WRITE] } else { &src[at..at + WRITE] };
                     out.write_all_at(from, written)?;
