@@ -46,7 +46,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     bench::{BenchNet, Destination, children_of, comm, lookup_user, prepare},
-    floor::{self, Floor},
+    floor::{self, DiskRate, Floor},
 };
 
 const NET: BenchNet = BenchNet {
@@ -498,7 +498,7 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
     );
     // What the capture directory takes, before and after the rounds (a shared disk's rate
     // moves): the bound under a whole capture's cost of a transfer faster than that.
-    let disk_before = floor::write_rate(dir, 2.0)?;
+    let before = floor::write_rate(dir, 2.0)?;
     // On a shared machine one run says little: the rows alternate, round after round, and
     // each row shows its median run (its cost: the median of its per-round ratios).
     let mut results = Vec::new();
@@ -555,24 +555,33 @@ fn bench_all(o: &Options, dir: &Path) -> Result<()> {
                 continue;
             }
             let mut ms: Vec<Measured> = rounds.iter_mut().filter_map(|r| r[i].take()).collect();
+            let behind = ms.iter().filter_map(|m| m.floor_behind).reduce(f64::max);
             ms.sort_by(|a, b| primary(a).total_cmp(&primary(b)));
             let n = ms.len();
             let median = (n > 0).then(|| ms.swap_remove(n / 2));
             let r = median.ok_or_else(|| err.unwrap_or_else(|| anyhow::anyhow!("no run")));
-            results.push((workload, capture, r.map(|m| (m, costs[i]))));
+            let row = r.map(|median| Row { median, cost: costs[i], behind });
+            results.push((workload, capture, row));
         }
     }
-    let disk = [disk_before, floor::write_rate(dir, 2.0)?];
-    print_tables(&results, dir, disk);
+    let disk = DiskRate { before, after: floor::write_rate(dir, 2.0)? };
+    print_tables(&results, dir, &disk);
     Ok(())
 }
 
 const CAPTURES: [Capture; 4] =
     [Capture::None, Capture::Childflow, Capture::Tcpdump, Capture::Floor];
 
-/// Per workload and row: its median run, and its cost against the first row (the median of
-/// the per-round ratios).
-type Results = [(Workload, Capture, Result<(Measured, Option<f64>)>)];
+/// A row of a workload's table, from its runs of every round.
+struct Row {
+    median: Measured,
+    /// Against the first row: the median of the per-round ratios.
+    cost: Option<f64>,
+    /// The floor's row: the most its writes fell behind in any round.
+    behind: Option<f64>,
+}
+
+type Results = [(Workload, Capture, Result<Row>)];
 
 /// Per second of iperf3's run.
 fn per_sec(n: u64, m: &Measured) -> Option<f64> {
@@ -583,18 +592,13 @@ fn kilo(v: Option<f64>) -> String {
     v.map_or("-".to_string(), |v| format!("{:.0}k", v / 1e3))
 }
 
-/// `bytes` per second in Gbit/s.
-fn gbit(bytes: f64) -> f64 {
-    bytes * 8.0 / 1e9
-}
-
-/// `disk`: what the capture directory took, in bytes/s, before and after the rounds.
-fn print_tables(results: &Results, dir: &Path, disk: [f64; 2]) {
+/// `disk`: what the capture directory `dir` took before and after the rounds.
+fn print_tables(results: &Results, dir: &Path, disk: &DiskRate) {
     let get = |w: Workload, c: Capture| {
         let row = results.iter().find(|(rw, rc, _)| *rw == w && *rc == c);
         row.and_then(|(_, _, r)| r.as_ref().ok())
     };
-    let median_run = |w: Workload, c: Capture| get(w, c).map(|(m, _)| m);
+    let median_run = |w: Workload, c: Capture| get(w, c).map(|row| &row.median);
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for workload in Workload::ALL {
         if !results.iter().any(|(w, _, _)| *w == workload) {
@@ -626,7 +630,7 @@ fn print_tables(results: &Results, dir: &Path, disk: [f64; 2]) {
             if !capture.runs_for(workload) {
                 continue;
             }
-            let Some((m, cost)) = get(workload, capture) else {
+            let Some(Row { median: m, cost, .. }) = get(workload, capture) else {
                 println!("{:<13} failed", capture.name());
                 continue;
             };
@@ -663,41 +667,18 @@ fn print_tables(results: &Results, dir: &Path, disk: [f64; 2]) {
             );
         }
         if let (true, Some(base)) = (workload.is_tcp(), base) {
-            // The faster of the two, so the bound is the most a capture could hope for.
-            let most = gbit(disk[0].max(disk[1]));
-            if most < base.gbit {
-                println!(
-                    "the disk bounds any capture that keeps every byte: it takes {most:.2} \
-                     Gbit/s, the uncaptured transfer moved {:.2}: a cost of {:+.1}% or more",
-                    base.gbit,
-                    (most / base.gbit - 1.0) * 100.0
-                );
-            } else {
-                println!(
-                    "the disk takes {most:.2} Gbit/s, more than the uncaptured {:.2}: it does \
-                     not bound the cost",
-                    base.gbit
-                );
-            }
+            println!("{}", disk.describe(dir, base.gbit));
         }
-        let behind = median_run(workload, Capture::Floor).and_then(|m| m.floor_behind);
+        let behind = get(workload, Capture::Floor).and_then(|row| row.behind);
         if let Some(behind) = behind.filter(|b| *b > 0.01) {
             println!(
-                "floor: write fell {:.0}% of the bytes behind the transfer (median run): the \
-                 disk took them slower than\nthe transfer moved them, so that row is no floor \
-                 (a capture that keeps every packet slows the transfer instead)",
+                "floor: write fell up to {:.0}% of the bytes behind the transfer (worst round): \
+                 the disk took them slower than\nthe transfer moved them, so that row is no \
+                 floor (a capture that keeps every packet slows the transfer instead)",
                 behind * 100.0
             );
         }
     }
-    println!(
-        "\n{}: sequential {} MiB writes (O_DIRECT on a disk) at {:.2} Gbit/s before the \
-         rounds and {:.2} after",
-        dir.display(),
-        floor::WRITE >> 20,
-        gbit(disk[0]),
-        gbit(disk[1])
-    );
     println!(
         "\ncost: against the first row, the median of the per-round ratios (TCP: throughput; \
          UDP: packets through the engine);\nthe other columns are each row's median run. \

@@ -60,7 +60,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     bench_capture::{count_packets, stop_tcpdump},
-    floor::Floor,
+    floor::{DiskRate, Floor},
 };
 
 /// Rounds of every row (so at least this many A/B pairs).
@@ -635,7 +635,7 @@ fn capture_bulk(bin: &str, dir: &Path) -> Result<()> {
         ("veth+NAT + tcpdump -w", Contender::Tcpdump(dump_file.clone()), Some(&dump_file), Some(6)),
     ];
     // What the directory takes, before and after the rounds (a shared disk's rate moves).
-    let disk_before = crate::floor::write_rate(dir, 2.0)?;
+    let before = crate::floor::write_rate(dir, 2.0)?;
     println!(
         "
 capture of bulk TCP, files in {} (median of {ROUNDS}):",
@@ -691,26 +691,8 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             median(gbits)
         );
     }
-    let disk = [disk_before, crate::floor::write_rate(dir, 2.0)?];
-    // The faster of the two, so the bound is the most a capture could hope for.
-    let most = disk[0].max(disk[1]) * 8.0 / 1e9;
-    let base = median(results[0].iter().map(|x| x.0).collect());
-    println!(
-        "{}: sequential {} MiB writes at {:.2} Gbit/s before the rounds and {:.2} after{}",
-        dir.display(),
-        crate::floor::WRITE >> 20,
-        disk[0] * 8.0 / 1e9,
-        disk[1] * 8.0 / 1e9,
-        if most < base {
-            format!(
-                ": it bounds any capture that keeps every byte of the {base:.2} Gbit/s to a \
-                 cost of {:+.1}% or more",
-                (most / base - 1.0) * 100.0
-            )
-        } else {
-            String::new()
-        }
-    );
+    let disk = DiskRate { before, after: crate::floor::write_rate(dir, 2.0)? };
+    println!("{}", disk.describe(dir, median(results[0].iter().map(|x| x.0).collect())));
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub struct Floor {
 const SPAN: usize = 64 << 20;
 const CHUNK: usize = 64 << 10;
 /// Bytes of one write of the floor's (and of [`write_rate`]'s).
-pub const WRITE: usize = 4 << 20;
+const WRITE: usize = 4 << 20;
 /// The huge page size of transparent huge pages on x86-64.
 const HUGE: usize = 2 << 20;
 
@@ -140,15 +140,11 @@ fn create(path: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("cannot create {}", path.display()))
 }
 
-/// Bytes per second that `dir` takes in the floor's writes ([`WRITE`]s, `O_DIRECT` as
-/// childflow's capture writes on a disk), writing for `seconds` to a file that is deleted
-/// after. Queue depth does not change it on this machine's disk (fio, 4 MiB `O_DIRECT`
-/// writes appended or into preallocated space, depth 1 to 8: 1.2–1.9 GB/s every way), so
-/// one writer measures it.
-///
-/// A capture that keeps every packet of a transfer writes as many bytes as the transfer
-/// moves (and a little more), so on a disk slower than the transfer it must slow the
-/// transfer down to the disk's rate: that share of its cost no capture can avoid.
+/// Gbit/s that `dir` takes in the floor's writes ([`WRITE`]s, `O_DIRECT` as childflow's
+/// capture writes on a disk), writing for `seconds` to a file that is deleted after. Queue
+/// depth does not change it on this machine's disk (fio, 4 MiB `O_DIRECT` writes appended
+/// or into preallocated space, depth 1 to 8: 1.2–1.9 GB/s every way), so one writer
+/// measures it.
 pub fn write_rate(dir: &Path, seconds: f64) -> Result<f64> {
     let path = dir.join(format!(".cfbench-disk-{}", std::process::id()));
     let out = create(&path);
@@ -163,10 +159,52 @@ pub fn write_rate(dir: &Path, seconds: f64) -> Result<f64> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             written += WRITE as u64;
         }
-        Ok(written as f64 / start.elapsed().as_secs_f64())
+        Ok(written as f64 * 8.0 / 1e9 / start.elapsed().as_secs_f64())
     });
     let _ = std::fs::remove_file(&path);
     rate
+}
+
+/// What a capture directory took ([`write_rate`], Gbit/s) before and after a bench's rows:
+/// a shared disk's rate moves.
+///
+/// A capture that keeps every packet of a transfer writes as many bytes as the transfer
+/// moves (and a little more), so on a disk slower than the transfer it must slow the
+/// transfer down to the disk's rate: that share of its cost no capture can avoid.
+pub struct DiskRate {
+    pub before: f64,
+    pub after: f64,
+}
+
+impl DiskRate {
+    /// The cost the disk forces on any capture keeping every byte of a transfer of `gbit`
+    /// Gbit/s (negative), taking the faster of its two rates; `None` when that is not
+    /// slower than the transfer.
+    pub fn bound(&self, gbit: f64) -> Option<f64> {
+        let most = self.before.max(self.after);
+        (most < gbit).then(|| most / gbit - 1.0)
+    }
+
+    /// One line for a bench: the rates of `dir`, and what they mean for a capture of a
+    /// transfer of `gbit` Gbit/s.
+    pub fn describe(&self, dir: &Path, gbit: f64) -> String {
+        let meaning = match self.bound(gbit) {
+            Some(cost) => format!(
+                "it bounds any capture that keeps every byte of the {gbit:.2} Gbit/s to a \
+                 cost of {:+.1}% or more",
+                cost * 100.0
+            ),
+            None => format!("more than the {gbit:.2} Gbit/s moved: it does not bound the cost"),
+        };
+        format!(
+            "{}: sequential {} MiB writes at {:.2} Gbit/s before the rounds and {:.2} after; \
+             {meaning}",
+            dir.display(),
+            WRITE >> 20,
+            self.before,
+            self.after
+        )
+    }
 }
 
 /// [`SPAN`] bytes of anonymous memory, 2 MiB-aligned and advised into transparent huge
