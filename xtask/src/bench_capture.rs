@@ -669,7 +669,15 @@ fn print_tables(results: &Results, dir: &Path, disk: &DiskRate) {
         if let (true, Some(base)) = (workload.is_tcp(), base) {
             println!("{}", disk.describe(dir, base.gbit));
         }
-        let behind = get(workload, Capture::Floor).and_then(|row| row.behind);
+        let floor = get(workload, Capture::Floor);
+        let behind = floor.and_then(|row| row.behind);
+        let childflow = get(workload, Capture::Childflow).and_then(|row| row.cost);
+        if let (Some(capture), Some(least), Some(base)) =
+            (childflow, floor.and_then(|row| row.cost), base.filter(|_| workload.is_tcp()))
+        {
+            let bound = disk.bound(base.gbit);
+            println!("{}", floor::verdict(capture, Capture::Floor.name(), least, behind, bound));
+        }
         if let Some(behind) = behind.filter(|b| *b > 0.01) {
             println!(
                 "floor: write fell up to {:.0}% of the bytes behind the transfer (worst round): \

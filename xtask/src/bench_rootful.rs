@@ -662,16 +662,21 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
             results[r].push((gbit, written, drops, per_gb, behind));
         }
     }
-    for (r, (name, _, path, of)) in rows.iter().enumerate() {
+    // Per row: against the row it is the capture of, the median of the per-round ratios.
+    let costs: Vec<Option<f64>> = rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            row.3.map(|base| {
+                median(
+                    results[r].iter().zip(&results[base]).map(|(x, b)| x.0 / b.0 - 1.0).collect(),
+                )
+            })
+        })
+        .collect();
+    for (r, (name, _, path, _)) in rows.iter().enumerate() {
         let gbits: Vec<f64> = results[r].iter().map(|x| x.0).collect();
-        let cost = match of {
-            Some(base) => {
-                let ratios =
-                    gbits.iter().zip(&results[*base]).map(|(x, b)| x / b.0 - 1.0).collect();
-                format!("cost {:+6.1}%", median(ratios) * 100.0)
-            }
-            None => String::new(),
-        };
+        let cost = costs[r].map_or(String::new(), |c| format!("cost {:+6.1}%", c * 100.0));
         let behind: Vec<String> =
             results[r].iter().filter_map(|x| x.4).map(|b| format!("{:.0}%", b * 100.0)).collect();
         let capture = if path.is_some() {
@@ -692,7 +697,19 @@ capture of bulk TCP, files in {} (median of {ROUNDS}):",
         );
     }
     let disk = DiskRate { before, after: crate::floor::write_rate(dir, 2.0)? };
-    println!("{}", disk.describe(dir, median(results[0].iter().map(|x| x.0).collect())));
+    let base = median(results[0].iter().map(|x| x.0).collect());
+    println!("{}", disk.describe(dir, base));
+    // The goal for childflow's default capture, against the floor that copies and writes.
+    let floor = rows.iter().position(|r| matches!(r.1, Contender::CopyFloor(Some(_))));
+    if let (Some(capture), Some(floor)) = (costs[1], floor)
+        && let Some(least) = costs[floor]
+    {
+        let behind = results[floor].iter().filter_map(|x| x.4).reduce(f64::max);
+        println!(
+            "{}",
+            crate::floor::verdict(capture, rows[floor].0, least, behind, disk.bound(base))
+        );
+    }
     Ok(())
 }
 

@@ -254,3 +254,78 @@ impl Drop for Huge {
         unsafe { libc::munmap(self.map, self.len) };
     }
 }
+
+/// Issue 6's goal: a capture of bulk TCP costs it at most this share of its throughput.
+pub const GOAL: f64 = 0.10;
+
+/// One line for a bench: a capture's cost against [`GOAL`], and what the floor says of the
+/// goal on this machine. All costs are negative shares (−0.2: 20% slower).
+///
+/// The least a capture that keeps every byte can cost is the more of the floor row's cost
+/// (`floor`, that row's name `floor_name`) and the disk's bound ([`DiskRate::bound`]). A
+/// floor whose writes fell behind (`behind` above 1%) did less than such a capture must:
+/// its cost is still a lower bound, but a cost below the goal then shows nothing.
+pub fn verdict(
+    capture: f64,
+    floor_name: &str,
+    floor: f64,
+    behind: Option<f64>,
+    disk: Option<f64>,
+) -> String {
+    let pct = |c: f64| format!("{:+.1}%", c * 100.0);
+    let fell_behind = behind.is_some_and(|b| b > 0.01);
+    let (least, by) = match disk {
+        Some(d) if d < floor => (d, format!("the disk's rate, {}", pct(d))),
+        _ => (
+            floor,
+            format!(
+                "{}, {}{}",
+                floor_name.trim(),
+                pct(floor),
+                if fell_behind { " (it fell behind)" } else { "" }
+            ),
+        ),
+    };
+    let said = if capture >= -GOAL {
+        format!("met in this run; the least any capture costs here: {by}")
+    } else if least < -GOAL {
+        format!(
+            "not met, and no capture that keeps every byte meets it on this machine: the \
+             least any costs here is {by}"
+        )
+    } else if fell_behind && disk.is_none() {
+        format!("not met; this run does not show the least any capture costs here: {by}")
+    } else {
+        format!("not met, though within a capture's reach here: the least any costs is {by}")
+    };
+    format!("goal ≤{:.0}%: childflow's capture {}: {said}", GOAL * 100.0, pct(capture))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verdict;
+
+    #[test]
+    fn verdict_takes_the_larger_of_floor_and_disk() {
+        let line = verdict(-0.177, "  floor: copy + write", -0.23, Some(0.03), None);
+        assert!(line.contains("-17.7%: not met, and no capture"), "{line}");
+        assert!(line.ends_with("floor: copy + write, -23.0% (it fell behind)"), "{line}");
+
+        let line = verdict(-0.15, "floor: write", -0.04, Some(0.0), Some(-0.12));
+        assert!(
+            line.ends_with(
+                "meets it on this machine: the least any costs here is the disk's rate, -12.0%"
+            ),
+            "{line}"
+        );
+
+        let line = verdict(-0.185, "floor: copy + write", -0.088, Some(0.31), None);
+        assert!(line.contains("not met; this run does not show"), "{line}");
+
+        let line = verdict(-0.22, "floor: write", -0.06, None, Some(-0.01));
+        assert!(line.contains("-22.0%: not met, though within a capture's reach"), "{line}");
+
+        let line = verdict(-0.089, "floor: copy + write", -0.152, None, None);
+        assert!(line.contains("-8.9%: met in this run"), "{line}");
+    }
+}
