@@ -678,7 +678,7 @@ fn print_tables(results: &Results, dir: &Path, disk: &DiskRate) {
             let bound = disk.bound(base.gbit);
             println!("{}", floor::verdict(capture, Capture::Floor.name(), least, behind, bound));
         }
-        if let Some(behind) = behind.filter(|b| *b > 0.01) {
+        if let Some(behind) = behind.filter(|_| floor::fell_behind(behind)) {
             println!(
                 "floor: write fell up to {:.0}% of the bytes behind the transfer (worst round): \
                  the disk took them slower than\nthe transfer moved them, so that row is no \
